@@ -1,0 +1,1 @@
+"""quanta: discover the quanta of language models."""

@@ -1,0 +1,238 @@
+"""Typed, strict configuration: one frozen dataclass per section of params.yaml.
+
+Why strict: a misspelled key in a YAML file that is silently ignored changes numbers
+without anyone noticing (lm-evaluation-harness users have been bitten by exactly this).
+So every section is built with :func:`build`, which rejects unknown keys (naming the
+valid ones) and wrong types (naming the expected type) before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from pipeline.errors import QuantaError
+
+
+class ConfigError(QuantaError, ValueError):
+    """A params.yaml problem, phrased as one line that names the key and the fix."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class PlantedConfig:
+    """The embedded planted-quanta suite (pipeline/planted.py)."""
+
+    n_quanta: int = 60
+    # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
+    alpha: float = 0.5
+    n_args: int = 4  # argument tokens a rule reads
+    n_answers: int = 16  # shared answer vocabulary
+    n_filler: int = 64  # unpredictable filler vocabulary
+    doc_len: int = 64  # tokens per document
+    quanta_per_doc: float = 4.0  # mean number of rule instances per document
+    n_eval_docs: int = 2000
+    widths: tuple[int, ...] = (16, 24, 32, 48, 64, 96)
+    n_layers: int = 2
+    n_heads: int = 4
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    n_checkpoints: int = 6  # log-spaced, the final step always included
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+    """Which models to evaluate: names used in paths, where each comes from, at which revisions.
+
+    `sources[name]` is a hub id (``EleutherAI/pythia-70m``), a local Hugging Face
+    directory, or a ``.gguf`` file. A local directory that has one sub-directory per
+    revision (``<dir>/step1000/``) is read at those revisions, as the planted suite is.
+    """
+
+    models: tuple[str, ...] = ()
+    revisions: tuple[str, ...] = ("main",)
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    gguf_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    cache_dir: str = "cache/hf"
+    local_files_only: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusConfig:
+    """Documents and their tokenization (pipeline/corpus.py)."""
+
+    # A Hugging Face dataset id (streamed), a local .jsonl/.txt/.parquet file.
+    source: str = "cache/planted/corpus.jsonl"
+    dataset_config: Optional[str] = None
+    split: str = "test"
+    text_field: str = "text"
+    n_docs: Optional[int] = None
+    n_tokens: Optional[int] = None
+    tokenizer: Optional[str] = None  # a model name of the suite; default: its first model
+    # truncate: score tokens 1..max_len-1 of each document (the paper).
+    # strided: score every token of every document, each with >= min_context tokens of
+    # context (or all it has, near the start), using windows of max_len.
+    context: Literal["truncate", "strided"] = "truncate"
+    max_len: int = 1024
+    min_context: int = 512
+    on_decode_error: Literal["error", "replace"] = "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class LossesConfig:
+    """Per-token loss evaluation (pipeline/losses.py)."""
+
+    batch_tokens: int = 16384  # padded tokens per forward pass
+    logits_chunk: int = 4096  # positions per chunk of the unembedding + cross-entropy
+    shard_tokens: int = 1_000_000  # tokens per output part file (and Dask task)
+    # "local": a dask LocalCluster; "inprocess": no Dask at all; anything else is a
+    # scheduler address. DASK_SCHEDULER_ADDRESS in the environment overrides it.
+    scheduler: str = "local"
+    n_workers: int = 1
+    threads_per_worker: int = 0  # torch threads per worker; 0 = cores / workers
+    progress: bool = True
+
+
+SECTIONS: dict[str, type] = {
+    "planted": PlantedConfig,
+    "suite": SuiteConfig,
+    "corpus": CorpusConfig,
+    "losses": LossesConfig,
+}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it in the dataclass's form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        k_tp, v_tp = args if args else (Any, Any)
+        return {
+            _coerce(k, k_tp, f"{where} key"): _coerce(v, v_tp, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"config.py does not know how to check {tp!r} ({where})")
+
+
+def build(cls: type, data: Optional[dict], section: str):
+    """Build the frozen dataclass `cls` from the mapping `data` of params.yaml's `section`.
+
+    Unknown keys and wrong types raise :class:`ConfigError`; missing keys take the
+    dataclass defaults (which are the documented defaults of params.yaml).
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"params section '{section}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{unknown[0]}' in params section '{section}'; "
+            f"valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """Read params.yaml, refusing duplicate keys (PyYAML silently keeps the last one)."""
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def no_duplicates(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{path}: duplicate key '{key}' (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, no_duplicates)
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
+    with path.open() as f:
+        params = yaml.load(f, Loader=StrictLoader) or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return params
+
+
+def section(params: dict, name: str):
+    """The typed config of section `name` of a loaded params mapping."""
+    return build(SECTIONS[name], params.get(name), name)
+
+
+def load(name: str, path: str | Path = "params.yaml"):
+    """Shortcut: the typed config of section `name` of the params file at `path`."""
+    return section(load_params(path), name)
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(cfg)

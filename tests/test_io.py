@@ -1,0 +1,41 @@
+"""Files appear whole or not at all."""
+
+import pyarrow as pa
+import pytest
+
+from pipeline import io
+
+
+def test_write_parquet_round_trips_config(tmp_path):
+    path = tmp_path / "t.parquet"
+    io.write_parquet(pa.table({"x": [1, 2]}), path, config={"a": 1})
+    assert io.read_config(path) == {"a": 1}
+    assert pa.parquet.read_table(path).column("x").to_pylist() == [1, 2]
+
+
+def test_crash_inside_atomic_path_leaves_nothing(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_replaces_a_directory(tmp_path):
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "old").write_text("old")
+    with io.atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "new").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new"]
+
+
+def test_write_json_handles_numpy(tmp_path):
+    import json
+
+    import numpy as np
+
+    io.write_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": [0, 1]}
