@@ -28,28 +28,29 @@ class ConfigError(QuantaError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PlantedConfig:
-    """The embedded planted-quanta suite (pipeline/planted.py)."""
+    """The embedded planted-quanta suite (pipeline/planted.py): a language, a model family."""
 
     n_quanta: int = 60
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
     alpha: float = 0.5
-    n_args: int = 4  # argument tokens a rule reads
-    n_answers: int = 16  # shared answer vocabulary
-    n_filler: int = 64  # unpredictable filler vocabulary
+    n_args: int = 8  # argument tokens a rule reads; each quantum maps them to distinct answers
+    n_answers: int = 16  # answer vocabulary shared by all quanta
+    n_filler: int = 64  # unpredictable (uniform) filler vocabulary
     doc_len: int = 64  # tokens per document
-    quanta_per_doc: float = 4.0  # mean number of rule instances per document
-    n_eval_docs: int = 2000
-    widths: tuple[int, ...] = (16, 24, 32, 48, 64, 96)
+    quanta_per_doc: int = 8  # rule instances (3 tokens each) per document
+    n_eval_docs: int = 1500
+    widths: tuple[int, ...] = (16, 24, 32, 48, 64, 96)  # one per suite.models name, in order
     n_layers: int = 2
-    n_heads: int = 4
-    steps: int = 2000
-    batch_size: int = 64
+    n_heads: int = 2
+    mlp_ratio: int = 4  # intermediate size / width, as Pythia
+    steps: int = 1500
+    batch_size: int = 32
     lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as Pythia
     weight_decay: float = 0.0
     warmup_steps: int = 50
-    n_checkpoints: int = 6  # log-spaced, the final step always included
     seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 2  # torch intra-op threads for training; 0 = torch's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,21 @@ class SuiteConfig:
     cache_dir: str = "cache/hf"
     local_files_only: bool = False
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        # Names become hive partition values (model=<name>/revision=<rev>), so they must
+        # be unique and path-safe. sources may name models not in `models`, so that a
+        # sweep can evaluate a subset without editing sources.
+        for key, names in (("models", self.models), ("revisions", self.revisions)):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"suite.{key}: '{dup[0]}' is listed twice")
+            bad = [n for n in names if not n or any(c in n for c in "/\\=")]
+            if bad:
+                raise ConfigError(f"suite.{key}: {bad[0]!r} cannot be used in a path; "
+                                  "use a name without '/', '\\' or '=' (the source goes in suite.sources)")
+        if not self.revisions:
+            raise ConfigError("suite.revisions is empty; name at least one (e.g. main or step143000)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +108,21 @@ class CorpusConfig:
     min_context: int = 512
     on_decode_error: Literal["error", "replace"] = "error"
 
+    def __post_init__(self):
+        if self.max_len < 2:
+            raise ConfigError(f"corpus.max_len must be >= 2 (one context token and one target), got {self.max_len}")
+        if self.n_docs is not None and self.n_docs < 1:
+            raise ConfigError(f"corpus.n_docs must be >= 1 or null (all documents), got {self.n_docs}")
+        if self.n_tokens is not None and self.n_tokens < 2:
+            raise ConfigError(f"corpus.n_tokens must be >= 2 or null (no limit), got {self.n_tokens}")
+        # min_context only matters for strided windows: there it sets the overlap, and
+        # every window must advance by at least one token.
+        if self.context == "strided" and not 1 <= self.min_context < self.max_len:
+            raise ConfigError(
+                f"corpus.min_context must be in [1, max_len-1] = [1, {self.max_len - 1}] for context: strided, "
+                f"got {self.min_context}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class LossesConfig:
@@ -99,6 +130,9 @@ class LossesConfig:
 
     batch_tokens: int = 16384  # padded tokens per forward pass
     logits_chunk: int = 4096  # positions per chunk of the unembedding + cross-entropy
+    # Mixed precision of the forward pass. auto: bfloat16 autocast on CUDA, none elsewhere
+    # (the CPU runs in the model's dtype: fp32 by default, as the paper did).
+    autocast: Literal["auto", "bfloat16", "float16", "none"] = "auto"
     shard_tokens: int = 1_000_000  # tokens per output part file (and Dask task)
     # "local": a dask LocalCluster; "inprocess": no Dask at all; anything else is a
     # scheduler address. DASK_SCHEDULER_ADDRESS in the environment overrides it.

@@ -1,0 +1,124 @@
+"""The `quanta` console script: what is not a DVC stage.
+
+    quanta info        models of the suite, their parameter counts, and what is cached
+    quanta revisions   Pythia's 154 checkpoint names (for params.yaml suite.revisions)
+    quanta download    fetch every (model, revision) of the suite into the HF cache, for offline runs
+    quanta check       validate params.yaml (every section) without running anything
+
+Stages themselves run through DVC (`dvc repro`); see README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipeline import config
+from pipeline.errors import QuantaError
+
+
+def _fmt_count(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _loss_partition(losses_dir: Path, model: str, revision: str) -> tuple[int, Optional[dict]]:
+    """(rows, meta) of the loss table of one (model, revision), rows 0 when absent."""
+    import pyarrow.parquet as pq
+
+    part_dir = losses_dir / f"model={model}" / f"revision={revision}"
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(part_dir.glob("part-*.parquet")))
+    meta_path = part_dir / "_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    return rows, meta
+
+
+def cmd_info(args) -> None:
+    from pipeline import models
+
+    params = config.load_params(args.params)
+    suite = config.section(params, "suite")
+    losses_dir = Path(args.losses)
+    print(f"suite: {len(suite.models)} models x {len(suite.revisions)} revisions "
+          f"(dtype={suite.dtype}, device={suite.device} -> {models.resolve_device(suite.device)})")
+    header = f"{'model':<22} {'revision':<12} {'params':>8} {'non-emb':>8} {'cached':>7} {'loss rows':>10}  source"
+    print(header)
+    print("-" * len(header))
+    for name in suite.models:
+        for revision in suite.revisions:
+            spec = models.spec_from_suite(suite, name, revision)
+            counts = models.config_param_counts(spec, cache_dir=suite.cache_dir)
+            cached = models.is_cached(spec, cache_dir=suite.cache_dir)
+            rows, _ = _loss_partition(losses_dir, name, revision)
+            total = counts["total"] if counts else None
+            non_emb = counts["non_embedding"] if counts else None
+            print(f"{name:<22} {revision:<12} {_fmt_count(total):>8} {_fmt_count(non_emb):>8} "
+                  f"{'yes' if cached else 'no':>7} {rows:>10}  {spec.source}")
+    corpus_tokens = Path(args.tokens)
+    if corpus_tokens.exists():
+        import pyarrow.parquet as pq
+
+        n = pq.ParquetFile(corpus_tokens).metadata.num_rows
+        print(f"\ncorpus: {corpus_tokens} holds {n:,} tokens")
+    else:
+        print(f"\ncorpus: {corpus_tokens} not built yet (dvc repro corpus)")
+
+
+def cmd_revisions(args) -> None:
+    from pipeline import models
+
+    print("\n".join(models.pythia_revisions()))
+
+
+def cmd_download(args) -> None:
+    from pipeline import models
+
+    suite = config.load("suite", args.params)
+    for name in suite.models:
+        for revision in suite.revisions:
+            spec = models.spec_from_suite(suite, name, revision)
+            path = models.download(spec, cache_dir=suite.cache_dir)
+            print(f"{name} @ {revision}: {path}")
+
+
+def cmd_check(args) -> None:
+    params = config.load_params(args.params)
+    unknown = sorted(set(params) - set(config.SECTIONS))
+    if unknown:
+        raise config.ConfigError(
+            f"unknown section '{unknown[0]}' in {args.params}; valid sections: {', '.join(config.SECTIONS)}"
+        )
+    for name in config.SECTIONS:
+        config.section(params, name)
+    print(f"{args.params}: ok ({', '.join(config.SECTIONS)})")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="quanta", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    sub = ap.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="models, parameter counts, what is cached")
+    info.add_argument("--losses", default="cache/losses")
+    info.add_argument("--tokens", default="cache/corpus/tokens.parquet")
+    info.set_defaults(fn=cmd_info)
+    sub.add_parser("revisions", help="Pythia's checkpoint names").set_defaults(fn=cmd_revisions)
+    sub.add_parser("download", help="fetch the suite into the HF cache").set_defaults(fn=cmd_download)
+    sub.add_parser("check", help="validate params.yaml").set_defaults(fn=cmd_check)
+    args = ap.parse_args(argv)
+    try:
+        args.fn(args)
+    except QuantaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""Where a model comes from, and loading it the same way for every kind of source.
+
+Why this module exists: every stage that runs a model (corpus for its tokenizer, losses,
+gradients) must agree on *which* weights a (model name, revision) pair means, and must
+fail early and in one readable line when those weights are not there. A Pythia run
+names hub ids at ``stepN`` revisions; the embedded planted suite names local
+directories with one sub-directory per revision; a user may bring a single local
+Hugging Face directory or a GGUF file. :func:`spec_from_suite` turns params.yaml's
+``suite`` section into a :class:`ModelSpec`, and :func:`load_model` /
+:func:`load_tokenizer` resolve it to files, offline-aware, with transformers' own loaders.
+
+Source kinds (see :func:`source_kind`):
+
+- ``hub``: a Hugging Face hub id, read at ``revision`` through the cache ``cache_dir``
+  (``cache/hf``); with ``suite.gguf_files[name]`` the weights are that GGUF file of the
+  repo. With ``HF_HUB_OFFLINE=1`` or ``local_files_only`` only the cache is used, and a
+  missing (model, revision) raises :class:`ModelNotAvailableError` naming the
+  ``hf download`` command that fetches it.
+- ``local``: a directory with ``config.json`` (one version; its revision is ``main``).
+- ``local_revisions``: a directory with one sub-directory per revision
+  (``<dir>/<revision>/config.json``), as the planted stage writes them.
+- ``gguf``: a local ``.gguf`` file (revision ``main``).
+
+GGUF weights are read by transformers' GGUF loader (which needs ``accelerate``) and
+dequantized to a plain dense model: the gradient stage needs ordinary parameters.
+
+Device and dtype are strings in params ("auto", "cuda:1", "bfloat16"), resolved once
+here at the edge: "auto" means CUDA with bfloat16 where available, else CPU with float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from pipeline.config import ConfigError, SuiteConfig
+from pipeline.errors import QuantaError
+
+# --------------------------------------------------------------------------- errors
+
+
+class ModelError(QuantaError):
+    """A model source that cannot be used as given (missing files, wrong layout)."""
+
+
+class ModelNotAvailableError(ModelError):
+    """The (model, revision) is not on this machine and cannot be downloaded now."""
+
+
+class UnknownRevisionError(ModelError):
+    """The revision does not exist for this model; the message lists valid ones."""
+
+
+# --------------------------------------------------------------------------- Pythia
+
+_PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+# Deduplicated-Pile twins exist for the eight original sizes only.
+_PYTHIA_DEDUPED = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+
+#: suite model name -> hub id, so params.yaml may list ``pythia-70m`` without a source.
+PYTHIA_MODELS: dict[str, str] = {
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in _PYTHIA_SIZES},
+    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in _PYTHIA_DEDUPED},
+}
+
+
+def pythia_revisions() -> list[str]:
+    """Pythia's 154 checkpoint branch names, in training order.
+
+    step0, then log-spaced step1, 2, 4, ..., 512, then every 1000 steps to step143000
+    (= ``main``). Each step is 2M tokens (1024 sequences of 2048).
+    """
+    return ["step0"] + [f"step{2**i}" for i in range(10)] + [f"step{k}" for k in range(1000, 143_001, 1000)]
+
+
+def _is_pythia(repo_id: str) -> bool:
+    return repo_id.lower().startswith("eleutherai/pythia-")
+
+
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model at one revision: what the suite calls it and where its files are.
+
+    `source` is a hub id, a local directory, or a local ``.gguf`` file; `gguf_file` names
+    the GGUF file inside a hub repo (or a local directory) when the weights are GGUF.
+    """
+
+    name: str
+    source: str
+    revision: str = "main"
+    gguf_file: Optional[str] = None
+
+
+def spec_from_suite(suite: SuiteConfig, name: str, revision: Optional[str] = None) -> ModelSpec:
+    """The :class:`ModelSpec` of suite model `name` at `revision` (default: the suite's last).
+
+    The source is ``suite.sources[name]``, or for a Pythia name (``pythia-70m``) without
+    one, its hub id.
+    """
+    if name not in suite.models and name not in suite.sources:
+        valid = ", ".join(suite.models) or "(none: suite.models is empty)"
+        raise ConfigError(f"unknown model '{name}'; suite.models: {valid}")
+    source = suite.sources.get(name) or PYTHIA_MODELS.get(name)
+    if source is None:
+        raise ConfigError(
+            f"model '{name}' has no source; add suite.sources.{name}: <hub id | local directory | file.gguf>"
+        )
+    revision = suite.revisions[-1] if revision is None else revision
+    return ModelSpec(name=name, source=source, revision=revision, gguf_file=suite.gguf_files.get(name))
+
+
+def _has_config(d: Path) -> bool:
+    return (d / "config.json").is_file()
+
+
+def _revision_dirs(d: Path) -> list[str]:
+    """Sub-directories of `d` that hold a model (have config.json), naturally sorted."""
+    if not d.is_dir():
+        return []
+    return sorted((p.name for p in d.iterdir() if p.is_dir() and _has_config(p)), key=_natural_key)
+
+
+def _natural_key(s: str) -> list:
+    # step2 < step16 < step1000, as a person (and Pythia's branch list) orders them
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _looks_like_path(source: str) -> bool:
+    # A hub id is "name" or "org/name"; anything with more parts, or that starts like a
+    # path, is meant as a local path even when it does not exist (yet).
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+        or source.endswith(".gguf")
+    )
+
+
+def source_kind(spec: ModelSpec) -> str:
+    """One of ``hub``, ``local``, ``local_revisions``, ``gguf`` (see the module docstring).
+
+    ``gguf`` is a local GGUF file (a ``.gguf`` path, or a directory + ``gguf_file``); a
+    hub id with ``gguf_file`` is ``hub``.
+    """
+    path = Path(spec.source).expanduser()
+    if spec.source.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model '{spec.name}': GGUF file {spec.source} does not exist; fix suite.sources.{spec.name}")
+        return "gguf"
+    if path.is_dir():
+        if spec.gguf_file is not None:
+            return "gguf"
+        return "local" if _has_config(path) else "local_revisions"
+    if _looks_like_path(spec.source):
+        raise ModelError(
+            f"model '{spec.name}': source {spec.source} does not exist; "
+            f"fix suite.sources.{spec.name} (or run the stage that writes it, e.g. `dvc repro planted`)"
+        )
+    return "hub"
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+@dataclasses.dataclass(frozen=True)
+class _Location:
+    """What transformers' from_pretrained needs: a path or hub id plus keyword arguments."""
+
+    path: str
+    kwargs: dict
+    hub: bool
+
+
+def _abbrev(names: list[str], head: int = 4, tail: int = 2) -> str:
+    if len(names) <= head + tail + 1:
+        return ", ".join(names)
+    return ", ".join(names[:head]) + ", ..., " + ", ".join(names[-tail:]) + f" ({len(names)} in all)"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """Whether downloads are off for the hub (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
+
+    huggingface_hub reads the variable once, at import; the environment is read again
+    here so that setting it later (a test, a notebook) still takes effect for quanta,
+    which then passes ``local_files_only=True`` to every loader.
+    """
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def download_command(spec: ModelSpec, cache_dir: Optional[str]) -> str:
+    """The shell command (huggingface_hub's ``hf`` CLI) that puts `spec` in `cache_dir`."""
+    parts = ["hf download", spec.source]
+    if spec.gguf_file:
+        parts.append(spec.gguf_file)
+    parts += ["--revision", spec.revision]
+    if cache_dir is not None:
+        parts += ["--cache-dir", str(cache_dir)]
+    return " ".join(parts)
+
+
+def _check_hub_revision(spec: ModelSpec) -> None:
+    if _is_pythia(spec.source):
+        revs = pythia_revisions()
+        if spec.revision != "main" and spec.revision not in revs and not _COMMIT.match(spec.revision):
+            raise UnknownRevisionError(
+                f"{spec.source} has no revision '{spec.revision}'; Pythia's are main and {_abbrev(revs)}; "
+                "`quanta revisions` prints them all"
+            )
+
+
+def _hub_cached(spec: ModelSpec, cache_dir: Optional[str]) -> Optional[Path]:
+    """The cached snapshot directory of `spec` (its GGUF file for a GGUF repo), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    # config.json stands for the snapshot: it is fetched with the weights, and a GGUF
+    # repo is represented by its GGUF file, which holds the config too.
+    filename = spec.gguf_file or "config.json"
+    found = try_to_load_from_cache(spec.source, filename, cache_dir=cache_dir, revision=spec.revision)
+    if not isinstance(found, str):  # None, or the "known not to exist" sentinel
+        return None
+    return Path(found) if spec.gguf_file else Path(found).parent
+
+
+def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool) -> _Location:
+    """Check that `spec` can be loaded now, and say how; raise a one-line error if not."""
+    kind = source_kind(spec)
+    path = Path(spec.source).expanduser()
+    if kind == "local":
+        if spec.revision != "main":
+            raise UnknownRevisionError(
+                f"model '{spec.name}': {path} holds a single version (config.json at its top), so its only "
+                f"revision is 'main', not '{spec.revision}'; put one sub-directory per revision in it, "
+                "or list revision main"
+            )
+        return _Location(str(path), {"local_files_only": True}, hub=False)
+    if kind == "local_revisions":
+        revs = _revision_dirs(path)
+        if not revs:
+            raise ModelError(
+                f"model '{spec.name}': {path} has no config.json and no <revision>/config.json sub-directories; "
+                "point suite.sources at a Hugging Face model directory (save_pretrained) or a .gguf file"
+            )
+        if spec.revision not in revs:
+            raise UnknownRevisionError(
+                f"model '{spec.name}': no revision '{spec.revision}' in {path}; it has {_abbrev(revs)} "
+                "(fix suite.revisions)"
+            )
+        return _Location(str(path / spec.revision), {"local_files_only": True}, hub=False)
+    if kind == "gguf":
+        file = path if spec.source.endswith(".gguf") else path / spec.gguf_file
+        if not file.is_file():
+            raise ModelError(f"model '{spec.name}': GGUF file {file} does not exist; fix suite.sources/gguf_files")
+        if spec.revision != "main":
+            raise UnknownRevisionError(
+                f"model '{spec.name}': a local GGUF file has the single revision 'main', not '{spec.revision}'"
+            )
+        # transformers takes an existing gguf_file path as is; the directory is only a name.
+        return _Location(str(file.parent), {"gguf_file": str(file), "local_files_only": True}, hub=False)
+
+    # hub id, possibly with a GGUF file in the repo
+    _check_hub_revision(spec)
+    offline = local_files_only or hub_offline()
+    if offline and _hub_cached(spec, cache_dir) is None:
+        why = "local_files_only is set" if local_files_only else "HF_HUB_OFFLINE=1"
+        where = f"the Hugging Face cache {cache_dir}" if cache_dir else "the default Hugging Face cache"
+        raise ModelNotAvailableError(
+            f"{spec.source} at revision {spec.revision} is not in {where} and downloads are off ({why}); "
+            f"fetch it first: {download_command(spec, cache_dir)}"
+        )
+    kwargs: dict[str, Any] = {"revision": spec.revision, "cache_dir": cache_dir, "local_files_only": offline}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    return _Location(spec.source, kwargs, hub=True)
+
+
+def _from_pretrained(loader, spec: ModelSpec, loc: _Location, cache_dir: Optional[str], **kwargs):
+    """Call a transformers ``from_pretrained`` and turn its file errors into one-line errors."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return loader(loc.path, **loc.kwargs, **kwargs)
+    except (OSError, RevisionNotFoundError, RepositoryNotFoundError) as e:
+        chain = [e, e.__cause__, e.__context__]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not loc.hub:
+            raise ModelError(f"model '{spec.name}': could not load {loc.path}: {first}") from e
+        if any(isinstance(c, RevisionNotFoundError) for c in chain) or "valid git identifier" in str(e):
+            raise UnknownRevisionError(
+                f"{spec.source} has no revision '{spec.revision}' on the hub; "
+                f"see its branches at https://huggingface.co/{spec.source}/tree/main"
+            ) from e
+        if any(isinstance(c, RepositoryNotFoundError) for c in chain):
+            raise ModelNotAvailableError(
+                f"model '{spec.name}': no hub repository {spec.source} (or it is gated/private: run `hf auth login`)"
+            ) from e
+        if loc.kwargs.get("local_files_only"):
+            raise ModelNotAvailableError(
+                f"{spec.source} at revision {spec.revision} is only partly in the cache ({first}) and downloads "
+                f"are off; fetch it first: {download_command(spec, cache_dir)}"
+            ) from e
+        raise ModelNotAvailableError(
+            f"{spec.source} at revision {spec.revision} could not be loaded ({first}); "
+            f"check the network, or fetch it where there is one: {download_command(spec, cache_dir)} "
+            "and run with HF_HUB_OFFLINE=1"
+        ) from e
+
+
+def _gguf_ready(spec: ModelSpec) -> None:
+    from transformers.utils import is_accelerate_available
+
+    if not is_accelerate_available():
+        raise ModelError(
+            f"model '{spec.name}': transformers needs the accelerate package to read GGUF files; "
+            "pip install accelerate (or pip install 'quanta[gguf]')"
+        )
+
+
+# --------------------------------------------------------------------------- device, dtype
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """The torch device a params string names; "auto" is CUDA when there is one, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"suite.device: '{device}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"suite.device is '{device}' but torch sees no CUDA device (torch {torch.__version__}); "
+                "use device: auto or cpu, or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"suite.device is '{device}' but there are {torch.cuda.device_count()} CUDA devices "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"suite.device is '{device}' but MPS is not available here; use device: auto or cpu")
+    return dev
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "auto") -> torch.dtype:
+    """The torch dtype a params string names, for `device`.
+
+    "auto" is bfloat16 on a CUDA device that supports it (the speed/memory default of
+    current GPUs), else float32 (the paper's precision; CPUs gain nothing from bf16).
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    dev = resolve_device(device)
+    if dtype == "auto":
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ConfigError(f"suite.dtype: '{dtype}' is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    dtype: Union[str, torch.dtype] = "auto",
+    device: Union[str, torch.device] = "auto",
+    cache_dir: Optional[str] = "cache/hf",
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+    attn_implementation: Optional[str] = None,
+):
+    """The causal LM of `spec`, in eval mode, on `device`, with parameters in `dtype`.
+
+    Gradients stay enabled (the QDG stage needs them); wrap inference in
+    ``torch.inference_mode()``. Raises :class:`ModelNotAvailableError` /
+    :class:`UnknownRevisionError` / :class:`ModelError` with the fix in the message.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    loc = _locate(spec, cache_dir=cache_dir, local_files_only=local_files_only)
+    kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if "gguf_file" in loc.kwargs:
+        from transformers import GgufConfig
+
+        _gguf_ready(spec)
+        # Quantized blocks would stay packed in GgufLinear modules; unpack them into
+        # ordinary parameters, which per-sample gradients and param_counts need.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, spec, loc, cache_dir, **kwargs)
+    return model.to(dev).eval()
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(
+    spec: ModelSpec,
+    *,
+    cache_dir: Optional[str] = "cache/hf",
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+):
+    """The tokenizer of `spec` (at its revision; for a multi-revision directory, the
+    revision's own tokenizer files if it has them, else the directory's)."""
+    from transformers import AutoTokenizer
+
+    loc = _locate(spec, cache_dir=cache_dir, local_files_only=local_files_only)
+    if source_kind(spec) == "local_revisions" and not any((Path(loc.path) / f).is_file() for f in _TOKENIZER_FILES):
+        top = Path(spec.source).expanduser()
+        if not any((top / f).is_file() for f in _TOKENIZER_FILES):
+            raise ModelError(
+                f"model '{spec.name}': no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {loc.path} or {top}"
+            )
+        loc = dataclasses.replace(loc, path=str(top))
+    return _from_pretrained(
+        AutoTokenizer.from_pretrained, spec, loc, cache_dir, trust_remote_code=trust_remote_code
+    )
+
+
+def load_config(
+    spec: ModelSpec,
+    *,
+    cache_dir: Optional[str] = "cache/hf",
+    local_files_only: bool = False,
+    trust_remote_code: bool = False,
+):
+    """The transformers config of `spec`, without its weights (for context length, sizes)."""
+    from transformers import AutoConfig
+
+    loc = _locate(spec, cache_dir=cache_dir, local_files_only=local_files_only)
+    return _from_pretrained(AutoConfig.from_pretrained, spec, loc, cache_dir, trust_remote_code=trust_remote_code)
+
+
+def is_cached(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> bool:
+    """Whether `spec` can be loaded without the network."""
+    try:
+        _locate(spec, cache_dir=cache_dir, local_files_only=True)
+    except QuantaError:
+        return False
+    return True
+
+
+def download(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Path:
+    """Fetch `spec` into `cache_dir` (no-op for local sources); the local path of its files.
+
+    Downloads only what loading needs: config, tokenizer and weights, preferring
+    safetensors over pickled ``.bin`` weights when a revision has both.
+    """
+    from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+
+    if source_kind(spec) != "hub":
+        return Path(_locate(spec, cache_dir=cache_dir, local_files_only=True).path)
+    _check_hub_revision(spec)
+    if hub_offline():
+        cached = _hub_cached(spec, cache_dir)
+        if cached is not None:
+            return cached
+        raise ModelNotAvailableError(
+            f"cannot download {spec.source} at revision {spec.revision} with HF_HUB_OFFLINE=1; "
+            f"unset it, or fetch it elsewhere: {download_command(spec, cache_dir)}"
+        )
+    try:
+        if spec.gguf_file:
+            return Path(hf_hub_download(spec.source, spec.gguf_file, revision=spec.revision, cache_dir=cache_dir))
+        files = list_repo_files(spec.source, revision=spec.revision)
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        patterns = ["*.json", "*.txt", "*.model", "*.py", *weights]
+        return Path(snapshot_download(spec.source, revision=spec.revision, cache_dir=cache_dir, allow_patterns=patterns))
+    except Exception as e:  # network and hub errors: one line with the command to retry
+        raise ModelNotAvailableError(
+            f"could not download {spec.source} at revision {spec.revision} ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); retry with: {download_command(spec, cache_dir)}"
+        ) from e
+
+
+# --------------------------------------------------------------------------- facts about a model
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts as Pythia reports them: ``total`` and ``non_embedding``.
+
+    ``non_embedding`` leaves out the input embedding and the unembedding (lm head), and
+    nothing else (Pythia and Llama have no learned position embeddings; GPT-2's would be
+    counted here). Shared (tied) tensors are counted once. Works on meta-device models.
+    """
+    emb = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            emb.update(id(p) for p in module.parameters())
+    params = list(model.parameters())  # unique tensors: tied weights appear once
+    total = sum(p.numel() for p in params)
+    return {"total": total, "non_embedding": total - sum(p.numel() for p in params if id(p) in emb)}
+
+
+def config_param_counts(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Optional[dict[str, int]]:
+    """:func:`param_counts` from the config alone (a meta-device model, no weights read),
+    or None when the config is not on this machine. Never touches the network."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cfg = load_config(spec, cache_dir=cache_dir, local_files_only=True)
+    except QuantaError:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return param_counts(model)
+
+
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def max_context(model_or_config: Any) -> int:
+    """The longest input, in tokens, the model was built for (from its config)."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    for attr in _CONTEXT_ATTRS:
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ModelError(
+        f"cannot tell the context length of {type(cfg).__name__}: none of {', '.join(_CONTEXT_ATTRS)} is set"
+    )
