@@ -33,12 +33,14 @@ class PlantedConfig:
     n_quanta: int = 60
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
     alpha: float = 0.5
-    n_args: int = 8  # argument tokens a rule reads; each quantum maps them to distinct answers
-    n_answers: int = 16  # answer vocabulary shared by all quanta
+    n_triggers: int = 16  # trigger words; each quantum's key is an ordered pair of them
+    n_args: int = 8  # argument tokens; answer = g(argument), one map g shared by all quanta
+    n_answers: int = 8  # answer vocabulary shared by all quanta
     n_filler: int = 64  # unpredictable (uniform) filler vocabulary
     doc_len: int = 64  # tokens per document
-    quanta_per_doc: int = 8  # rule instances (3 tokens each) per document
-    n_eval_docs: int = 1500
+    quanta_per_doc: int = 5  # rule instances (4 tokens each) per document
+    decoys_per_doc: int = 5  # key-like pairs that are no key, followed by filler
+    n_eval_docs: int = 2000
     widths: tuple[int, ...] = (16, 24, 32, 48, 64, 96)  # one per suite.models name, in order
     n_layers: int = 2
     n_heads: int = 2
@@ -128,8 +130,11 @@ class CorpusConfig:
 class LossesConfig:
     """Per-token loss evaluation (pipeline/losses.py)."""
 
-    batch_tokens: int = 16384  # padded tokens per forward pass
-    logits_chunk: int = 4096  # positions per chunk of the unembedding + cross-entropy
+    # Padded tokens per forward pass, and positions per chunk of the unembedding +
+    # cross-entropy. 0 = auto by device: 16384 / 4096 on GPUs, 1024 / 256 on CPUs (whose
+    # memory bandwidth favours cache-sized batches; bench/RESULTS.md).
+    batch_tokens: int = 0
+    logits_chunk: int = 0
     # Mixed precision of the forward pass. auto: bfloat16 autocast on CUDA, none elsewhere
     # (the CPU runs in the model's dtype: fp32 by default, as the paper did).
     autocast: Literal["auto", "bfloat16", "float16", "none"] = "auto"
@@ -250,8 +255,13 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
-    with path.open() as f:
-        params = yaml.load(f, Loader=StrictLoader) or {}
+    try:
+        with path.open() as f:
+            params = yaml.load(f, Loader=StrictLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return params

@@ -59,3 +59,10 @@ def test_duplicate_yaml_key_is_an_error(tmp_path):
 def test_missing_params_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         config.load_params(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("losses:\n  batch_tokens: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load_params(p)

@@ -1,0 +1,205 @@
+"""Running shards of a stage as tasks on dask.distributed, and per-process caches.
+
+Why this module exists: the heavy stages (losses, gradients) split their work into
+shards that are independent of each other. A researcher with one GPU wants them run
+one after another in the stage's own process; one with a cluster (one Dask worker per
+GPU, maybe many nodes) wants the same shards spread over it, without changing a line.
+This module is the only place that knows about Dask:
+
+- :func:`scheduler_address` decides *where* shards run: ``DASK_SCHEDULER_ADDRESS`` in
+  the environment wins, then the config's ``scheduler`` (``"local"`` for a LocalCluster
+  started here, ``"inprocess"`` for no Dask, anything else is a scheduler address).
+- :func:`client` starts (and stops) that cluster, or connects to the existing one.
+- :func:`map_unordered` submits a task per shard with a bounded number in flight, so
+  that the shards' inputs never all sit in the scheduler's memory at once, and yields
+  results as they finish.
+- :func:`cached` is a per-process cache: a worker loads a model once and reuses it for
+  every shard it gets. Models never travel through the task graph (they are GBs; a
+  task carries the model's *name* and the worker loads it from its own disk/cache).
+
+Tasks write their outputs themselves (to a file system shared with the driver), so
+only small summaries come back through Dask.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any, Callable, Hashable, Iterable, Iterator, Optional
+
+log = logging.getLogger(__name__)
+
+ENV_SCHEDULER = "DASK_SCHEDULER_ADDRESS"
+LOCAL = "local"
+INPROCESS = "inprocess"
+
+
+def scheduler_address(configured: str) -> str:
+    """Where shards run: ``"inprocess"``, ``"local"``, or a scheduler address.
+
+    ``DASK_SCHEDULER_ADDRESS`` in the environment overrides the configured value, so
+    that one params.yaml serves a laptop and a cluster.
+    """
+    env = os.environ.get(ENV_SCHEDULER, "").strip()
+    return env or configured
+
+
+def local_threads(threads_per_worker: int, n_workers: int) -> int:
+    """Torch threads per process for `n_workers` processes sharing this machine's cores.
+
+    0 in the config means: split the cores evenly (at least one thread each).
+    """
+    if threads_per_worker > 0:
+        return threads_per_worker
+    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+
+
+@contextlib.contextmanager
+def client(address: str, n_workers: int = 1) -> Iterator[Any]:
+    """A dask Client on a new LocalCluster (``address == "local"``) or on `address`.
+
+    The LocalCluster runs one single-threaded Dask worker per process: each task uses
+    torch's own intra-op threads, and two tasks in one process would fight over them
+    and hold two copies of the activations.
+    """
+    from distributed import Client, LocalCluster
+
+    if address == LOCAL:
+        t0 = time.perf_counter()
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # never fight another session over port 8787
+            silence_logs=logging.WARNING,
+        )
+        c = Client(cluster)
+        log.info("started a LocalCluster of %d worker processes in %.1f s", n_workers, time.perf_counter() - t0)
+        try:
+            yield c
+        finally:
+            c.close()
+            cluster.close()
+    else:
+        c = Client(address)
+        log.info("connected to the Dask scheduler at %s (%d workers)", address, n_workers_of(c))
+        try:
+            yield c
+        finally:
+            c.close()
+
+
+def n_workers_of(c: Any) -> int:
+    """How many workers the scheduler behind client `c` has now (at least 1)."""
+    return max(1, len(c.scheduler_info().get("workers", {})))
+
+
+def map_unordered(
+    c: Any,
+    fn: Callable[[Any], Any],
+    items: Iterable[Any],
+    *,
+    max_in_flight: int,
+    key_prefix: str = "task",
+) -> Iterator[Any]:
+    """Yield ``fn(item)`` for every item, computed on the cluster, in completion order.
+
+    At most `max_in_flight` tasks are submitted at a time: each task carries its input
+    (a shard's tokens), and submitting a whole corpus at once would hold all of it in
+    the scheduler. The first task that raises cancels the rest and re-raises here (with
+    its original type, so a QuantaError stays a one-line error).
+    """
+    from distributed import as_completed
+
+    # Keys must be unique on a shared, long-lived cluster: two stages (or two runs of
+    # one) may submit "the same" shard.
+    run_id = uuid.uuid4().hex[:8]
+    todo = iter(enumerate(items))
+    pending = as_completed()
+    futures = []
+
+    def submit_next() -> bool:
+        try:
+            i, item = next(todo)
+        except StopIteration:
+            return False
+        fut = c.submit(fn, item, key=f"{key_prefix}-{i:05d}-{run_id}", pure=False, retries=0)
+        futures.append(fut)
+        pending.add(fut)
+        return True
+
+    for _ in range(max(1, max_in_flight)):
+        if not submit_next():
+            break
+    try:
+        for fut in pending:
+            result = fut.result()  # re-raises the task's exception
+            fut.release()
+            yield result
+            submit_next()
+    finally:
+        for fut in futures:
+            if not fut.done():
+                fut.cancel()
+
+
+# --------------------------------------------------------------------------- per-process cache
+
+_CACHE: "collections.OrderedDict[Hashable, Any]" = collections.OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def cached(key: Hashable, factory: Callable[[], Any], keep: int = 1) -> Any:
+    """``factory()``, computed once per process for each `key` and kept for later calls.
+
+    Only the `keep` most recently used entries stay: a long-lived worker serving a
+    sweep of 36 (model, revision) stages must not end up holding 36 models.
+    """
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        # Evict before loading, so two big models never sit in memory together.
+        while len(_CACHE) >= max(1, keep):
+            _CACHE.popitem(last=False)
+        value = factory()
+        _CACHE[key] = value
+        return value
+
+
+def clear_cache() -> None:
+    """Drop everything :func:`cached` holds in this process."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def worker_device(device: str) -> str:
+    """The device this process should use for the configured `device` string.
+
+    On a machine with several GPUs and a LocalCluster with one worker per GPU, every
+    worker would otherwise pick ``cuda:0``; worker *i* takes GPU *i mod n* instead.
+    An explicit ``cuda:N`` (or cpu, mps) is respected, and so are clusters that pin
+    GPUs themselves (dask-cuda sets CUDA_VISIBLE_DEVICES, so each sees one GPU).
+    """
+    if device not in ("auto", "cuda"):
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device  # not inside a Dask worker
+    try:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    except Exception:  # pragma: no cover - torch without CUDA support
+        n_gpus = 0
+    if n_gpus <= 1 or not isinstance(name, int):
+        return device
+    return f"cuda:{name % n_gpus}"

@@ -1,0 +1,920 @@
+"""Per-token losses of one (model, revision) over the tokenized corpus.
+
+Why this module exists: every later step (QDG sample selection, per-token scaling
+curves, mean-loss fits, training dynamics) reads the loss of every corpus token under
+every model of the suite, so this is the widest computation of the pipeline. The paper
+ran one document per forward pass (batch 1, fp32) and a full log-softmax over the
+vocabulary at every position. Here, with the same numbers in fp32:
+
+- windows (``corpus.make_windows``) are sorted by length and packed into batches of at
+  most ``losses.batch_tokens`` padded tokens, so short documents share a forward pass
+  and padding stays small;
+- the transformer body runs once per batch (bf16 autocast on CUDA) up to its final
+  hidden states; only the hidden states that predict a scored token go through the
+  unembedding (``model.get_output_embeddings()``), ``losses.logits_chunk`` rows at a
+  time, and the cross-entropy is ``logsumexp(logits) - logits[target]`` in fp32. So
+  the (batch, pos, vocab) fp32 logits of a big batch never exist, and no log-softmax
+  over the vocabulary is written out;
+- the windows are cut into shards of about ``losses.shard_tokens`` scored tokens; each
+  shard is one task (in this process, or on a Dask cluster, see pipeline/distributed.py)
+  that writes one part file atomically; a rerun validates finished parts (config, shard
+  content hash, row count) and skips them, so a killed run resumes where it stopped.
+
+Units: nats. The row for ``pos`` is the loss of predicting token ``pos`` of a document
+from its tokens ``0..pos-1`` (pos >= 1), DESIGN.md §4. Output layout (hive partitioned,
+stable names)::
+
+    <out>/model=<name>/revision=<rev>/part-00000.parquet   doc_id int64, pos int32, loss float32
+    <out>/model=<name>/revision=<rev>/_meta.json           params, tokens, tokens/s, peak memory
+
+Files starting with ``_`` or ``.`` are skipped by pyarrow/pandas dataset discovery, and
+polars/duckdb read ``**/*.parquet``, so ``_meta.json`` and temp files never leak into a
+table read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from pipeline import corpus as corpus_lib
+from pipeline import distributed
+from pipeline import io
+from pipeline import models as models_lib
+from pipeline.config import CorpusConfig, LossesConfig, SuiteConfig
+from pipeline.errors import QuantaError
+
+log = logging.getLogger(__name__)
+
+# Bump when the meaning of a part file changes: old parts are then recomputed, not reused.
+FORMAT_VERSION = 1
+META_FILE = "_meta.json"
+SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("loss", pa.float32())])
+_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+# Names used as hive partition values: no path separators, no '=' (it would split the
+# key), no leading '.'/'_' (dataset discovery would skip the folder).
+_SAFE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+# --------------------------------------------------------------------------- token table
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenTable:
+    """The corpus' tokens, one contiguous array, documents in doc_id order.
+
+    Document ``i`` (id ``doc_ids[i]``) is ``token_ids[offsets[i]:offsets[i + 1]]``.
+    """
+
+    doc_ids: np.ndarray  # (n_docs,) int64, increasing
+    offsets: np.ndarray  # (n_docs + 1,) int64
+    token_ids: np.ndarray  # (n_tokens,) int32
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def index_of(self, doc_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.doc_ids, doc_ids)
+
+
+def read_tokens(path: str | Path) -> TokenTable:
+    """Read ``tokens.parquet`` (doc_id, pos, token_id) into a :class:`TokenTable`.
+
+    Rows may come in any order; every document must have positions exactly 0..len-1.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise QuantaError(f"tokens table {path} not found; run the corpus stage first (dvc repro corpus)")
+    try:
+        table = pq.read_table(path, columns=["doc_id", "pos", "token_id"])
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise QuantaError(f"tokens table {path} is not a doc_id/pos/token_id Parquet table ({e})") from e
+    if table.num_rows == 0:
+        raise QuantaError(f"tokens table {path} is empty: the corpus has no tokens (check corpus.source)")
+    doc = table.column("doc_id").to_numpy().astype(np.int64, copy=False)
+    pos = table.column("pos").to_numpy().astype(np.int64, copy=False)
+    tok = table.column("token_id").to_numpy().astype(np.int32, copy=False)
+    in_order = np.all((doc[1:] > doc[:-1]) | ((doc[1:] == doc[:-1]) & (pos[1:] > pos[:-1])))
+    if not in_order:
+        order = np.lexsort((pos, doc))
+        doc, pos, tok = doc[order], pos[order], tok[order]
+    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+    offsets = np.r_[starts, len(doc)].astype(np.int64)
+    expected = np.arange(len(doc)) - np.repeat(starts, np.diff(offsets))
+    bad = np.flatnonzero(pos != expected)
+    if len(bad):
+        i = bad[0]
+        raise QuantaError(
+            f"tokens table {path}: document {doc[i]} has position {pos[i]} where {expected[i]} was expected "
+            f"(positions must be 0..len-1, each once); rebuild it with the corpus stage"
+        )
+    return TokenTable(doc_ids=doc[starts], offsets=offsets, token_ids=tok)
+
+
+# --------------------------------------------------------------------------- shards and batches
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Consecutive windows whose losses go to one part file (and one task)."""
+
+    index: int
+    windows: tuple  # of corpus.Window
+
+    @property
+    def n_tokens(self) -> int:
+        """Scored tokens = rows of the part file."""
+        return sum(w.end - w.score_from for w in self.windows)
+
+
+def make_shards(windows: Sequence[Any], shard_tokens: int) -> list[Shard]:
+    """Cut `windows` (in corpus order) into shards of about `shard_tokens` scored tokens.
+
+    Deterministic in (windows, shard_tokens) alone, so a rerun maps every window to the
+    same part index. A window is never split; a shard is closed before the window that
+    would take it over `shard_tokens` (so a single huge window makes a shard of its own).
+    """
+    if shard_tokens < 1:
+        raise QuantaError(f"losses.shard_tokens must be >= 1, got {shard_tokens}")
+    shards: list[Shard] = []
+    current: list = []
+    size = 0
+    for w in windows:
+        n = w.end - w.score_from
+        if current and size + n > shard_tokens:
+            shards.append(Shard(len(shards), tuple(current)))
+            current, size = [], 0
+        current.append(w)
+        size += n
+    if current:
+        shards.append(Shard(len(shards), tuple(current)))
+    return shards
+
+
+# Rows of a batch are at least this fraction of its longest row, so padding stays under
+# 1 - MIN_ROW_FILL of a batch's tokens whatever the corpus. (On a big corpus, length
+# sorting alone does that; on a small one, a 16k-token batch would otherwise pad ten
+# short documents to the length of one long one, and do up to 2x the work.)
+MIN_ROW_FILL = 0.8
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[np.ndarray]:
+    """Group sequence indices into batches of at most `batch_tokens` padded tokens.
+
+    Longest first, so that sequences in a batch have similar lengths; a batch also
+    closes before a sequence shorter than MIN_ROW_FILL x its longest, so padding
+    (rows x longest - real tokens) stays under 20%. A sequence longer than
+    `batch_tokens` gets a batch of its own rather than an error: the budget is a speed
+    knob, not a limit.
+    """
+    if batch_tokens < 1:
+        raise QuantaError(f"losses.batch_tokens must be >= 1, got {batch_tokens}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        # descending order: the first sequence of a batch sets its width
+        if current and (width * (len(current) + 1) > batch_tokens or lengths[i] < MIN_ROW_FILL * width):
+            batches.append(np.asarray(current, dtype=np.int64))
+            current = []
+        if not current:
+            width = int(lengths[i])
+        current.append(int(i))
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches
+
+
+# --------------------------------------------------------------------------- the computation
+
+# losses.batch_tokens / logits_chunk = 0 resolve by device type. GPUs want big batches
+# to fill their matrix units. On CPUs, big batches were up to 8x slower on the 2-core
+# bench machine (activations of a 16k-token batch spill to DRAM; see bench/RESULTS.md).
+AUTO_SIZES = {"cpu": (1024, 256)}
+AUTO_SIZES_ACCELERATOR = (16384, 4096)
+
+
+def batch_sizes(device: torch.device, batch_tokens: int = 0, logits_chunk: int = 0) -> tuple[int, int]:
+    """(batch_tokens, logits_chunk) for `device`, with 0 meaning the device's default."""
+    auto = AUTO_SIZES.get(device.type, AUTO_SIZES_ACCELERATOR)
+    return batch_tokens or auto[0], logits_chunk or auto[1]
+
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (library functions follow their inputs)."""
+    return next(model.parameters()).device
+
+
+def autocast_context(device: torch.device, mode: str):
+    """The autocast context for `mode` (see LossesConfig.autocast) on `device`."""
+    if mode == "none" or (mode == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if mode == "float16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def logit_transform(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What the model's forward does to ``head(hidden)`` before returning logits, if anything.
+
+    Most causal LMs (GPT-NeoX, Llama, Mistral, Qwen...) return the unembedding as is;
+    a few rescale or soft-cap it. The ones known from their config are handled here;
+    :func:`check_output_head` catches any other, so none is silently wrong.
+    """
+    cfg = model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * scale
+    divide = getattr(cfg, "logits_scaling", None)  # Granite: logits / scaling
+    steps = []
+    if isinstance(scale, (int, float)) and scale != 1:
+        steps.append(lambda x: x * scale)
+    if isinstance(divide, (int, float)) and divide != 1:
+        steps.append(lambda x: x / divide)
+    if isinstance(cap, (int, float)) and cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    body = model.base_model
+    head = model.get_output_embeddings()
+    if body is model or head is None:
+        raise QuantaError(
+            f"{type(model).__name__} is not a Hugging Face causal LM with a base model and an output "
+            f"embedding; pipeline/losses.py needs both (any *ForCausalLM does)"
+        )
+    return body, head
+
+
+@torch.inference_mode()
+def check_output_head(model: torch.nn.Module, n_positions: int = 8) -> None:
+    """Check, on a few tokens, that our logits path equals the model's own ``.logits``.
+
+    Our fast path runs ``model.base_model`` and then ``get_output_embeddings()`` (plus
+    :func:`logit_transform`); an architecture that does something else between the two
+    would give wrong losses without this check.
+    """
+    body, head = _body_and_head(model)
+    device = model_device(model)
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(n_positions, device=device) * 7919 % vocab)[None]  # (1, pos)
+    ref = model(input_ids=ids, use_cache=False).logits[0].float()  # (pos, vocab)
+    ours = head(body(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+    transform = logit_transform(model)
+    if transform is not None:
+        ours = transform(ours)
+    if not torch.isfinite(ref).all():
+        return  # a broken checkpoint: the non-finite loss check names it, with doc and position
+    err = (ours - ref).abs().max().item()
+    dtype = next(model.parameters()).dtype
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * (1.0 + ref.abs().max().item())
+    if not err <= tol:
+        raise QuantaError(
+            f"{type(model).__name__}: model(...).logits differs from get_output_embeddings()(last_hidden_state) "
+            f"by {err:.3g}; this architecture post-processes its logits in a way pipeline/losses.py does not "
+            f"know (add it to losses.logit_transform)"
+        )
+
+
+# A (chunk, block) fp32 tile of about 4 MiB stays in a CPU core's cache; measured on
+# a 2-core AVX-512 Xeon, tiling made the unembedding + cross-entropy 1.9x faster (the
+# full-vocabulary version is memory-bound there; see bench/RESULTS.md).
+CPU_TILE_ELEMENTS = 1 << 20
+
+
+def cpu_vocab_block(chunk: int) -> int:
+    """Vocabulary columns per tile for `chunk` rows on a CPU (at least 256)."""
+    return max(256, CPU_TILE_ELEMENTS // max(1, chunk))
+
+
+def next_token_losses(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Module,
+    chunk: int,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    vocab_block: Optional[int] = None,
+) -> torch.Tensor:
+    """Cross-entropy in nats (fp32) of `targets` under ``head(hidden)``, `chunk` rows at a time.
+
+    hidden: (n, d_model), the states that predict `targets`; targets: (n,) token ids.
+    Returns (n,) float32. Per chunk, the logits (chunk, vocab) are made in the compute
+    dtype, upcast to fp32, and reduced to ``logsumexp - logit[target]``, which is
+    ``-log_softmax(logits)[target]`` without writing out the (chunk, vocab) log-softmax.
+    Peak extra memory: about two (chunk, vocab) fp32 buffers, whatever the batch size.
+
+    With `vocab_block` (an ``nn.Linear`` head only), each chunk's logits are made
+    `vocab_block` columns at a time and folded into a running (online) logsumexp, so
+    only a (chunk, vocab_block) tile ever exists: on a CPU that tile stays in cache,
+    where a full (chunk, vocab) buffer would make every pass a trip to DRAM.
+    """
+    n = hidden.shape[0]
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    tiled = vocab_block is not None and isinstance(head, torch.nn.Linear) and vocab_block < head.out_features
+    for c0 in range(0, n, max(1, chunk)):
+        c1 = min(n, c0 + chunk)
+        if tiled:
+            out[c0:c1] = _tiled_cross_entropy(hidden[c0:c1], targets[c0:c1], head, vocab_block, transform)
+            continue
+        logits = head(hidden[c0:c1]).float()  # (chunk, vocab)
+        if transform is not None:
+            logits = transform(logits)
+        target_logit = logits.gather(1, targets[c0:c1, None])[:, 0]  # (chunk,)
+        out[c0:c1] = torch.logsumexp(logits, dim=-1) - target_logit
+        del logits
+    return out
+
+
+def _tiled_cross_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Linear,
+    block: int,
+    transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
+) -> torch.Tensor:
+    """:func:`next_token_losses` for one chunk, over vocabulary blocks (online logsumexp)."""
+    rows = hidden.shape[0]
+    running_max = torch.full((rows,), -torch.inf, dtype=torch.float32, device=hidden.device)
+    running_sum = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    target_logit = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    vocab = head.out_features
+    for v0 in range(0, vocab, block):
+        v1 = min(vocab, v0 + block)
+        bias = None if head.bias is None else head.bias[v0:v1]
+        logits = torch.nn.functional.linear(hidden, head.weight[v0:v1], bias).float()  # (chunk, block)
+        if transform is not None:
+            logits = transform(logits)
+        # the target's logit, read from the very tile that holds it (same op, same rounding)
+        idx = targets - v0
+        here = (idx >= 0) & (idx < v1 - v0)
+        picked = logits.gather(1, idx.clamp(0, v1 - v0 - 1)[:, None])[:, 0]
+        target_logit = torch.where(here, picked, target_logit)
+        new_max = torch.maximum(running_max, logits.amax(dim=-1))
+        # rescale the old sum to the new max; exp(-inf) = 0 on the first block
+        running_sum = running_sum * torch.exp(running_max - new_max) + logits.sub_(new_max[:, None]).exp_().sum(-1)
+        running_max = new_max
+    return running_max + running_sum.log() - target_logit
+
+
+@torch.inference_mode()
+def score_windows(
+    model: torch.nn.Module,
+    inputs: Sequence[np.ndarray],
+    first: Sequence[int],
+    *,
+    batch_tokens: int = 0,
+    logits_chunk: int = 0,
+    autocast: str = "auto",
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> list[np.ndarray]:
+    """Next-token losses (nats, float32) of token sequences, batched by length.
+
+    inputs[i]: the token ids (len_i,) fed to the model as one sequence (a window);
+    first[i] >= 1: the index in inputs[i] of the first token to score. Returns, for
+    each i, the losses of tokens ``inputs[i][first[i]:]`` in order, shape
+    (len_i - first[i],). `on_batch(n_scored)` is called after every forward pass.
+    `batch_tokens` and `logits_chunk` (0: the device's default, :func:`batch_sizes`)
+    only change speed and memory, never the losses beyond fp32 rounding.
+
+    The result does not depend on how sequences are grouped into batches: sequences
+    are right-padded, and in a causal LM a real token never attends to positions after
+    it, so the padding (whatever its ids) cannot reach any scored position. That is
+    also why no attention mask is passed: without one, attention runs as a plain
+    causal kernel (flash attention on GPU). Position ids are 0..T-1 in every row, as
+    for an unpadded sequence.
+    """
+    body, head = _body_and_head(model)
+    transform = logit_transform(model)
+    device = model_device(model)
+    batch_tokens, logits_chunk = batch_sizes(device, batch_tokens, logits_chunk)
+    vocab_block = cpu_vocab_block(logits_chunk) if device.type == "cpu" else None  # GPUs: one big matmul
+    lengths = np.fromiter((len(x) for x in inputs), dtype=np.int64, count=len(inputs))
+    first = np.asarray(first, dtype=np.int64)
+    if len(first) != len(lengths):
+        raise ValueError("inputs and first must have the same length")
+    if np.any(first < 1) or np.any(first > lengths):
+        raise ValueError("every first[i] must be in 1..len(inputs[i]): position 0 has no context to predict it")
+    out: list[Optional[np.ndarray]] = [None] * len(inputs)
+    for batch in plan_batches(lengths, batch_tokens):
+        width = int(lengths[batch].max())
+        ids = np.zeros((len(batch), width), dtype=np.int64)  # (batch, pos), right-padded with id 0
+        rows, cols = [], []
+        for r, i in enumerate(batch):
+            ids[r, : lengths[i]] = inputs[i]
+            # The next-token shift happens here: the hidden state at position j - 1
+            # (which has seen tokens 0..j-1) predicts token j. So the scored tokens
+            # first..len-1 are read from hidden positions first-1..len-2, and the last
+            # position's hidden state is never used.
+            cols.append(np.arange(first[i] - 1, lengths[i] - 1))
+            rows.append(np.full(lengths[i] - first[i], r))
+        rows_np = np.concatenate(rows)
+        cols_np = np.concatenate(cols)
+        targets = torch.from_numpy(ids[rows_np, cols_np + 1]).to(device)  # (n_scored,)
+        ids_t = torch.from_numpy(ids).to(device)
+        with autocast_context(device, autocast):
+            hidden = body(input_ids=ids_t, use_cache=False).last_hidden_state  # (batch, pos, d_model)
+            scoring = hidden[torch.from_numpy(rows_np).to(device), torch.from_numpy(cols_np).to(device)]
+            del hidden  # (n_scored, d_model) is all we need from here on
+            losses = next_token_losses(scoring, targets, head, logits_chunk, transform, vocab_block)
+        losses_np = losses.cpu().numpy()
+        sizes = lengths[batch] - first[batch]
+        for i, piece in zip(batch, np.split(losses_np, np.cumsum(sizes)[:-1])):
+            out[i] = piece
+        if on_batch is not None:
+            on_batch(int(len(losses_np)))
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- one shard = one task
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model as a worker keeps it between shards, with what the stage reports about it."""
+
+    model: torch.nn.Module
+    params: dict
+    max_context: int
+    compute: dict  # device type and dtypes actually used: written into every part
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """Everything a worker needs for one part file. Small and picklable: the model travels
+    by name (spec + load arguments) and is loaded once per worker process."""
+
+    spec: Any  # models.ModelSpec
+    load_kwargs: dict  # dtype, device, cache_dir, local_files_only, trust_remote_code
+    corpus: CorpusConfig
+    batch_tokens: int
+    logits_chunk: int
+    autocast: str
+    torch_threads: int  # 0: leave torch's setting alone
+    index: int
+    windows: tuple  # of corpus.Window
+    tokens: tuple  # of np.ndarray: tokens[start:end] of each window
+    path: str
+    config: dict  # the part's config (metadata), without "compute"
+
+
+def _load(spec: Any, load_kwargs: dict, autocast: str) -> LoadedModel:
+    model = models_lib.load_model(spec, **load_kwargs)
+    check_output_head(model)
+    device = model_device(model)
+    weights = next(model.parameters()).dtype
+    compute_dtype = weights
+    if autocast != "none" and (autocast != "auto" or device.type == "cuda"):
+        compute_dtype = torch.float16 if autocast == "float16" else torch.bfloat16
+    counts = models_lib.param_counts(model)
+    if not isinstance(counts, dict):
+        total, non_embedding = counts
+        counts = {"total": int(total), "non_embedding": int(non_embedding)}
+    return LoadedModel(
+        model=model,
+        params=dict(counts),
+        max_context=models_lib.max_context(model),
+        compute={
+            "device_type": device.type,
+            "weights_dtype": str(weights).removeprefix("torch."),
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        },
+    )
+
+
+def loaded_model(task: ShardTask) -> LoadedModel:
+    """The task's model, loaded at most once per process (pipeline.distributed.cached)."""
+    kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
+    key = ("losses", _json(_spec_dict(task.spec)), _json(kwargs), task.autocast)
+    return distributed.cached(key, lambda: _load(task.spec, kwargs, task.autocast))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (0: unchanged), then restore the old
+    setting, so an in-process run does not change the caller's torch configuration."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(before)
+
+
+def compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """Compute one shard's losses and write its part file; return a small summary.
+
+    Runs in the stage's process or in a Dask worker. Raises QuantaError on non-finite
+    losses (nothing is written then) and on windows longer than the model's context.
+    """
+    with torch_threads(task.torch_threads):
+        return _compute_part(task, on_batch)
+
+
+def _compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]]) -> dict:
+    t0 = time.perf_counter()
+    loaded = loaded_model(task)
+    corpus_lib.check_max_len(task.corpus, loaded.max_context, model=task.spec.name)
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    top = max((int(t.max()) for t in task.tokens if len(t)), default=0)
+    if top >= vocab:
+        raise QuantaError(
+            f"token id {top} in the corpus is outside the vocabulary ({vocab}) of model "
+            f"{task.spec.name}@{task.spec.revision}; tokenize the corpus with this model's tokenizer (corpus.tokenizer)"
+        )
+    device = model_device(loaded.model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t1 = time.perf_counter()
+    losses = score_windows(
+        loaded.model,
+        task.tokens,
+        [w.score_from - w.start for w in task.windows],
+        batch_tokens=task.batch_tokens,
+        logits_chunk=task.logits_chunk,
+        autocast=task.autocast,
+        on_batch=on_batch,
+    )
+    seconds = time.perf_counter() - t1
+    table = part_table(task.windows, losses)
+    check_finite(table, task.spec)
+    io.write_parquet(table, task.path, config=dict(task.config, compute=loaded.compute))
+    return {
+        "index": task.index,
+        "rows": table.num_rows,
+        "seconds": seconds,
+        "total_seconds": time.perf_counter() - t0,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "params": loaded.params,
+        "compute": loaded.compute,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def part_table(windows: Sequence[Any], losses: Sequence[np.ndarray]) -> pa.Table:
+    """The rows of a part: (doc_id, pos, loss), sorted by (doc_id, pos)."""
+    doc = np.concatenate([np.full(w.end - w.score_from, w.doc_id, dtype=np.int64) for w in windows])
+    pos = np.concatenate([np.arange(w.score_from, w.end, dtype=np.int32) for w in windows])
+    loss = np.concatenate([np.asarray(x, dtype=np.float32) for x in losses])
+    order = np.lexsort((pos, doc))
+    doc, pos, loss = doc[order], pos[order], loss[order]
+    dup = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1])
+    if dup.any():  # windows overlapping in their scored ranges: a bug in make_windows
+        i = int(np.flatnonzero(dup)[0])
+        raise RuntimeError(f"token (doc_id={doc[i]}, pos={pos[i]}) is scored by two windows")
+    return pa.Table.from_arrays([pa.array(doc), pa.array(pos), pa.array(loss)], schema=SCHEMA)
+
+
+def check_finite(table: pa.Table, spec: Any) -> None:
+    """NaN or infinite losses are bad input (a broken checkpoint, fp16 overflow): stop."""
+    loss = table.column("loss").to_numpy()
+    bad = np.flatnonzero(~np.isfinite(loss))
+    if len(bad):
+        i = int(bad[0])
+        doc = table.column("doc_id")[i].as_py()
+        pos = table.column("pos")[i].as_py()
+        raise QuantaError(
+            f"{len(bad)} non-finite losses (first: {loss[i]} at doc_id={doc}, pos={pos}) from model "
+            f"{spec.name}@{spec.revision}; the checkpoint or its dtype is broken (try suite.dtype: float32 "
+            f"and losses.autocast: none)"
+        )
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def partition_dir(out_root: str | Path, model: str, revision: str) -> Path:
+    """``<out_root>/model=<model>/revision=<revision>``, refusing names that break the layout."""
+    for what, value in (("model name", model), ("revision", revision)):
+        if not _SAFE_VALUE.match(value):
+            raise QuantaError(
+                f"{what} {value!r} cannot name an output folder (letters, digits, '.', '_', '+', '-' only, "
+                f"not starting with '.' or '_'); rename it in params.yaml suite"
+            )
+    return Path(out_root) / f"model={model}" / f"revision={revision}"
+
+
+def part_path(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / f"part-{index:05d}.parquet"
+
+
+def _spec_dict(spec: Any) -> dict:
+    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(vars(spec))
+
+
+def _json(obj: Any) -> Any:
+    """`obj` as it reads back from JSON (tuples become lists), for comparisons; a string key."""
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def shard_digest(windows: Sequence[Any], tokens: Sequence[np.ndarray]) -> str:
+    """sha256 of a shard's windows and their token ids: a part is reused only for the same input."""
+    h = hashlib.sha256()
+    h.update(np.asarray([(w.doc_id, w.start, w.end, w.score_from) for w in windows], dtype=np.int64).tobytes())
+    for t in tokens:
+        h.update(np.ascontiguousarray(t, dtype=np.int32).tobytes())
+    return h.hexdigest()
+
+
+def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: LossesConfig) -> dict:
+    """What defines the numbers of a part file (goes into its metadata, checked on resume).
+
+    Everything that changes the table is here, batch packing included (it changes the
+    last bits of fp32 results); where the work runs (scheduler, workers, threads,
+    progress bar) is not, so a run resumed on a cluster reuses parts made in-process.
+    """
+    return {
+        "stage": "losses",
+        "format": FORMAT_VERSION,
+        "model": _spec_dict(spec),
+        "suite": {"dtype": suite.dtype, "device": suite.device},
+        "corpus": {"context": corpus.context, "max_len": corpus.max_len, "min_context": corpus.min_context},
+        "losses": {
+            "batch_tokens": losses.batch_tokens,
+            "logits_chunk": losses.logits_chunk,
+            "autocast": losses.autocast,
+            "shard_tokens": losses.shard_tokens,
+        },
+    }
+
+
+def check_part(path: Path, expected: dict, n_rows: int) -> Optional[str]:
+    """Why the part file at `path` cannot be reused for `expected` (None: it can)."""
+    if not path.exists():
+        return "missing"
+    try:
+        found = io.read_config(path)
+        meta = pq.read_metadata(path)
+        schema = pq.read_schema(path)
+    except Exception as e:  # a truncated or foreign file: recompute, never trust it
+        return f"unreadable ({type(e).__name__}: {e})"
+    if found is None:
+        return "has no quanta config in its metadata"
+    found = {k: v for k, v in found.items() if k != "compute"}
+    want = json.loads(_json(expected))
+    if found != want:
+        a, b = _flat(found), _flat(want)
+        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+        return f"was made with a different config (differs in {', '.join(diff[:5])})"
+    if meta.num_rows != n_rows:
+        return f"has {meta.num_rows} rows where {n_rows} were expected"
+    if not schema.remove_metadata().equals(SCHEMA):
+        return f"has schema {schema.remove_metadata()} instead of {SCHEMA}"
+    return None
+
+
+def clean_stale(out_dir: Path, n_parts: int) -> None:
+    """Remove what a killed or different earlier run left: temp files, surplus parts."""
+    for p in sorted(out_dir.iterdir()):
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            log.info("removing %s, left by a killed run", p)
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            continue
+        m = _PART_RE.match(p.name)
+        if (m and int(m.group(1)) >= n_parts) or (p.suffix == ".parquet" and not m):
+            log.warning("removing %s: not a part of this run's %d parts", p, n_parts)
+            p.unlink()
+
+
+def run_losses(
+    spec: Any,
+    tokens_path: str | Path,
+    out_root: str | Path,
+    *,
+    losses: LossesConfig,
+    suite: SuiteConfig,
+    corpus: CorpusConfig,
+) -> dict:
+    """Per-token losses of model `spec` on the corpus at `tokens_path`, written under `out_root`.
+
+    Writes ``<out_root>/model=<name>/revision=<rev>/part-*.parquet`` and ``_meta.json``
+    and returns the meta dict. Reuses valid parts from an earlier (killed) run.
+    """
+    t_start = time.perf_counter()
+    out_dir = partition_dir(out_root, spec.name, spec.revision)
+    tokens = read_tokens(tokens_path)
+    windows = corpus_lib.make_windows(tokens.doc_ids, tokens.lengths, corpus)
+    if not windows:
+        raise QuantaError(f"no tokens to score in {tokens_path}: every document is shorter than two tokens")
+    shards = make_shards(windows, losses.shard_tokens)
+    identity = stage_identity(spec, suite, corpus, losses)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale(out_dir, len(shards))
+
+    address = distributed.scheduler_address(losses.scheduler)
+    load_kwargs = {
+        "dtype": suite.dtype,
+        "device": suite.device,
+        "cache_dir": suite.cache_dir,
+        "local_files_only": suite.local_files_only,
+        "trust_remote_code": suite.trust_remote_code,
+    }
+    todo: list[tuple[Shard, list[np.ndarray], dict]] = []
+    reused_tokens = 0
+    for shard in shards:
+        rows = tokens.index_of(np.asarray([w.doc_id for w in shard.windows], dtype=np.int64))
+        pieces = [
+            tokens.token_ids[tokens.offsets[r] + w.start : tokens.offsets[r] + w.end]
+            for r, w in zip(rows, shard.windows)
+        ]
+        cfg = dict(
+            identity,
+            part={
+                "index": shard.index,
+                "n_parts": len(shards),
+                "rows": shard.n_tokens,
+                "sha256": shard_digest(shard.windows, pieces),
+            },
+        )
+        path = part_path(out_dir, shard.index)
+        why = check_part(path, cfg, shard.n_tokens)
+        if why is None:
+            reused_tokens += shard.n_tokens
+            continue
+        if why != "missing":
+            log.warning("%s %s: recomputing it", path, why)
+        todo.append((shard, pieces, cfg))
+    total_tokens = sum(s.n_tokens for s in shards)
+    if reused_tokens:
+        log.info("reusing %d of %d finished parts (%d tokens)", len(shards) - len(todo), len(shards), reused_tokens)
+
+    if address == distributed.INPROCESS:
+        mode = distributed.INPROCESS
+    elif address == distributed.LOCAL and min(len(todo), losses.n_workers) <= 1:
+        # A LocalCluster costs ~10 s per stage on 2 cores (start + each worker importing
+        # torch/transformers + shutdown; bench/RESULTS.md) and buys nothing when it could
+        # run at most one shard at a time; the default suite has ~36 one-shard stages.
+        mode = distributed.INPROCESS
+        if todo:
+            log.info(
+                "%d shard(s) to compute with n_workers=%d: running in-process (a LocalCluster would "
+                "only add its start-up time)", len(todo), losses.n_workers,
+            )
+    else:
+        mode = address
+
+    def task_of(item: tuple[Shard, list[np.ndarray], dict], threads: int) -> ShardTask:
+        shard, pieces, cfg = item
+        return ShardTask(
+            spec=spec,
+            load_kwargs=load_kwargs,
+            corpus=corpus,
+            batch_tokens=losses.batch_tokens,
+            logits_chunk=losses.logits_chunk,
+            autocast=losses.autocast,
+            torch_threads=threads,
+            index=shard.index,
+            windows=shard.windows,
+            tokens=tuple(pieces),
+            path=str(part_path(out_dir, shard.index)),
+            config=cfg,
+        )
+
+    results: list[dict] = []
+    t_compute = time.perf_counter()
+    with tqdm(
+        total=total_tokens,
+        initial=reused_tokens,
+        unit="tok",
+        unit_scale=True,
+        desc=f"losses {spec.name}@{spec.revision}",
+        disable=not losses.progress,
+        mininterval=1.0,
+    ) as bar:
+        if mode == distributed.INPROCESS:
+            for item in todo:
+                results.append(compute_part(task_of(item, losses.threads_per_worker), on_batch=bar.update))
+        elif todo:
+            n_workers = losses.n_workers
+            with distributed.client(mode, n_workers) as c:
+                if mode == distributed.LOCAL:
+                    threads = distributed.local_threads(losses.threads_per_worker, n_workers)
+                else:
+                    n_workers = distributed.n_workers_of(c)
+                    threads = losses.threads_per_worker  # 0: the worker's own torch default
+                tasks = (task_of(item, threads) for item in todo)
+                for result in distributed.map_unordered(
+                    c, compute_part, tasks, max_in_flight=2 * n_workers, key_prefix=f"losses-{spec.name}-{spec.revision}"
+                ):
+                    bar.update(result["rows"])
+                    results.append(result)
+    compute_seconds = time.perf_counter() - t_compute
+
+    compute = check_compute_consistent(out_dir, len(shards))
+    meta = stage_meta(
+        spec, out_dir, results, shards, tokens, mode, compute, compute_seconds, time.perf_counter() - t_start
+    )
+    io.write_json(meta, out_dir / META_FILE)
+    log.info(
+        "%s@%s: %d tokens in %d parts (%d computed at %.0f tokens/s)",
+        spec.name, spec.revision, total_tokens, len(shards), meta["computed_tokens"], meta["tokens_per_s"] or 0,
+    )
+    return meta
+
+
+def check_compute_consistent(out_dir: Path, n_parts: int) -> dict:
+    """All parts must come from the same device type and dtypes; a run resumed on another
+    machine with ``dtype: auto`` could otherwise mix fp32 and bf16 losses silently."""
+    seen: dict[str, list[int]] = {}
+    for i in range(n_parts):
+        cfg = io.read_config(part_path(out_dir, i)) or {}
+        seen.setdefault(_json(cfg.get("compute")), []).append(i)
+    if len(seen) > 1:
+        desc = "; ".join(f"parts {v[:3]}{'...' if len(v) > 3 else ''}: {k}" for k, v in seen.items())
+        raise QuantaError(
+            f"the parts in {out_dir} were computed with different devices/dtypes ({desc}); delete the folder "
+            f"or set suite.dtype and suite.device explicitly, then rerun"
+        )
+    return json.loads(next(iter(seen))) if seen else {}
+
+
+def stage_meta(
+    spec: Any,
+    out_dir: Path,
+    results: list[dict],
+    shards: list[Shard],
+    tokens: TokenTable,
+    mode: str,
+    compute: dict,
+    compute_seconds: float,
+    wall_seconds: float,
+) -> dict:
+    """The `_meta.json` of a run: sizes, speed and memory, for scaling fits and for people."""
+    previous: dict = {}
+    meta_path = out_dir / META_FILE
+    if meta_path.exists():
+        with contextlib.suppress(Exception):
+            previous = json.loads(meta_path.read_text())
+    computed = sum(r["rows"] for r in results)
+    busy = sum(r["seconds"] for r in results)
+    cuda = [r["peak_cuda_bytes"] for r in results if r["peak_cuda_bytes"] is not None]
+    params = results[0]["params"] if results else previous.get("params")
+    return {
+        "model": spec.name,
+        "revision": spec.revision,
+        "source": _spec_dict(spec).get("source"),
+        "params": params,  # total, non_embedding: the N of scaling fits
+        "tokens": sum(s.n_tokens for s in shards),
+        "documents": int(len(tokens.doc_ids)),
+        "windows": sum(len(s.windows) for s in shards),
+        "parts": len(shards),
+        "computed_parts": len(results),
+        "reused_parts": len(shards) - len(results),
+        "computed_tokens": computed,
+        # wall clock of the compute phase (cluster start-up included) and of the whole run
+        "compute_seconds": round(compute_seconds, 3),
+        "wall_seconds": round(wall_seconds, 3),
+        "tokens_per_s": round(computed / compute_seconds, 1) if computed else None,
+        # summed over workers, forward passes only (no model loading, no writing)
+        "forward_tokens_per_s": round(computed / busy, 1) if busy else None,
+        "peak_rss_bytes": max([r["peak_rss_bytes"] for r in results], default=peak_rss_bytes()),
+        "peak_cuda_bytes": max(cuda) if cuda else None,
+        "compute": compute,
+        "execution": mode,
+        "torch_threads": sorted({r["torch_threads"] for r in results}),
+    }

@@ -1,0 +1,890 @@
+"""The embedded planted-quanta suite: a synthetic language with known quanta, and models trained on it.
+
+Why it exists: the pipeline's claims (losses fall with size, skills are acquired one by one in
+frequency order, gradient clusters are the skills) cannot be checked on Pythia, whose quanta
+nobody knows. Here we plant them. The language has K rules ("quanta"); rule k is used on a
+fraction p_k ∝ k^-(alpha+1) of rule instances, as the quantization model assumes. A family of
+GPT-NeoX models of log-spaced width is trained on it and saved in Hugging Face format with
+Pythia-style ``stepN`` revisions, so every later stage runs exactly the code path a Pythia run
+uses, and the ground truth (which token is governed by which quantum) lets us score it.
+
+The language. A document is ``doc_len`` tokens: ``quanta_per_doc`` rule instances and
+``decoys_per_doc`` decoys at random places, uniform filler everywhere else. Quantum k owns a
+*key*, an ordered pair of trigger words (a_k, b_k) from a small shared set; an instance is
+
+    T<a_k> T<b_k> x<j> =y<g(j)>        (label k on the answer =y)
+
+with the argument x<j> drawn at random and g one fixed map from arguments to answers, shared
+by all quanta. A decoy is a near miss of a key, one of its two words swapped for another
+(and no key), drawn as often as that key is used, and a filler word follows it instead:
+
+    T<a_k> T<c>   x<j> w<...>          (no label)
+
+So the answer after ``T T x`` is certain for a model that has memorised quantum k's key, and a
+guess (the base rate of keys among the pairs it cannot tell apart) for one that has not: the
+skill is *recognising key k exactly*, a conjunction of two words that each occur in several
+keys and decoys, which only non-embedding parameters (attention, then an MLP) compute. Keys
+share words, so they interfere, and width limits how many of them a model holds apart; key k
+and its near misses are all seen in proportion to p_k, so the frequent ones are worth holding
+first. All quanta share every answer (the answer is the argument's image under g), so the
+answer token says nothing about the quantum.
+
+Why a shared answer map rather than a per-quantum table (answer = f_k(arg)): with a table, the
+unit of memory is the (quantum, argument) fact, and per-token gradients then cluster by fact
+and by answer token, not by quantum (measured on a width-48 model: gradient cosine -0.01
+between two arguments of one quantum, 0.14 between two quanta with one answer). With a shared
+map, the per-quantum mechanism is the key detector, the same for every instance of the
+quantum, which is what gradient clustering (QDG) is supposed to find.
+
+Within a document no (quantum, argument) pair repeats, so an instance is never solvable by
+copying an earlier one (induction) rather than by the quantum. Trigger words occur only in
+keys and decoys, side by side, so no key arises by accident.
+
+Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
+predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import PlantedConfig, SuiteConfig, to_dict
+from pipeline.errors import QuantaError
+from pipeline.io import atomic_path, write_json, write_parquet
+
+EOS = "<|endoftext|>"  # Pythia's bos/eos/unk token, id 0 as in Pythia
+PAD = "<|padding|>"  # Pythia's padding token, id 1 as in Pythia
+
+# What "learned" means for a quantum (the issue's definition): at least LEARNED_FRACTION of
+# its answer tokens under LEARNED_LOSS nats.
+LEARNED_LOSS = 0.1
+LEARNED_FRACTION = 0.9
+
+# Bump when the language or the training loop changes meaning, so that a resumed run never
+# reuses a model trained by older code (models/<name>/train.json records it).
+FORMAT_VERSION = 1
+
+_STEP = re.compile(r"^step(\d+)$")
+
+
+class PlantedError(QuantaError, ValueError):
+    """A planted-suite problem (bad revision name, inconsistent params), in one line."""
+
+
+# --------------------------------------------------------------------------- the language
+
+
+@dataclasses.dataclass(frozen=True)
+class Language:
+    """Vocabulary and rules of the planted language. All ``*_ids`` are tokenizer ids."""
+
+    vocab: tuple[str, ...]  # token id -> string
+    filler_ids: np.ndarray  # (n_filler,)
+    trigger_ids: np.ndarray  # (n_triggers,)
+    arg_ids: np.ndarray  # (n_args,)
+    answer_ids: np.ndarray  # (n_answers,)
+    keys: np.ndarray  # (n_quanta, 2) trigger indices (a_k, b_k) of quantum k's key
+    decoys: np.ndarray  # (n_decoy_pairs, 2) trigger index pairs that are no key
+    decoy_freqs: np.ndarray  # (n_decoy_pairs,) how often each decoy pair is drawn, sums to 1
+    answer_of_arg: np.ndarray  # (n_args,) g: argument index -> answer index, shared by all quanta
+    freqs: np.ndarray  # (n_quanta,) p_k, sums to 1, decreasing in k
+    doc_len: int
+    quanta_per_doc: int
+    decoys_per_doc: int
+
+    @property
+    def n_quanta(self) -> int:
+        return len(self.keys)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+
+def zipf_frequencies(n_quanta: int, alpha: float) -> np.ndarray:
+    """p_k ∝ k^-(alpha+1) for k = 1..n_quanta, normalised; (n_quanta,) float64."""
+    k = np.arange(1, n_quanta + 1, dtype=np.float64)
+    p = k ** -(alpha + 1.0)
+    return p / p.sum()
+
+
+def check_config(cfg: PlantedConfig) -> None:
+    """Reject planted params that cannot make a well-formed language or suite (one line)."""
+    problems = []
+    n_pairs = cfg.n_triggers * (cfg.n_triggers - 1)
+    if cfg.n_quanta < 1:
+        problems.append("planted.n_quanta must be >= 1")
+    if cfg.alpha <= 0:
+        problems.append("planted.alpha must be > 0 (p_k ∝ k^-(alpha+1) must fall with k)")
+    if cfg.n_triggers and n_pairs < cfg.n_quanta + (1 if cfg.decoys_per_doc else 0):
+        problems.append(
+            f"planted.n_triggers={cfg.n_triggers} gives {n_pairs} ordered pairs, too few for "
+            f"{cfg.n_quanta} keys{' plus decoys' if cfg.decoys_per_doc else ''}; raise n_triggers"
+        )
+    if cfg.n_args < 1 or cfg.n_answers < 1 or cfg.n_filler < 1:
+        problems.append("planted.n_args, n_answers and n_filler must be >= 1")
+    if not 1 <= cfg.quanta_per_doc <= cfg.n_args:
+        problems.append("planted.quanta_per_doc must be in 1..n_args (no (quantum, argument) pair repeats in a document)")
+    if cfg.decoys_per_doc < 0:
+        problems.append("planted.decoys_per_doc must be >= 0")
+    if cfg.doc_len < 4 * (cfg.quanta_per_doc + cfg.decoys_per_doc):
+        problems.append("planted.doc_len must be >= 4 * (quanta_per_doc + decoys_per_doc): instances and decoys are 4 tokens")
+    if not cfg.widths:
+        problems.append("planted.widths is empty")
+    for w in cfg.widths:
+        if w < 1 or w % cfg.n_heads or (w // cfg.n_heads) % 2:
+            problems.append(f"planted.widths: {w} is not a positive multiple of 2 * n_heads (rotary needs an even head size)")
+    if len(set(cfg.widths)) != len(cfg.widths):
+        problems.append("planted.widths has repeats; one width per model")
+    if min(cfg.steps, cfg.batch_size, cfg.n_eval_docs, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio) < 1:
+        problems.append("planted.steps, batch_size, n_eval_docs, n_layers, n_heads and mlp_ratio must be >= 1")
+    if not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0:
+        problems.append("planted.lr must be > 0 and min_lr_ratio in [0, 1]")
+    if problems:
+        raise PlantedError("; ".join(problems))
+
+
+def make_language(cfg: PlantedConfig) -> Language:
+    """The planted language of `cfg`: a pure function of its fields (seeded by cfg.seed)."""
+    check_config(cfg)
+    rng = np.random.default_rng([cfg.seed, 0])  # stream 0: the rules; 1: training data; 2: eval corpus
+    # Ids: Pythia's two specials first, then filler, trigger words, arguments, answers. The
+    # names say what a token is, so the report's highlighted contexts read easily.
+    groups = [
+        [f"w{i:03d}" for i in range(cfg.n_filler)],
+        [f"T{i:02d}" for i in range(cfg.n_triggers)],
+        [f"x{j:02d}" for j in range(cfg.n_args)],
+        [f"=y{a:02d}" for a in range(cfg.n_answers)],
+    ]
+    vocab, ids, start = [EOS, PAD], [], 2
+    for g in groups:
+        vocab += g
+        ids.append(np.arange(start, start + len(g)))
+        start += len(g)
+    freqs = zipf_frequencies(cfg.n_quanta, cfg.alpha)
+    pairs = np.array([(a, b) for a in range(cfg.n_triggers) for b in range(cfg.n_triggers) if a != b])
+    keys = pairs[rng.permutation(len(pairs))[: cfg.n_quanta]]
+    # Decoys are near misses of keys: key k with one of its two words swapped for another,
+    # drawn as often as k itself is used (p_k). So everything about key k, the pair and
+    # the pairs it must be told apart from, is seen in proportion to p_k, and the model
+    # meets no other pairs: the order in which keys are worth learning is the order of p_k.
+    n_t = cfg.n_triggers
+    weight = np.zeros((n_t, n_t))  # (first word, second word)
+    for (a, b), p in zip(keys, freqs):
+        weight[a, :] += 0.5 * p / (n_t - 1)
+        weight[:, b] += 0.5 * p / (n_t - 1)
+    weight[keys[:, 0], keys[:, 1]] = 0.0  # a near miss of one key may be another key
+    np.fill_diagonal(weight, 0.0)
+    decoys = np.argwhere(weight > 0)
+    decoy_freqs = weight[decoys[:, 0], decoys[:, 1]]
+    decoy_freqs = decoy_freqs / decoy_freqs.sum()
+    # g: every answer used when n_args >= n_answers, distinct answers when n_args <= n_answers
+    answer_of_arg = np.concatenate(
+        [rng.permutation(cfg.n_answers) for _ in range(-(-cfg.n_args // cfg.n_answers))]
+    )[: cfg.n_args]
+    return Language(
+        vocab=tuple(vocab),
+        filler_ids=ids[0],
+        trigger_ids=ids[1],
+        arg_ids=ids[2],
+        answer_ids=ids[3],
+        keys=keys,
+        decoys=decoys,
+        decoy_freqs=decoy_freqs,
+        answer_of_arg=answer_of_arg.astype(np.int64),
+        freqs=freqs,
+        doc_len=cfg.doc_len,
+        quanta_per_doc=cfg.quanta_per_doc,
+        decoys_per_doc=cfg.decoys_per_doc,
+    )
+
+
+def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw `n_docs` documents.
+
+    Returns (tokens, quanta), both (n_docs, doc_len): tokens int64 ids; quanta int32, the
+    quantum governing each token (answer tokens only), -1 elsewhere.
+    """
+    T, m, n_dec = lang.doc_len, lang.quanta_per_doc, lang.decoys_per_doc
+    n_blocks, n_args = m + n_dec, len(lang.arg_ids)
+    tokens = rng.choice(lang.filler_ids, size=(n_docs, T))  # (doc, pos): filler everywhere first
+    quanta = np.full((n_docs, T), -1, dtype=np.int32)
+    k = rng.choice(lang.n_quanta, size=(n_docs, m), p=lang.freqs)  # (doc, instance)
+    # Arguments of instances: within a doc, the instances of one quantum take distinct
+    # arguments. A random candidate order per instance, then the first candidate that no
+    # earlier instance of the same quantum took: a uniform draw without replacement.
+    arg = np.empty((n_docs, m), dtype=np.int64)
+    order = rng.random((n_docs, m, n_args)).argsort(axis=-1)  # (doc, instance, candidate)
+    for i in range(m):
+        taken = np.zeros((n_docs, n_args), dtype=bool)
+        for i2 in range(i):
+            same = k[:, i2] == k[:, i]
+            taken[same, arg[same, i2]] = True
+        first_free = np.take_along_axis(taken, order[:, i], axis=1).argmin(axis=1)  # exists: m <= n_args
+        arg[:, i] = order[np.arange(n_docs), i, first_free]
+    if n_dec:
+        decoy = rng.choice(len(lang.decoys), size=(n_docs, n_dec), p=lang.decoy_freqs)
+        decoy_arg = rng.integers(0, n_args, size=(n_docs, n_dec))
+        decoy_next = rng.choice(lang.filler_ids, size=(n_docs, n_dec))
+    # Blocks: n_blocks non-overlapping 4-token blocks placed uniformly among doc_len slots
+    # (stars and bars: choose n_blocks of doc_len - 3 n_blocks places, shift the i-th by 3i),
+    # and a random choice of which blocks are instances and which are decoys.
+    slots = rng.random((n_docs, T - 3 * n_blocks)).argsort(axis=1)[:, :n_blocks]
+    starts = np.sort(slots, axis=1) + 3 * np.arange(n_blocks)  # (doc, block)
+    starts = np.take_along_axis(starts, rng.random((n_docs, n_blocks)).argsort(axis=1), axis=1)
+    s_inst, s_dec = starts[:, :m], starts[:, m:]
+    rows = np.arange(n_docs)[:, None]
+    tokens[rows, s_inst] = lang.trigger_ids[lang.keys[k, 0]]
+    tokens[rows, s_inst + 1] = lang.trigger_ids[lang.keys[k, 1]]
+    tokens[rows, s_inst + 2] = lang.arg_ids[arg]
+    tokens[rows, s_inst + 3] = lang.answer_ids[lang.answer_of_arg[arg]]
+    quanta[rows, s_inst + 3] = k
+    if n_dec:
+        tokens[rows, s_dec] = lang.trigger_ids[lang.decoys[decoy, 0]]
+        tokens[rows, s_dec + 1] = lang.trigger_ids[lang.decoys[decoy, 1]]
+        tokens[rows, s_dec + 2] = lang.arg_ids[decoy_arg]
+        tokens[rows, s_dec + 3] = decoy_next
+    return tokens, quanta
+
+
+def docs_text(lang: Language, tokens: np.ndarray) -> list[str]:
+    """Space-joined text of each document; the planted tokenizer maps it back to `tokens`."""
+    vocab = np.array(lang.vocab, dtype=object)
+    return [" ".join(row) for row in vocab[tokens]]
+
+
+def make_tokenizer(lang: Language):
+    """A real Hugging Face tokenizer for the language: WordLevel over whitespace-split words.
+
+    It adds no special tokens, so a document's text encodes to exactly its token list.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={s: i for i, s in enumerate(lang.vocab)}, unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
+        model_max_length=lang.doc_len,
+    )
+
+
+def quanta_table(lang: Language, eval_quanta: Optional[np.ndarray] = None) -> pd.DataFrame:
+    """One row per quantum: its id, frequency p_k, rank, key and rule (and eval-token count)."""
+    tr = [lang.vocab[i] for i in lang.trigger_ids]
+    a, b = lang.keys[:, 0], lang.keys[:, 1]
+    df = pd.DataFrame(
+        {
+            "quantum": np.arange(lang.n_quanta, dtype=np.int32),
+            "frequency": lang.freqs,
+            "rank": np.arange(1, lang.n_quanta + 1, dtype=np.int32),
+            "trigger_a": [tr[i] for i in a],
+            "trigger_b": [tr[i] for i in b],
+            "rule": [f"{tr[i]} {tr[j]} x<j> -> g(x<j>)" for i, j in zip(a, b)],
+        }
+    )
+    if eval_quanta is not None:
+        labels = eval_quanta[eval_quanta >= 0]
+        df["n_eval_tokens"] = np.bincount(labels, minlength=lang.n_quanta).astype(np.int64)
+    return df
+
+
+def language_json(lang: Language) -> dict:
+    """The whole language as JSON: vocabulary groups, keys, decoy pairs, the answer map."""
+    v = lang.vocab
+    return {
+        "doc_len": lang.doc_len,
+        "quanta_per_doc": lang.quanta_per_doc,
+        "decoys_per_doc": lang.decoys_per_doc,
+        "vocab": list(v),
+        "filler": [v[i] for i in lang.filler_ids],
+        "triggers": [v[i] for i in lang.trigger_ids],
+        "args": [v[i] for i in lang.arg_ids],
+        "answers": [v[i] for i in lang.answer_ids],
+        "answer_of_arg": {v[lang.arg_ids[j]]: v[lang.answer_ids[a]] for j, a in enumerate(lang.answer_of_arg)},
+        "keys": [[v[lang.trigger_ids[a]], v[lang.trigger_ids[b]]] for a, b in lang.keys],
+        "decoy_pairs": [[v[lang.trigger_ids[a]], v[lang.trigger_ids[b]]] for a, b in lang.decoys],
+        "frequencies": lang.freqs.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- the suite
+
+
+def parse_revisions(revisions: Sequence[str], steps: int) -> dict[str, int]:
+    """Training step of each Pythia-style revision name ("step0" ... "step<steps>")."""
+    out = {}
+    for rev in revisions:
+        m = _STEP.match(rev) if isinstance(rev, str) else None
+        if m is None:
+            raise PlantedError(
+                f"suite.revisions: {rev!r} is not a planted checkpoint name; use 'stepN' with N in 0..{steps} "
+                "(planted.steps)"
+            )
+        n = int(m.group(1))
+        if n > steps:
+            raise PlantedError(
+                f"suite.revisions: {rev} is past the end of training (planted.steps={steps}); "
+                f"use a step <= {steps} or raise planted.steps"
+            )
+        if n in out.values():
+            raise PlantedError(f"suite.revisions: step {n} is named twice ({rev}); list each checkpoint once")
+        out[rev] = n
+    if not out:
+        raise PlantedError("suite.revisions is empty; name at least one 'stepN' checkpoint to save")
+    return out
+
+
+def model_config(lang: Language, cfg: PlantedConfig, width: int):
+    """GPTNeoXConfig of the suite member of `width`: Pythia's architecture, tiny."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=lang.vocab_size,
+        hidden_size=width,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.mlp_ratio * width,
+        max_position_embeddings=lang.doc_len,  # trained on doc_len tokens, no more
+        rotary_pct=1.0,  # heads are tiny; Pythia's quarter of 8 dims would leave 2 rotary dims
+        use_parallel_residual=True,  # as Pythia
+        tie_word_embeddings=False,  # as Pythia: separate embed_in and unembedding
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+
+
+def non_embedding_params(model) -> int:
+    """Pythia's parameter count: all parameters but the input embedding and the unembedding."""
+    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def _lr_at(step: int, cfg: PlantedConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step (Pythia's shape)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def training_batches(lang: Language, cfg: PlantedConfig) -> np.ndarray:
+    """The training token stream, (steps, batch, doc_len) int64: one data order for every model."""
+    rng = np.random.default_rng([cfg.seed, 1])
+    tokens, _ = sample_docs(lang, cfg.steps * cfg.batch_size, rng)
+    return tokens.reshape(cfg.steps, cfg.batch_size, lang.doc_len)
+
+
+def eval_docs(lang: Language, cfg: PlantedConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation corpus (tokens, quanta), (n_eval_docs, doc_len): disjoint stream from training."""
+    return sample_docs(lang, cfg.n_eval_docs, np.random.default_rng([cfg.seed, 2]))
+
+
+def train_model(
+    lang: Language,
+    cfg: PlantedConfig,
+    width: int,
+    batches: np.ndarray,
+    save_steps: Iterable[int] = (),
+    save: Optional[Callable[[int, object], None]] = None,
+    desc: str = "",
+    progress: bool = True,
+):
+    """Train the suite member of `width` on `batches`, calling ``save(step, model)`` at `save_steps`.
+
+    `batches` is (steps, batch, doc_len). Step N is after N optimizer updates; step 0 is the
+    initialisation. The initialisation is seeded by (cfg.seed, width), the data order is the
+    same for every width. Returns the trained model (fp32, eval mode).
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    from transformers import GPTNeoXForCausalLM
+
+    torch.manual_seed(cfg.seed * 1_000_003 + width)  # HF initialises from the global generator
+    model = GPTNeoXForCausalLM(model_config(lang, cfg, width)).float()
+    # Weight decay on matrices only, as usual (not on biases, layer norms, embeddings).
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    save_steps = set(save_steps)
+    if save is not None and 0 in save_steps:
+        save(0, model.eval())
+    model.train()
+    data = torch.from_numpy(batches)  # (steps, batch, pos)
+    for step in tqdm(range(cfg.steps), desc=desc or f"width {width}", disable=not progress, mininterval=2):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        x = data[step]  # (batch, pos)
+        logits = model(input_ids=x).logits  # (batch, pos, vocab)
+        # next-token shift: the logits at pos predict token pos + 1
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if save is not None and step + 1 in save_steps:
+            save(step + 1, model.eval())
+            model.train()
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run with `n` torch intra-op threads (0: leave torch's default), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _inside(path: str, root: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def planted_models(suite: SuiteConfig, root: Path) -> list[str]:
+    """Names of suite models whose source lies inside `root` (the ones the planted stage trains)."""
+    return [name for name in suite.models if _inside(suite.sources.get(name, ""), root)] if suite.sources else []
+
+
+def planted_requested(suite: SuiteConfig, corpus_source: str, root: Path) -> bool:
+    """Whether anything of the run reads from `root`: a suite source or the corpus source."""
+    return bool(planted_models(suite, root)) or _inside(corpus_source, root)
+
+
+MARKER = """\
+# cache/planted: not used by this run
+
+Neither `suite.sources` nor `corpus.source` in params.yaml points into this directory, so the
+`planted` stage trained nothing. Point them here (see params.yaml's default) to run the
+embedded planted-quanta suite.
+"""
+
+README = """\
+# The planted-quanta suite
+
+Written by the `planted` stage (pipeline/planted.py, whose docstring describes the language).
+
+- `corpus.jsonl`: the evaluation corpus, one {{"text": ...}} per line; line i is doc_id i.
+- `labels.parquet`: doc_id, pos, quantum (-1: none), one row per token of each document.
+- `quanta.parquet`: one row per quantum: frequency p_k, rank, key (trigger_a, trigger_b), rule.
+- `language.json`: the whole language (vocabulary groups, keys, decoy pairs, answer map).
+- `models/<name>/<revision>/`: save_pretrained of each GPTNeoXForCausalLM and its tokenizer.
+- `suite.json`: per model: width, parameter counts, training seconds.
+
+{n_quanta} quanta, p_k ∝ k^-{exponent}; models {models} at revisions {revisions}.
+"""
+
+
+def _train_stamp(cfg: PlantedConfig, name: str, width: int, steps: Mapping[str, int]) -> dict:
+    """What a trained model depends on, in its JSON form (so a stamp read back compares equal)."""
+    stamp = {"format": FORMAT_VERSION, "planted": to_dict(cfg), "name": name, "width": width, "revisions": dict(steps)}
+    return json.loads(json.dumps(stamp))
+
+
+def build_suite(
+    cfg: PlantedConfig,
+    suite: SuiteConfig,
+    corpus_source: str,
+    root: str | Path,
+    progress: bool = True,
+) -> dict:
+    """Write the planted suite under `root`; return a summary (what suite.json holds).
+
+    Writes the language, the evaluation corpus and its labels, then trains every suite model
+    whose source points into `root` (one width per name of suite.models, in order) and saves
+    each revision of suite.revisions. If nothing of the run points into `root`, writes only a
+    README marker and returns at once. A model directory appears whole (built aside, then
+    renamed) with a train.json stamp; a rerun with the same params reuses finished models.
+    """
+    root = Path(root)
+    if not planted_requested(suite, corpus_source, root):
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_path(root / "README.md") as tmp:
+            tmp.write_text(MARKER)
+        return {"planted": False}
+    lang = make_language(cfg)
+    names = planted_models(suite, root)
+    if names and len(suite.models) != len(cfg.widths):
+        raise PlantedError(
+            f"planted.widths has {len(cfg.widths)} entries but suite.models has {len(suite.models)}; "
+            "give one width per model name, in order"
+        )
+    steps = parse_revisions(suite.revisions, cfg.steps)
+    for name in names:
+        expected = (root / "models" / name).resolve()
+        if Path(suite.sources[name]).resolve() != expected:
+            raise PlantedError(
+                f"suite.sources.{name} points into {root} but not at {root / 'models' / name}, where the "
+                f"planted stage saves it; set suite.sources.{name}: {root / 'models' / name}"
+            )
+    stage_config = {"planted": to_dict(cfg), "suite": {"models": list(suite.models), "revisions": list(suite.revisions)}}
+
+    # Language, corpus and ground truth: cheap, always rewritten.
+    tokens, quanta = eval_docs(lang, cfg)
+    write_json(language_json(lang), root / "language.json")
+    with atomic_path(root / "corpus.jsonl") as tmp:
+        with tmp.open("w") as f:
+            for text in docs_text(lang, tokens):
+                f.write(json.dumps({"text": text}) + "\n")
+    n_docs, T = tokens.shape
+    labels = pd.DataFrame(
+        {
+            "doc_id": np.repeat(np.arange(n_docs, dtype=np.int64), T),
+            "pos": np.tile(np.arange(T, dtype=np.int32), n_docs),
+            "quantum": quanta.reshape(-1).astype(np.int32),
+        }
+    )
+    write_parquet(labels, root / "labels.parquet", config=stage_config)
+    write_parquet(quanta_table(lang, quanta), root / "quanta.parquet", config=stage_config)
+
+    # Models: the same data order for all; each directory built aside and renamed into place.
+    tokenizer = make_tokenizer(lang)
+    widths = dict(zip(suite.models, cfg.widths))
+    summary = {"planted": True, "steps": cfg.steps, "revisions": steps, "models": {}}
+    batches = training_batches(lang, cfg) if names else None
+    with _torch_threads(cfg.threads):
+        for name in names:
+            width, model_dir = widths[name], root / "models" / name
+            stamp = _train_stamp(cfg, name, width, steps)
+            stamp_path = model_dir / "train.json"
+            if stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp:
+                summary["models"][name] = json.loads(stamp_path.read_text())["summary"]
+                continue  # finished by an earlier, interrupted run with these params
+            by_step = {n: rev for rev, n in steps.items()}
+            with atomic_path(model_dir) as tmp:
+
+                def save(step: int, model) -> None:
+                    out = tmp / by_step[step]
+                    model.save_pretrained(out)
+                    tokenizer.save_pretrained(out)
+
+                t0 = time.perf_counter()
+                model = train_model(lang, cfg, width, batches, by_step, save, desc=name, progress=progress)
+                seconds = time.perf_counter() - t0
+                info = {
+                    "width": width,
+                    "non_embedding_params": non_embedding_params(model),
+                    "total_params": sum(p.numel() for p in model.parameters()),
+                    "train_seconds": round(seconds, 2),
+                }
+                (tmp / "train.json").write_text(json.dumps({"stamp": stamp, "summary": info}, indent=2) + "\n")
+            summary["models"][name] = info
+    write_json(summary, root / "suite.json")
+    with atomic_path(root / "README.md") as tmp:
+        tmp.write_text(
+            README.format(
+                n_quanta=cfg.n_quanta,
+                exponent=cfg.alpha + 1,
+                models=", ".join(names) or "(none trained)",
+                revisions=", ".join(steps),
+            )
+        )
+    return summary
+
+
+# --------------------------------------------------------------------------- losses (reference)
+
+
+def token_losses(model, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Reference per-token losses in nats: a plain fp32 forward of equal-length documents.
+
+    `tokens` (doc, pos) -> losses (doc, pos) float32, NaN at pos 0 (nothing predicts it);
+    the loss at pos is -log p(token pos | tokens 0..pos-1). Planted documents all have the
+    same length, so no padding is involved: this is the per-document forward, batched.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    out = np.full(tokens.shape, np.nan, dtype=np.float32)
+    with torch.no_grad():
+        for i in range(0, len(tokens), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(tokens[i : i + batch_size]))  # (batch, pos)
+            logits = model(input_ids=x).logits.float()  # (batch, pos, vocab)
+            logp = F.log_softmax(logits[:, :-1], dim=-1)  # row pos predicts token pos + 1
+            out[i : i + batch_size, 1:] = -logp.gather(-1, x[:, 1:, None])[..., 0].numpy()
+    return out
+
+
+def loss_table(losses: np.ndarray) -> pd.DataFrame:
+    """(doc, pos) losses -> the losses-stage table: doc_id int64, pos int32 (>= 1), loss float32."""
+    n_docs, T = losses.shape
+    return pd.DataFrame(
+        {
+            "doc_id": np.repeat(np.arange(n_docs, dtype=np.int64), T - 1),
+            "pos": np.tile(np.arange(1, T, dtype=np.int32), n_docs),
+            "loss": losses[:, 1:].reshape(-1).astype(np.float32),
+        }
+    )
+
+
+def read_corpus_tokens(root: str | Path) -> np.ndarray:
+    """The planted eval corpus under `root` as (doc, pos) ids, tokenized by the saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    root = Path(root)
+    model_dirs = sorted(p for p in (root / "models").glob("*/*") if (p / "tokenizer.json").exists())
+    if not model_dirs:
+        raise PlantedError(f"no saved tokenizer under {root / 'models'}; run `dvc repro planted` first")
+    tok = AutoTokenizer.from_pretrained(model_dirs[0])
+    texts = [json.loads(line)["text"] for line in (root / "corpus.jsonl").read_text().splitlines()]
+    return np.array(tok(texts, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def write_reference_losses(
+    root: str | Path, losses_dir: str | Path, models: Sequence[str], revisions: Sequence[str]
+) -> None:
+    """Per-token losses of every (model, revision) of the planted suite, in the losses layout.
+
+    ``<losses_dir>/model=<m>/revision=<r>/part-00000.parquet`` by the slow reference forward
+    (:func:`token_losses`): what the losses stage must reproduce, for tests and checks.
+    """
+    from transformers import GPTNeoXForCausalLM
+
+    root, losses_dir = Path(root), Path(losses_dir)
+    tokens = read_corpus_tokens(root)
+    for m in models:
+        for r in revisions:
+            model = GPTNeoXForCausalLM.from_pretrained(root / "models" / m / r, dtype="float32").eval()
+            write_parquet(loss_table(token_losses(model, tokens)), losses_dir / f"model={m}" / f"revision={r}" / "part-00000.parquet")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def saved_param_counts(model_dir: str | Path) -> dict[str, int]:
+    """total and non-embedding (Pythia's count) parameters of a saved model, from its config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {"total": sum(p.numel() for p in model.parameters()), "non_embedding": non_embedding_params(model)}
+
+
+def quantum_scores(labels: pd.DataFrame, losses: pd.DataFrame, n_quanta: int) -> pd.DataFrame:
+    """Per quantum: n answer tokens scored, mean loss (nats), fraction under LEARNED_LOSS, learned."""
+    ans = labels[labels["quantum"] >= 0].merge(losses, on=["doc_id", "pos"], how="inner")
+    if ans["loss"].isna().any():
+        raise PlantedError("NaN losses on labelled answer tokens; rerun the losses stage (fp32) and check the model")
+    g = ans.groupby("quantum")["loss"]
+    out = pd.DataFrame({"quantum": np.arange(n_quanta, dtype=np.int32)}).set_index("quantum")
+    out["n_tokens"] = g.size().reindex(out.index, fill_value=0)
+    out["mean_loss"] = g.mean().reindex(out.index)
+    out["frac_low"] = g.apply(lambda s: float((s < LEARNED_LOSS).mean())).reindex(out.index)
+    out["learned"] = out["frac_low"] >= LEARNED_FRACTION
+    return out.reset_index()
+
+
+def _step_of(revision: str) -> Optional[int]:
+    m = _STEP.match(revision)
+    return int(m.group(1)) if m else None
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rho, NaN when it is undefined (fewer than 3 points, or a constant input)."""
+    from scipy import stats
+
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def compute_metrics(
+    labels: pd.DataFrame,
+    quanta: pd.DataFrame,
+    losses: Mapping[tuple[str, str], pd.DataFrame],
+    param_counts: Mapping[str, int],
+    revisions: Sequence[str],
+    alpha: Optional[float] = None,
+) -> dict:
+    """The planted-suite scorecard (metrics/planted.json) from labels and per-token losses.
+
+    `losses[(model, revision)]` has doc_id, pos, loss (nats); `param_counts[model]` is the
+    non-embedding count, which orders models by size; the last of `revisions` (in step order)
+    is the final checkpoint. Sizes are compared at the final checkpoint; emergence steps are
+    read over the checkpoints of the largest model.
+    """
+    models = sorted(param_counts, key=lambda m: param_counts[m])
+    revs = sorted(revisions, key=lambda r: (_step_of(r) is None, _step_of(r) or 0))
+    final = revs[-1]
+    K = len(quanta)
+    freq = quanta.sort_values("quantum")["frequency"].to_numpy()
+    rank = np.argsort(np.argsort(-freq, kind="stable"), kind="stable") + 1  # 1 = most frequent
+
+    scores = {(m, r): quantum_scores(labels, losses[(m, r)], K) for (m, r) in losses}
+    at_final = [scores[(m, final)] for m in models]
+    n_tok = at_final[0]["n_tokens"].to_numpy()
+    present = n_tok > 0  # quanta with at least one answer token in the scored corpus
+    if not present.any():
+        raise PlantedError("no labelled answer token has a loss; do the losses tables and labels.parquet share doc_ids?")
+    learned = np.stack([s["learned"].to_numpy() for s in at_final])  # (size, quantum)
+    qloss = np.stack([s["mean_loss"].to_numpy() for s in at_final])  # (size, quantum)
+
+    per_model = {}
+    for i, m in enumerate(models):
+        lt = losses[(m, final)]["loss"].to_numpy()
+        per_model[m] = {
+            "non_embedding_params": int(param_counts[m]),
+            "mean_loss": float(np.mean(lt)),
+            "answer_loss": float(np.nansum(qloss[i] * n_tok) / n_tok.sum()),
+            "n_learned": int(learned[i, present].sum()),
+        }
+
+    # Smallest size that learns each quantum; never learned -> len(models) (past the largest).
+    first = np.where(learned.any(axis=0), learned.argmax(axis=0), len(models))
+    rho = _spearman(rank[present], first[present])
+    some = present & learned.any(axis=0)
+    rho_learned = _spearman(rank[some], first[some])
+    # Learned by a size but not by the next larger one: the quantization model says never.
+    unlearned_again = int((learned[:-1] & ~learned[1:])[:, present].sum())
+
+    # Abruptness over sizes, for quanta that the suite sees being acquired (not learned by the
+    # smallest, learned by the largest): the largest drop between adjacent sizes as a fraction
+    # of the loss range over sizes. A slow slide over n sizes gives ~1/(n-1); a step gives ~1.
+    trans = present & ~learned[0] & learned[-1]
+    drops = qloss[:-1] - qloss[1:]  # (size pair, quantum)
+    spread = qloss.max(axis=0) - qloss.min(axis=0)
+    abrupt = np.where(trans & (spread > 0), drops.max(axis=0) / np.where(spread > 0, spread, 1), np.nan)[trans]
+
+    # Reducible-loss scaling: answer tokens are (nearly) 0 nats for a perfect model, so their
+    # mean loss is L - L_inf; the quantization model predicts a power law in N with exponent alpha.
+    n_params = np.array([param_counts[m] for m in models], dtype=float)
+    ans_loss = np.array([per_model[m]["answer_loss"] for m in models])
+    alpha_n = float(-np.polyfit(np.log(n_params), np.log(ans_loss), 1)[0]) if len(models) > 1 else float("nan")
+
+    metrics = {
+        "models": per_model,
+        "sizes": models,
+        "final_revision": final,
+        "n_quanta": int(K),
+        "n_quanta_in_corpus": int(present.sum()),
+        "learned_definition": f">= {LEARNED_FRACTION:.0%} of a quantum's answer tokens under {LEARNED_LOSS} nats",
+        "mean_loss_by_size": [per_model[m]["mean_loss"] for m in models],
+        "n_learned_by_size": [per_model[m]["n_learned"] for m in models],
+        "spearman_rank_vs_first_size": float(rho),
+        "spearman_rank_vs_first_size_learned_only": float(rho_learned),
+        "n_never_learned": int((present & ~learned.any(axis=0)).sum()),
+        "n_unlearned_at_larger_size": unlearned_again,
+        "abruptness": {
+            "definition": "max drop of a quantum's mean answer loss between adjacent sizes / its loss range over sizes",
+            "n_quanta": int(trans.sum()),
+            "median": float(np.median(abrupt)) if abrupt.size else float("nan"),
+            "mean": float(np.mean(abrupt)) if abrupt.size else float("nan"),
+            "q25": float(np.quantile(abrupt, 0.25)) if abrupt.size else float("nan"),
+            "fraction_ge_0.5": float(np.mean(abrupt >= 0.5)) if abrupt.size else float("nan"),
+            "slow_slide_reference": 1.0 / max(1, len(models) - 1),
+        },
+        "answer_loss_alpha_N": alpha_n,
+        "alpha_N_predicted": alpha,  # the quantization model: alpha_N = alpha
+        "per_quantum": {
+            "rank": rank.tolist(),
+            "frequency": freq.tolist(),
+            "n_eval_tokens": n_tok.tolist(),
+            "first_size": [models[i] if i < len(models) else None for i in first],
+            "loss_by_size": np.round(qloss, 4).T.tolist(),
+        },
+    }
+
+    # Emergence over training: the first checkpoint of the largest model from which on the
+    # quantum stays learned (None: not learned at the final checkpoint).
+    big = models[-1]
+    step_revs = [r for r in revs if (big, r) in scores and _step_of(r) is not None]
+    if step_revs:
+        lr = np.stack([scores[(big, r)]["learned"].to_numpy() for r in step_revs])  # (ckpt, quantum)
+        stays = np.flip(np.logical_and.accumulate(np.flip(lr, 0), axis=0), 0)  # learned here and after
+        steps = np.array([_step_of(r) for r in step_revs])
+        emerge = [int(steps[stays[:, k].argmax()]) if stays[-1, k] else None for k in range(K)]
+        ok = np.array([e is not None and e > 0 for e in emerge]) & present
+        fit = {}
+        if ok.sum() > 2:
+            e = np.array([emerge[k] for k in np.flatnonzero(ok)], dtype=float)
+            slope = np.polyfit(np.log(1 / freq[ok]), np.log(e), 1)[0]
+            fit = {"slope_log_step_vs_log_inv_p": float(slope), "spearman_rank_vs_step": _spearman(rank[ok], e)}
+        metrics["emergence"] = {
+            "model": big,
+            "revisions": step_revs,
+            "n_learned_by_revision": lr[:, present].sum(axis=1).astype(int).tolist(),
+            "step": emerge,
+            "predicted_slope": 1.0,
+            **fit,
+        }
+    metrics["acceptance_failures"] = check_acceptance(metrics)
+    return metrics
+
+
+def check_acceptance(metrics: dict) -> list[str]:
+    """What the default planted suite must show (the issue's four criteria); [] when all hold."""
+    fails = []
+    ml, nl = metrics["mean_loss_by_size"], metrics["n_learned_by_size"]
+    if not all(b < a for a, b in zip(ml, ml[1:])):
+        fails.append(f"mean loss does not fall with every size step: {[round(x, 4) for x in ml]}")
+    if not all(b > a for a, b in zip(nl, nl[1:])):
+        fails.append(f"the number of learned quanta does not rise with every size step: {nl}")
+    rho = metrics["spearman_rank_vs_first_size"]
+    if not rho >= 0.8:
+        fails.append(f"Spearman(frequency rank, smallest learning size) = {rho:.3f} < 0.8")
+    ab = metrics["abruptness"]
+    if not ab["n_quanta"] >= 10:
+        fails.append(f"only {ab['n_quanta']} quanta are acquired within the suite (< 10): abruptness is not measurable")
+    elif not ab["median"] >= 0.5:
+        fails.append(f"median abruptness {ab['median']:.3f} < 0.5: quanta slide rather than drop with size")
+    return fails
+
+
+def evaluate(
+    root: str | Path,
+    losses_dir: str | Path,
+    models: Sequence[str],
+    revisions: Sequence[str],
+    alpha: Optional[float] = None,
+) -> dict:
+    """Read the planted ground truth under `root` and the losses tables under `losses_dir`; score them."""
+    root, losses_dir = Path(root), Path(losses_dir)
+    labels = pd.read_parquet(root / "labels.parquet")
+    quanta = pd.read_parquet(root / "quanta.parquet")
+    final = sorted(revisions, key=lambda r: (_step_of(r) is None, _step_of(r) or 0))[-1]
+    losses = {}
+    for m in models:
+        for r in revisions:
+            d = losses_dir / f"model={m}" / f"revision={r}"
+            parts = sorted(d.glob("part-*.parquet"))
+            if not parts:
+                raise PlantedError(f"no losses for model {m} at {r} under {d}; run `dvc repro` (the losses stage) first")
+            losses[(m, r)] = pd.concat([pd.read_parquet(p, columns=["doc_id", "pos", "loss"]) for p in parts])
+    counts = {}
+    for m in models:
+        model_dir = root / "models" / m / final
+        if not (model_dir / "config.json").exists():
+            raise PlantedError(f"model {m} has no saved revision {final} under {root / 'models' / m}; rerun `dvc repro planted`")
+        counts[m] = saved_param_counts(model_dir)["non_embedding"]
+    return compute_metrics(labels, quanta, losses, counts, revisions, alpha=alpha)

@@ -1,0 +1,255 @@
+"""Random projection of exact per-target gradients, the same on every worker and shard.
+
+Why this module exists: QDG compares gradients by cosine similarity. The paper kept the
+full gradient (~19M fp32 numbers per sample for pythia-70m), which caps it at ~10^4
+samples and forces recomputation. A Johnson-Lindenstrauss projection to k dimensions
+(default 8192) keeps every inner product, hence every cosine, up to an error of about
+``(1 - cos^2) / sqrt(k)`` (~0.011 at k = 8192), so 10^5-10^6 samples fit in memory. The
+projection is applied to the *exact* per-target gradient (pipeline/gradients.py): it
+changes how the gradient is stored, never how it is computed.
+
+The projection (``sjlt``) is a sparse JL transform (Kane & Nelson, "Sparser
+Johnson-Lindenstrauss transforms", JACM 2014, block construction; with ``nnz = 1`` it is
+the CountSketch of Charikar, Chen & Farach-Colton 2002). It belongs to the family of
+Achlioptas (2003) and the "very sparse" projections of Li, Hastie & Church (KDD 2006),
+with the fewest non-zeros per input coordinate: each coordinate of the gradient is
+added, with a random sign, to ``nnz`` of the k outputs (one in each of nnz groups of
+k / nnz), scaled by 1/sqrt(nnz). So projecting costs O(nnz * P) per sample, and the
+inner-product estimate is unbiased with variance ``(|x|^2 |y|^2 + <x,y>^2 - 2 sum_i
+x_i^2 y_i^2) / k`` for nnz = 1: never worse than a dense Gaussian matrix.
+
+How it stays small and deterministic. No (P x k) matrix exists, not even a sparse one
+for the whole model: the gradient arrives one parameter tensor ("block") at a time, and
+a block of d numbers is cut into chunks of k/nnz consecutive coordinates; within each
+chunk the coordinates go to the buckets through a random *permutation* (so a chunk
+never collides with itself) with random signs. Permutations and signs come from a
+counter-based integer hash of (seed, parameter name, group, coordinate index), in exact
+integer tensor arithmetic on the gradient's own device: the same numbers on CPU and GPU,
+on any worker, whatever other parameters or samples a shard holds. Applying a chunk is
+a gather, a sign flip and a fixed-order sum: no atomic scatter-adds, so results are
+reproducible run to run on GPUs too.
+
+``none`` keeps the exact gradient (P columns, in :func:`pipeline.gradients.select_params`
+order): for tiny models and for tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+
+from pipeline.errors import QuantaError
+
+ProjectionKind = Literal["none", "sjlt"]
+PROJECTIONS: tuple[str, ...] = ("none", "sjlt")
+
+_MASK32 = 0xFFFFFFFF
+
+
+class ProjectionError(QuantaError, ValueError):
+    """A projection that cannot be built as asked (bad k, unknown parameter name)."""
+
+
+# --------------------------------------------------------------------------- counter-based hash
+
+
+def block_key(seed: int, name: str, group: int, stream: int) -> tuple[int, int]:
+    """Two 32-bit keys for one (seed, parameter name, group, stream).
+
+    sha256 rather than Python's ``hash`` (salted per process) so that every worker
+    derives the same keys; the keys depend on nothing but these four values.
+    """
+    digest = hashlib.sha256(f"quanta-sjlt|{seed}|{name}|{group}|{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for int64 `a` in [0, 2^32): split `c` in 16-bit halves so no
+    intermediate product reaches 2^63 (signed overflow is not something to rely on)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (a * lo + (((a * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 values in [0, 2^32): a bijection with full
+    avalanche. Integer ops only, so it gives the same bits on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def hash_index(index: torch.Tensor, keys: tuple[int, int]) -> torch.Tensor:
+    """A keyed bijective hash of int64 indices in [0, 2^32) to [0, 2^32)."""
+    k1, k2 = keys
+    return mix32(mix32((index + k1) & _MASK32) ^ k2)
+
+
+# --------------------------------------------------------------------------- projectors
+
+
+class Projector:
+    """Projects per-sample gradients given one parameter block at a time.
+
+    Linear, so the projection of a whole gradient is the sum of its blocks' projections:
+    :meth:`add_` accumulates one block into an (n, dim) output, and :meth:`project`
+    does a whole gradient from ``{name: (n, *param.shape)}``.
+    """
+
+    #: output columns per sample
+    dim: int
+    #: parameter name -> number of elements, for every block this projector accepts
+    sizes: dict[str, int]
+
+    def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        """out (n, dim) += projection of block `name`; grad (n, *shape), any float dtype."""
+        raise NotImplementedError
+
+    def project(
+        self, grads_by_param: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]]
+    ) -> torch.Tensor:
+        """(n, dim) float32: the projection of the gradient given as blocks.
+
+        Blocks not given count as zero. Pass a generator to stream: each block can be
+        freed as soon as it has been added.
+        """
+        items = grads_by_param.items() if isinstance(grads_by_param, Mapping) else grads_by_param
+        out: Optional[torch.Tensor] = None
+        for name, grad in items:
+            if out is None:
+                out = torch.zeros(grad.shape[0], self.dim, dtype=torch.float32, device=grad.device)
+            self.add_(out, name, grad)
+        if out is None:
+            raise ProjectionError("project() got no gradient blocks")
+        return out
+
+    def _size(self, name: str, grad: torch.Tensor) -> int:
+        if name not in self.sizes:
+            raise ProjectionError(f"parameter '{name}' is not one this projector was built for")
+        d = self.sizes[name]
+        if grad[0].numel() != d:
+            raise ProjectionError(f"parameter '{name}': expected {d} numbers per sample, got {grad[0].numel()}")
+        return d
+
+    def describe(self) -> dict:
+        """JSON-able settings, for the output's metadata."""
+        raise NotImplementedError
+
+
+class NoProjection(Projector):
+    """The identity: the exact gradient, blocks side by side in the order given."""
+
+    def __init__(self, sizes: Sequence[tuple[str, int]]):
+        self.sizes = dict(sizes)
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        for name, d in sizes:
+            self.slices[name] = slice(offset, offset + d)
+            offset += d
+        self.dim = offset
+
+    def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        self._size(name, grad)
+        out[:, self.slices[name]] += grad.reshape(grad.shape[0], -1).to(out.dtype)
+
+    def describe(self) -> dict:
+        return {"projection": "none", "dim": self.dim}
+
+
+class SparseJLProjector(Projector):
+    """Sparse JL (Kane-Nelson block construction) to `k` dims, see the module docstring.
+
+    `nnz`: outputs per input coordinate (k must be a multiple). `cache_bytes`: device
+    memory for caching each block's (index, sign) tables between calls; blocks beyond it
+    are rehashed on every call (cheap next to computing the gradient), so memory does
+    not grow with the model.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[str, int]],
+        k: int = 8192,
+        seed: int = 0,
+        nnz: int = 1,
+        cache_bytes: int = 1 << 30,
+    ):
+        if k < 1 or nnz < 1 or k % nnz:
+            raise ProjectionError(f"sjlt needs k >= 1 and nnz >= 1 dividing k; got k={k}, nnz={nnz}")
+        self.sizes = dict(sizes)
+        self.dim = k
+        self.k = k
+        self.seed = seed
+        self.nnz = nnz
+        self.width = k // nnz  # buckets per group
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cached_bytes = 0
+
+    def tables(self, name: str, group: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, sign) of block `name`, group `group`: both (n_chunks * width,).
+
+        Output bucket b of chunk c takes input coordinate ``source[c * width + b]``
+        times ``sign[c * width + b]`` (+1, -1, or 0 for the padding past the block's end).
+        """
+        key = (name, f"{group}|{device}")
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        d = self.sizes[name]
+        w = self.width
+        n_chunks = -(-d // w)
+        slots = torch.arange(n_chunks * w, dtype=torch.int64, device=device)  # (n_chunks * w,)
+        # A random permutation of each chunk: sort its slots by a keyed hash. The hash is
+        # a bijection, so there are no ties and the order is the same on every device.
+        # The slots past d (padding of the last chunk) are hashed too, so a short block
+        # lands on random buckets rather than always on the first ones.
+        order = hash_index(slots, block_key(self.seed, name, group, 0)).view(n_chunks, w).argsort(dim=1)
+        source = (order + torch.arange(n_chunks, device=device)[:, None] * w).view(-1)
+        sign_bits = hash_index(source, block_key(self.seed, name, group, 1)) & 1
+        real = source < d
+        sign = torch.where(real, 1.0 - 2.0 * sign_bits.to(torch.float32), 0.0)
+        source = torch.where(real, source, 0)
+        tables = (source, sign)
+        size = source.numel() * (source.element_size() + sign.element_size())
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[key] = tables
+            self._cached_bytes += size
+        return tables
+
+    def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        self._size(name, grad)
+        n = grad.shape[0]
+        flat = grad.reshape(n, -1)  # (n, d)
+        scale = self.nnz**-0.5
+        for group in range(self.nnz):
+            source, sign = self.tables(name, group, grad.device)
+            # (n, n_chunks * width) -> (n, n_chunks, width) -> sum over chunks, fixed order
+            picked = flat.index_select(1, source).to(torch.float32).mul_(sign)
+            part = picked.view(n, -1, self.width).sum(dim=1)  # (n, width)
+            cols = slice(group * self.width, (group + 1) * self.width)
+            if self.nnz == 1:
+                out += part
+            else:
+                out[:, cols] += part * scale
+
+    def describe(self) -> dict:
+        return {"projection": "sjlt", "dim": self.k, "seed": self.seed, "nnz": self.nnz, "hash": "fmix32x2-sha256"}
+
+
+def make_projector(
+    kind: str,
+    sizes: Sequence[tuple[str, int]],
+    *,
+    k: int = 8192,
+    seed: int = 0,
+    nnz: int = 1,
+) -> Projector:
+    """The projector `kind` ("none" or "sjlt") for parameter blocks `sizes` = [(name, numel)]."""
+    if kind == "none":
+        return NoProjection(sizes)
+    if kind == "sjlt":
+        return SparseJLProjector(sizes, k=k, seed=seed, nnz=nnz)
+    raise ProjectionError(f"unknown projection '{kind}'; use one of {', '.join(PROJECTIONS)}")

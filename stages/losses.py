@@ -1,0 +1,38 @@
+"""Stage `losses@<model>@<revision>`: the per-token loss of every corpus token under one model.
+
+    python stages/losses.py [--params params.yaml] --model pythia-70m --revision step143000 \
+        --tokens cache/corpus/tokens.parquet --out cache/losses
+
+Writes ``<out>/model=<model>/revision=<revision>/part-*.parquet`` (doc_id, pos, loss in
+nats) and ``_meta.json`` there. A killed run resumes: rerun the same command (or
+``dvc repro``; the stage's outs need ``persist: true`` so that DVC keeps finished parts).
+Where it runs: see params.yaml ``losses.scheduler`` and ``DASK_SCHEDULER_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from pipeline import config, losses, models, stage
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = stage.parser("tokens -> per-token losses of one (model, revision)")
+    ap.add_argument("--model", required=True, help="a name in suite.models")
+    ap.add_argument("--revision", required=True, help="a name in suite.revisions (e.g. step143000)")
+    ap.add_argument("--tokens", required=True, help="input: the corpus stage's tokens.parquet")
+    ap.add_argument("--out", required=True, help="output root; the stage writes model=<m>/revision=<r>/ under it")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    params = config.load_params(args.params)
+    suite = config.section(params, "suite")
+    corpus_cfg = config.section(params, "corpus")
+    losses_cfg = config.section(params, "losses")
+    spec = models.spec_from_suite(suite, args.model, args.revision)
+    losses.run_losses(spec, args.tokens, args.out, losses=losses_cfg, suite=suite, corpus=corpus_cfg)
+
+
+if __name__ == "__main__":  # the guard also keeps Dask's spawned workers from rerunning main
+    stage.run(main)

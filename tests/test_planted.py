@@ -1,0 +1,321 @@
+"""The planted-quanta suite: language statistics, files and layout, determinism, metrics.
+
+Everything runs on a tiny suite built here (two 1-layer models of width 8 and 16, a few
+steps). Whether the *default* suite shows the quantization model's predictions is checked
+by the end-to-end `dvc repro` (metrics/planted.json, via planted.check_acceptance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import planted
+from pipeline.config import PlantedConfig, SuiteConfig
+
+TINY = PlantedConfig(
+    n_quanta=6,
+    n_triggers=4,
+    n_args=4,
+    n_answers=4,
+    n_filler=8,
+    doc_len=24,
+    quanta_per_doc=2,
+    decoys_per_doc=2,
+    n_eval_docs=20,
+    widths=(8, 16),
+    n_layers=1,
+    n_heads=2,
+    steps=6,
+    batch_size=4,
+    warmup_steps=2,
+    seed=7,
+    threads=1,
+)
+REVISIONS = ("step0", "step2", "step6")
+
+
+def tiny_suite(root: Path, revisions=REVISIONS) -> SuiteConfig:
+    return SuiteConfig(
+        models=("tiny-a", "tiny-b"),
+        revisions=tuple(revisions),
+        sources={"tiny-a": str(root / "models" / "tiny-a"), "tiny-b": str(root / "models" / "tiny-b")},
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    summary = planted.build_suite(TINY, tiny_suite(root), str(root / "corpus.jsonl"), root, progress=False)
+    return root, summary
+
+
+# --------------------------------------------------------------------------- language
+
+
+def test_quantum_frequencies_follow_zipf_within_sampling_error():
+    cfg = dataclasses.replace(PlantedConfig(), n_eval_docs=4000)
+    lang = planted.make_language(cfg)
+    p = planted.zipf_frequencies(cfg.n_quanta, cfg.alpha)
+    assert np.allclose(p[0] / p[1:], np.arange(2, cfg.n_quanta + 1) ** (cfg.alpha + 1))
+    _, quanta = planted.eval_docs(lang, cfg)
+    counts = np.bincount(quanta[quanta >= 0], minlength=cfg.n_quanta)
+    n = counts.sum()
+    assert n == cfg.n_eval_docs * cfg.quanta_per_doc
+    z = (counts - n * p) / np.sqrt(n * p * (1 - p))  # binomial z-score of each quantum
+    assert np.abs(z).max() < 4.5, z
+    chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
+    assert chi2 < cfg.n_quanta + 5 * np.sqrt(2 * cfg.n_quanta)  # mean K-1, sd sqrt(2(K-1))
+
+
+def test_documents_follow_the_rules():
+    cfg = PlantedConfig()
+    lang = planted.make_language(cfg)
+    tokens, quanta = planted.sample_docs(lang, 300, np.random.default_rng(0))
+    assert tokens.shape == quanta.shape == (300, cfg.doc_len)
+    keys = {tuple(k) for k in lang.keys.tolist()}
+    assert not keys & {tuple(d) for d in lang.decoys.tolist()}  # a decoy is never a key
+    trig = {int(t): i for i, t in enumerate(lang.trigger_ids)}
+    args = {int(t): j for j, t in enumerate(lang.arg_ids)}
+    answers = set(lang.answer_ids.tolist())
+    for doc, lab in zip(tokens, quanta):
+        assert (lab >= 0).sum() == cfg.quanta_per_doc
+        seen = set()
+        for pos in np.flatnonzero(lab >= 0):
+            k = int(lab[pos])
+            assert (trig[int(doc[pos - 3])], trig[int(doc[pos - 2])]) == tuple(lang.keys[k])
+            j = args[int(doc[pos - 1])]
+            assert doc[pos] == lang.answer_ids[lang.answer_of_arg[j]]
+            assert (k, j) not in seen, "a (quantum, argument) pair repeats within a document"
+            seen.add((k, j))
+        # every trigger pair is a key followed by its answer, or a decoy followed by filler
+        for pos in range(cfg.doc_len - 1):
+            if int(doc[pos]) in trig and int(doc[pos + 1]) in trig:
+                pair = (trig[int(doc[pos])], trig[int(doc[pos + 1])])
+                assert int(doc[pos + 2]) in args
+                if pair in keys:
+                    assert lab[pos + 3] >= 0
+                else:
+                    assert lab[pos + 3] == -1 and int(doc[pos + 3]) not in answers
+        assert np.isin(doc[lab >= 0], lang.answer_ids).all()
+
+
+def test_answer_vocabulary_is_shared_so_the_answer_does_not_reveal_the_quantum():
+    from sklearn.metrics import adjusted_rand_score
+
+    cfg = PlantedConfig()
+    lang = planted.make_language(cfg)
+    tokens, quanta = planted.sample_docs(lang, 3000, np.random.default_rng(1))
+    k, y = quanta[quanta >= 0], tokens[quanta >= 0]
+    for q in range(10):  # every frequent quantum uses every answer
+        assert set(y[k == q].tolist()) == set(lang.answer_ids.tolist())
+    for a in lang.answer_ids:  # every answer serves many quanta
+        assert len(set(k[y == a].tolist())) >= cfg.n_quanta // 2
+    assert abs(adjusted_rand_score(k, y)) < 0.05
+
+
+def test_config_errors_are_one_line_and_name_the_key():
+    with pytest.raises(planted.PlantedError, match="n_triggers"):
+        planted.make_language(dataclasses.replace(TINY, n_triggers=2))
+    with pytest.raises(planted.PlantedError, match="doc_len"):
+        planted.make_language(dataclasses.replace(TINY, doc_len=10))
+    with pytest.raises(planted.PlantedError, match="quanta_per_doc"):
+        planted.make_language(dataclasses.replace(TINY, quanta_per_doc=5))
+    with pytest.raises(planted.PlantedError, match="widths"):
+        planted.make_language(dataclasses.replace(TINY, widths=(10,)))  # head size 5 is odd
+
+
+# --------------------------------------------------------------------------- revisions
+
+
+@pytest.mark.parametrize("bad", ["main", "step", "Step10", "step-1", "ckpt100", "step10a"])
+def test_bad_revision_names_error_clearly(bad):
+    with pytest.raises(planted.PlantedError, match=r"'stepN'"):
+        planted.parse_revisions(["step1", bad], steps=100)
+
+
+def test_revisions_past_training_or_repeated_error():
+    with pytest.raises(planted.PlantedError, match="past the end of training"):
+        planted.parse_revisions(["step10", "step101"], steps=100)
+    with pytest.raises(planted.PlantedError, match="named twice"):
+        planted.parse_revisions(["step10", "step010"], steps=100)
+    with pytest.raises(planted.PlantedError, match="empty"):
+        planted.parse_revisions([], steps=100)
+    assert planted.parse_revisions(["step100", "step0", "step7"], steps=100) == {"step100": 100, "step0": 0, "step7": 7}
+
+
+def test_build_rejects_bad_revision_before_training(tmp_path):
+    suite = tiny_suite(tmp_path, revisions=("step2", "main"))
+    with pytest.raises(planted.PlantedError, match="'main'"):
+        planted.build_suite(TINY, suite, str(tmp_path / "corpus.jsonl"), tmp_path, progress=False)
+    assert not (tmp_path / "models").exists()
+
+
+def test_build_rejects_inconsistent_suite(tmp_path):
+    suite = tiny_suite(tmp_path)
+    with pytest.raises(planted.PlantedError, match="one width per model"):
+        planted.build_suite(dataclasses.replace(TINY, widths=(8,)), suite, "x.jsonl", tmp_path, progress=False)
+    wrong = dataclasses.replace(suite, sources={**suite.sources, "tiny-b": str(tmp_path / "models" / "elsewhere")})
+    with pytest.raises(planted.PlantedError, match="suite.sources.tiny-b"):
+        planted.build_suite(TINY, wrong, "x.jsonl", tmp_path, progress=False)
+
+
+def test_real_model_run_writes_only_a_marker(tmp_path):
+    suite = SuiteConfig(models=("pythia-70m",), revisions=("step143000",), sources={"pythia-70m": "EleutherAI/pythia-70m"})
+    out = planted.build_suite(TINY, suite, "EleutherAI/some-dataset", tmp_path / "planted", progress=False)
+    assert out == {"planted": False}
+    assert [p.name for p in (tmp_path / "planted").iterdir()] == ["README.md"]
+
+
+# --------------------------------------------------------------------------- the built suite
+
+
+def test_layout_and_saved_models_load(built):
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+    root, summary = built
+    for name in ("tiny-a", "tiny-b"):
+        revs = sorted(p.name for p in (root / "models" / name).iterdir() if p.is_dir())
+        assert revs == sorted(REVISIONS)
+        for rev in REVISIONS:
+            model = GPTNeoXForCausalLM.from_pretrained(root / "models" / name / rev)
+            tok = AutoTokenizer.from_pretrained(root / "models" / name / rev)
+            assert model.config.vocab_size == len(tok)
+        assert summary["models"][name]["non_embedding_params"] == planted.saved_param_counts(
+            root / "models" / name / "step6"
+        )["non_embedding"]
+    w0 = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step0").state_dict()
+    w6 = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step6").state_dict()
+    assert any(not np.array_equal(w0[k].numpy(), w6[k].numpy()) for k in w0), "training changed nothing"
+    for f in ("corpus.jsonl", "labels.parquet", "quanta.parquet", "language.json", "suite.json", "README.md"):
+        assert (root / f).exists(), f
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_corpus_tokenizes_to_the_labelled_tokens(built):
+    from transformers import AutoTokenizer
+
+    root, _ = built
+    lang = planted.make_language(TINY)
+    tokens, quanta = planted.eval_docs(lang, TINY)
+    tok = AutoTokenizer.from_pretrained(root / "models/tiny-b/step2")
+    lines = (root / "corpus.jsonl").read_text().splitlines()
+    assert len(lines) == TINY.n_eval_docs
+    ids = [tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] for line in lines]
+    assert np.array_equal(np.array(ids), tokens)
+    assert tok(json.loads(lines[0])["text"])["input_ids"] == ids[0]  # no special tokens added by default
+    labels = pd.read_parquet(root / "labels.parquet")
+    assert list(labels.columns) == ["doc_id", "pos", "quantum"]
+    assert [str(t) for t in labels.dtypes] == ["int64", "int32", "int32"]
+    assert len(labels) == tokens.size
+    lab = labels.pivot(index="doc_id", columns="pos", values="quantum").to_numpy()
+    assert np.array_equal(lab, quanta)
+    q = pd.read_parquet(root / "quanta.parquet")
+    assert np.allclose(q["frequency"], planted.zipf_frequencies(TINY.n_quanta, TINY.alpha))
+    assert q["n_eval_tokens"].sum() == (quanta >= 0).sum()
+    from pipeline.io import read_config
+
+    assert read_config(root / "labels.parquet")["planted"]["seed"] == TINY.seed
+
+
+def test_same_seed_same_suite_other_seed_other_corpus(built, tmp_path):
+    root, _ = built
+    again = tmp_path / "again"
+    planted.build_suite(TINY, tiny_suite(again), str(again / "corpus.jsonl"), again, progress=False)
+    assert (again / "corpus.jsonl").read_bytes() == (root / "corpus.jsonl").read_bytes()
+    for name in ("tiny-a", "tiny-b"):
+        for rev in REVISIONS:
+            a = (root / "models" / name / rev / "model.safetensors").read_bytes()
+            b = (again / "models" / name / rev / "model.safetensors").read_bytes()
+            assert a == b, f"{name}/{rev} weights differ between two runs with one seed"
+    lang = planted.make_language(dataclasses.replace(TINY, seed=8))
+    other, _ = planted.eval_docs(lang, dataclasses.replace(TINY, seed=8))
+    assert not np.array_equal(other, planted.eval_docs(planted.make_language(TINY), TINY)[0])
+
+
+def test_rerun_reuses_finished_models(built, monkeypatch):
+    root, summary = built
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr(planted, "train_model", no_training)
+    again = planted.build_suite(TINY, tiny_suite(root), str(root / "corpus.jsonl"), root, progress=False)
+    assert again["models"] == summary["models"]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_reference_losses_and_metrics_on_the_tiny_suite(built, tmp_path):
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    root, _ = built
+    losses = tmp_path / "losses"
+    planted.write_reference_losses(root, losses, ["tiny-a", "tiny-b"], REVISIONS)
+    table = pd.read_parquet(losses / "model=tiny-a" / "revision=step6")
+    tokens = planted.read_corpus_tokens(root)
+    assert len(table) == tokens.shape[0] * (tokens.shape[1] - 1) and table["pos"].min() == 1
+    # the batched reference equals a one-document forward with the HF loss
+    model = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step6").eval()
+    x = torch.from_numpy(tokens[3:4])
+    with torch.no_grad():
+        hf = model(input_ids=x, labels=x).loss.item()  # mean over positions 1..T-1
+    assert np.isclose(table[table.doc_id == 3]["loss"].mean(), hf, atol=1e-5)
+
+    m = planted.evaluate(root, losses, ["tiny-a", "tiny-b"], REVISIONS, alpha=TINY.alpha)
+    assert m["sizes"] == ["tiny-a", "tiny-b"] and m["final_revision"] == "step6"
+    assert m["models"]["tiny-b"]["non_embedding_params"] > m["models"]["tiny-a"]["non_embedding_params"]
+    assert len(m["emergence"]["step"]) == len(m["per_quantum"]["rank"]) == TINY.n_quanta
+    assert isinstance(m["acceptance_failures"], list)
+    json.dumps(m)  # JSON-ready as it is
+
+
+def _synthetic_losses(learned: np.ndarray, n_tok: int = 20):
+    """Loss tables where quantum k is learned (0.01 nats) or not (2 nats) per size."""
+    K = learned.shape[1]
+    labels = pd.DataFrame({"doc_id": np.arange(K * n_tok), "pos": np.ones(K * n_tok, np.int32),
+                           "quantum": np.repeat(np.arange(K, dtype=np.int32), n_tok)})
+    losses = {}
+    for i, row in enumerate(learned):
+        loss = np.where(row[labels.quantum], 0.01, 2.0).astype(np.float32)
+        losses[(f"m{i}", "step10")] = pd.DataFrame({"doc_id": labels.doc_id, "pos": labels.pos, "loss": loss})
+    p = planted.zipf_frequencies(K, 0.5)
+    quanta = pd.DataFrame({"quantum": np.arange(K, dtype=np.int32), "frequency": p})
+    counts = {f"m{i}": 100 * 2**i for i in range(len(learned))}
+    return labels, quanta, losses, counts
+
+
+def test_metrics_on_a_perfect_quantized_suite_pass_acceptance():
+    K, sizes = 30, 5
+    # size i knows the 5 (i + 1) most frequent quanta: the quantization model, exactly
+    learned = np.array([[k < 5 * (i + 1) for k in range(K)] for i in range(sizes)])
+    m = planted.compute_metrics(*_synthetic_losses(learned), ["step10"])
+    assert m["n_learned_by_size"] == [5, 10, 15, 20, 25]
+    assert m["spearman_rank_vs_first_size"] > 0.95
+    assert m["abruptness"]["median"] == pytest.approx(1.0)
+    assert m["acceptance_failures"] == []
+
+
+def test_metrics_catch_a_suite_that_breaks_each_criterion():
+    K, sizes = 30, 5
+    rng = np.random.default_rng(0)
+    # learned at random, regardless of frequency and size
+    learned = rng.random((sizes, K)) < 0.5
+    m = planted.compute_metrics(*_synthetic_losses(learned), ["step10"])
+    fails = " ".join(m["acceptance_failures"])
+    assert "Spearman" in fails and "learned quanta" in fails
+    # a slow slide: every quantum's loss falls the same amount at every size step
+    labels, quanta, losses, counts = _synthetic_losses(np.zeros((sizes, K), bool))
+    for i in range(sizes):
+        t = losses[(f"m{i}", "step10")]
+        t["loss"] = np.float32(2.0 * (1 - i / (sizes - 1)) + 0.01)
+    m = planted.compute_metrics(labels, quanta, losses, counts, ["step10"])
+    assert m["abruptness"]["median"] == pytest.approx(0.25)
+    assert any("slide" in f for f in planted.check_acceptance(m))

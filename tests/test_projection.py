@@ -1,0 +1,146 @@
+"""The sparse JL projection: its hash against an independent reference, its structure
+(each coordinate lands on nnz buckets, a chunk never collides with itself), determinism
+across projector instances, parameter subsets and devices (what shards on different
+workers rely on), a pinned golden table (so a silent change of the hash cannot
+desynchronise old and new shards), unbiasedness, and the errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import projection
+from pipeline.projection import NoProjection, ProjectionError, SparseJLProjector, make_projector
+
+
+def fmix32_reference(x: int) -> int:
+    """MurmurHash3's fmix32 in plain Python integers (the textbook definition)."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_mix32_matches_murmur3_fmix32_and_is_a_bijection():
+    xs = [0, 1, 2, 3, 12345, 2**31 - 1, 2**31, 2**32 - 1] + list(np.random.default_rng(0).integers(0, 2**32, 200))
+    got = projection.mix32(torch.tensor([int(x) for x in xs], dtype=torch.int64)).tolist()
+    assert got == [fmix32_reference(int(x)) for x in xs]
+    assert got[1] == 0x514E28B7  # the published fmix32(1)
+    # a bijection: no ties when a chunk's slots are sorted by it
+    many = projection.hash_index(torch.arange(1 << 16), (7, 11))
+    assert len(torch.unique(many)) == 1 << 16
+
+
+def test_golden_table_is_pinned():
+    # Changing the hash would make shards computed before and after the change
+    # incomparable; this pins one table (seed 0, name "w", d = 10, k = 8).
+    p = SparseJLProjector([("w", 10)], k=8, seed=0)
+    source, sign = p.tables("w", 0, torch.device("cpu"))
+    assert source.tolist() == [6, 1, 5, 7, 3, 0, 4, 2, 0, 0, 0, 0, 8, 0, 0, 9]
+    assert sign.tolist() == [-1, 1, -1, -1, -1, 1, -1, 1, 0, 0, 0, 0, -1, 0, 0, -1]
+
+
+@pytest.mark.parametrize("nnz", [1, 2, 4])
+def test_each_coordinate_lands_on_nnz_buckets(nnz):
+    d, k = 1000, 64
+    p = SparseJLProjector([("w", d)], k=k, seed=3, nnz=nnz)
+    eye = torch.eye(d)  # row i = basis vector e_i, so row i of the output is column i of the matrix
+    m = p.project({"w": eye})  # (d, k)
+    nonzero = m != 0
+    assert (nonzero.sum(1) == nnz).all()
+    assert torch.allclose(m[nonzero].abs(), torch.full((int(nonzero.sum()),), nnz**-0.5))
+    # one bucket per group of k / nnz
+    for g in range(nnz):
+        assert (nonzero[:, g * k // nnz : (g + 1) * k // nnz].sum(1) == 1).all()
+    # within a chunk of k / nnz consecutive coordinates, a permutation: no self-collisions
+    w = k // nnz
+    buckets = nonzero[:, :w].float().argmax(1)
+    for c in range(d // w):
+        assert len(torch.unique(buckets[c * w : (c + 1) * w])) == w
+
+
+def test_same_block_same_projection_on_any_worker():
+    # A worker that selects other parameters, in another order, with other samples,
+    # must project a shared parameter identically (bit for bit).
+    rng = torch.Generator().manual_seed(0)
+    g_attn = torch.randn(5, 7, 3, generator=rng)
+    a = SparseJLProjector([("mlp.w", 100), ("attn.w", 21)], k=16, seed=9)
+    b = SparseJLProjector([("attn.w", 21), ("other", 4)], k=16, seed=9)
+    out_a = torch.zeros(5, 16)
+    out_b = torch.zeros(5, 16)
+    a.add_(out_a, "attn.w", g_attn)
+    b.add_(out_b, "attn.w", g_attn)
+    assert torch.equal(out_a, out_b)
+    # one sample alone gives the same row as in a batch
+    alone = torch.zeros(1, 16)
+    b.add_(alone, "attn.w", g_attn[2:3])
+    assert torch.equal(alone[0], out_a[2])
+    # another seed is another projection
+    c = SparseJLProjector([("attn.w", 21)], k=16, seed=10)
+    assert not torch.equal(c.project({"attn.w": g_attn}), out_a)
+
+
+def test_cache_off_gives_the_same_tables():
+    sizes = [("a", 300), ("b", 50)]
+    x = {"a": torch.randn(4, 300), "b": torch.randn(4, 50)}
+    cached = SparseJLProjector(sizes, k=32, seed=1).project(x)
+    uncached = SparseJLProjector(sizes, k=32, seed=1)
+    uncached.cache_bytes = 0
+    assert torch.equal(uncached.project(x), cached)
+    assert uncached._cached_bytes == 0
+
+
+def test_inner_products_unbiased_and_concentrated():
+    # Over independent seeds the estimate <Sx, Sy> averages to <x, y>; its spread is
+    # about sqrt((|x|^2 |y|^2 + <x,y>^2) / k) (CountSketch variance).
+    d, k = 4000, 256
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(d, generator=gen)
+    y = 0.5 * x + torch.randn(d, generator=gen)
+    est = []
+    for seed in range(200):
+        p = SparseJLProjector([("v", d)], k=k, seed=seed)
+        s = p.project({"v": torch.stack([x, y])})
+        est.append(float(s[0] @ s[1]))
+    est = np.array(est)
+    true = float(x @ y)
+    sd = np.sqrt((float(x @ x) * float(y @ y) + true**2) / k)
+    assert abs(est.mean() - true) < 4 * sd / np.sqrt(len(est))
+    assert 0.7 * sd < est.std() < 1.3 * sd
+
+
+def test_no_projection_concatenates_in_order():
+    p = NoProjection([("a", 3), ("b", 2)])
+    assert p.dim == 5
+    out = p.project([("b", torch.tensor([[1.0, 2.0]])), ("a", torch.tensor([[3.0, 4.0, 5.0]]))])
+    assert out.tolist() == [[3.0, 4.0, 5.0, 1.0, 2.0]]
+
+
+def test_errors():
+    with pytest.raises(ProjectionError, match="dividing k"):
+        SparseJLProjector([("a", 3)], k=10, nnz=3)
+    p = make_projector("sjlt", [("a", 3)], k=4)
+    with pytest.raises(ProjectionError, match="'b' is not one"):
+        p.add_(torch.zeros(1, 4), "b", torch.zeros(1, 3))
+    with pytest.raises(ProjectionError, match="expected 3 numbers"):
+        p.add_(torch.zeros(1, 4), "a", torch.zeros(1, 4))
+    with pytest.raises(ProjectionError, match="unknown projection 'gauss'"):
+        make_projector("gauss", [("a", 3)])
+    with pytest.raises(ProjectionError, match="no gradient blocks"):
+        p.project({})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tables_identical_on_gpu():
+    p = SparseJLProjector([("w", 100_003)], k=8192, seed=5, nnz=2)
+    for group in range(2):
+        cpu = p.tables("w", group, torch.device("cpu"))
+        gpu = p.tables("w", group, torch.device("cuda"))
+        assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
+    x = torch.randn(3, 100_003, dtype=torch.float64)
+    out_cpu = p.project({"w": x})
+    out_gpu = p.project({"w": x.cuda()}).cpu()
+    assert torch.allclose(out_cpu, out_gpu, rtol=1e-5, atol=1e-5)
