@@ -11,9 +11,12 @@ script times, on the same machine, model and documents, in one run:
   ``cross_entropy(logits[0, :-1], targets[0, 1:], reduction='none').tolist()``;
 - ``paper+nograd``: the same under ``torch.inference_mode()``, a stronger baseline, so
   that the speed-up is not just "turned autograd off";
-- ``ours``: :func:`pipeline.losses.score_windows`, the core of the loss stage (length-
-  packed batches, hidden states then a chunked unembedding + logsumexp cross-entropy;
-  bf16 autocast on CUDA).
+- ``ours``: :func:`pipeline.losses.score_windows`, the core of the loss stage, with the
+  stage's default sizes (length-packed batches, hidden states then a chunked
+  unembedding + logsumexp cross-entropy; fp32 on CPU, bf16 weights on CUDA).
+
+The documents are dealt into interleaved rounds and every method runs in every round
+(rotating order), so that load from other jobs on a shared machine hits all methods alike.
 
 It reports tokens/s, the ratios, the peak memory of each (RSS sampled every 5 ms on
 CPU; ``torch.cuda.max_memory_allocated`` on GPU), the largest difference between our
@@ -26,8 +29,9 @@ model are not meaningful, but the time of a forward pass does not depend on the 
 Documents are synthetic token ids with a lognormal length distribution whose mean after
 truncation at 1024 is 532 tokens, the paper's own (106,396,004 tokens / 200,000 docs).
 
-    python bench/bench_losses.py                       # CPU: pythia-70m shape, ~2-4 min on 2 cores
+    python bench/bench_losses.py --threads 1          # CPU: pythia-70m shape, 2-6 min on 2 shared cores
     python bench/bench_losses.py --device cuda --shapes 160m,410m,1b --n-docs 1000
+    python bench/bench_losses.py --cluster-overhead   # what a Dask LocalCluster costs one stage
 """
 
 from __future__ import annotations
@@ -329,6 +333,9 @@ def cluster_overhead(args) -> dict:
     cluster.close()
     t3 = time.perf_counter()
     row.update(bare_start_s=t1 - t0, first_task_imports_s=t2 - t1, close_s=t3 - t2, bare_total_s=t3 - t0)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
     return row
 
 

@@ -14,7 +14,8 @@ vocabulary at every position. Here, with the same numbers in fp32:
   unembedding (``model.get_output_embeddings()``), ``losses.logits_chunk`` rows at a
   time, and the cross-entropy is ``logsumexp(logits) - logits[target]`` in fp32. So
   the (batch, pos, vocab) fp32 logits of a big batch never exist, and no log-softmax
-  over the vocabulary is written out;
+  over the vocabulary is written out (on CPUs the vocabulary is also cut into
+  cache-sized tiles, folded into an online logsumexp);
 - the windows are cut into shards of about ``losses.shard_tokens`` scored tokens; each
   shard is one task (in this process, or on a Dask cluster, see pipeline/distributed.py)
   that writes one part file atomically; a rerun validates finished parts (config, shard
@@ -396,7 +397,7 @@ def score_windows(
     """Next-token losses (nats, float32) of token sequences, batched by length.
 
     inputs[i]: the token ids (len_i,) fed to the model as one sequence (a window);
-    first[i] >= 1: the index in inputs[i] of the first token to score. Returns, for
+    1 <= first[i] < len_i: the index in inputs[i] of the first token to score. Returns, for
     each i, the losses of tokens ``inputs[i][first[i]:]`` in order, shape
     (len_i - first[i],). `on_batch(n_scored)` is called after every forward pass.
     `batch_tokens` and `logits_chunk` (0: the device's default, :func:`batch_sizes`)
@@ -418,8 +419,8 @@ def score_windows(
     first = np.asarray(first, dtype=np.int64)
     if len(first) != len(lengths):
         raise ValueError("inputs and first must have the same length")
-    if np.any(first < 1) or np.any(first > lengths):
-        raise ValueError("every first[i] must be in 1..len(inputs[i]): position 0 has no context to predict it")
+    if np.any(first < 1) or np.any(first >= lengths):
+        raise ValueError("every first[i] must be in 1..len(inputs[i]) - 1: position 0 has no context to predict it")
     out: list[Optional[np.ndarray]] = [None] * len(inputs)
     for batch in plan_batches(lengths, batch_tokens):
         width = int(lengths[batch].max())
@@ -429,14 +430,15 @@ def score_windows(
             ids[r, : lengths[i]] = inputs[i]
             # The next-token shift happens here: the hidden state at position j - 1
             # (which has seen tokens 0..j-1) predicts token j. So the scored tokens
-            # first..len-1 are read from hidden positions first-1..len-2, and the last
-            # position's hidden state is never used.
+            # first..len-1 are read from hidden positions first-1..len-2.
             cols.append(np.arange(first[i] - 1, lengths[i] - 1))
             rows.append(np.full(lengths[i] - first[i], r))
         rows_np = np.concatenate(rows)
         cols_np = np.concatenate(cols)
         targets = torch.from_numpy(ids[rows_np, cols_np + 1]).to(device)  # (n_scored,)
-        ids_t = torch.from_numpy(ids).to(device)
+        # No hidden state at the last position is ever used (it would predict the token
+        # after the window), so the last column is not fed to the model at all.
+        ids_t = torch.from_numpy(ids[:, : width - 1]).to(device)  # (batch, pos - 1)
         with autocast_context(device, autocast):
             hidden = body(input_ids=ids_t, use_cache=False).last_hidden_state  # (batch, pos, d_model)
             scoring = hidden[torch.from_numpy(rows_np).to(device), torch.from_numpy(cols_np).to(device)]
@@ -733,7 +735,8 @@ def run_losses(
     """Per-token losses of model `spec` on the corpus at `tokens_path`, written under `out_root`.
 
     Writes ``<out_root>/model=<name>/revision=<rev>/part-*.parquet`` and ``_meta.json``
-    and returns the meta dict. Reuses valid parts from an earlier (killed) run.
+    and returns the meta dict (the existing one, untouched, when every part was already
+    done). Reuses valid parts from an earlier (killed) run.
     """
     t_start = time.perf_counter()
     out_dir = partition_dir(out_root, spec.name, spec.revision)
@@ -846,10 +849,19 @@ def run_losses(
     compute_seconds = time.perf_counter() - t_compute
 
     compute = check_compute_consistent(out_dir, len(shards))
+    meta_path = out_dir / META_FILE
+    if not results and meta_path.exists():
+        # Nothing recomputed: the existing _meta.json (with the speed and memory of the
+        # run that computed the parts) still describes the output; rewriting it would
+        # only churn DVC's hash of the folder.
+        log.info("%s@%s: all %d parts were already done", spec.name, spec.revision, len(shards))
+        return json.loads(meta_path.read_text())
     meta = stage_meta(
         spec, out_dir, results, shards, tokens, mode, compute, compute_seconds, time.perf_counter() - t_start
     )
-    io.write_json(meta, out_dir / META_FILE)
+    if meta["params"] is None:  # killed between its last part and _meta.json: read the config
+        meta["params"] = models_lib.config_param_counts(spec, cache_dir=suite.cache_dir)
+    io.write_json(meta, meta_path)
     log.info(
         "%s@%s: %d tokens in %d parts (%d computed at %.0f tokens/s)",
         spec.name, spec.revision, total_tokens, len(shards), meta["computed_tokens"], meta["tokens_per_s"] or 0,
@@ -906,11 +918,12 @@ def stage_meta(
         "computed_parts": len(results),
         "reused_parts": len(shards) - len(results),
         "computed_tokens": computed,
-        # wall clock of the compute phase (cluster start-up included) and of the whole run
+        # wall clock of the compute phase (cluster start-up, imports and model loading
+        # included) and of the whole run; forward_tokens_per_s counts forward passes only
         "compute_seconds": round(compute_seconds, 3),
         "wall_seconds": round(wall_seconds, 3),
         "tokens_per_s": round(computed / compute_seconds, 1) if computed else None,
-        # summed over workers, forward passes only (no model loading, no writing)
+        # per worker: tokens over the time spent in forward passes (no loading, no writing)
         "forward_tokens_per_s": round(computed / busy, 1) if busy else None,
         "peak_rss_bytes": max([r["peak_rss_bytes"] for r in results], default=peak_rss_bytes()),
         "peak_cuda_bytes": max(cuda) if cuda else None,
