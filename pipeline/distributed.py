@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Hashable, Iterable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 

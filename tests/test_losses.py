@@ -84,6 +84,12 @@ def read_dir(path: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in parts]).sort_by([("doc_id", "ascending"), ("pos", "ascending")])
 
 
+@pytest.fixture(autouse=True)
+def _no_external_scheduler(monkeypatch):
+    # DASK_SCHEDULER_ADDRESS overrides losses.scheduler; a developer's shell may set it
+    monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_neox_dir):
     return models.load_model(models.ModelSpec("tiny", str(tiny_neox_dir)), dtype="float32", device="cpu")
@@ -289,6 +295,10 @@ def test_rerun_reuses_valid_parts_and_recomputes_damaged_or_foreign_ones(tmp_pat
     assert n_parts >= 5 and meta["computed_parts"] == n_parts
     first = read_dir(d)
     before = {p.name: p.stat().st_mtime_ns for p in d.glob("part-*.parquet")}
+    meta_bytes = (d / losses.META_FILE).read_bytes()
+    assert run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)["computed_parts"] == n_parts
+    assert (d / losses.META_FILE).read_bytes() == meta_bytes  # a no-op rerun rewrites nothing
+    assert {p.name: p.stat().st_mtime_ns for p in d.glob("part-*.parquet")} == before
 
     (d / "part-00001.parquet").write_bytes(b"PAR1 truncated by a crash")
     t = pq.read_table(d / "part-00002.parquet")
@@ -329,7 +339,7 @@ def test_stage_killed_by_sigkill_resumes_to_identical_output(tmp_path, tiny_neox
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
     d = out / "model=tiny" / "revision=main"
-    env = {k: v for k, v in os.environ.items() if k != distributed.ENV_SCHEDULER}
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "stages" / "losses.py"), "--params", str(tmp_path / "params.yaml"),
          "--model", "tiny", "--revision", "main", "--tokens", str(tokens), "--out", str(out)],
@@ -364,8 +374,7 @@ def test_stage_killed_by_sigkill_resumes_to_identical_output(tmp_path, tiny_neox
 
 
 @pytest.mark.slow
-def test_local_cluster_of_two_workers_gives_the_inprocess_table(tmp_path, tiny_neox_dir, monkeypatch):
-    monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
+def test_local_cluster_of_two_workers_gives_the_inprocess_table(tmp_path, tiny_neox_dir):
     tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(40, 60, seed=9))
     ref = run(tiny_neox_dir, tokens, tmp_path / "inproc", shard_tokens=300)
     assert ref["parts"] >= 4
