@@ -33,20 +33,20 @@ class PlantedConfig:
     n_quanta: int = 60
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
     alpha: float = 0.5
-    n_triggers: int = 16  # trigger words; each quantum's key is an ordered pair of them
-    n_args: int = 8  # argument tokens; answer = g(argument), one map g shared by all quanta
-    n_answers: int = 8  # answer vocabulary shared by all quanta
-    n_filler: int = 64  # unpredictable (uniform) filler vocabulary
-    doc_len: int = 64  # tokens per document
-    quanta_per_doc: int = 5  # rule instances (4 tokens each) per document
-    decoys_per_doc: int = 5  # key-like pairs that are no key, followed by filler
-    n_eval_docs: int = 2000
-    widths: tuple[int, ...] = (16, 24, 32, 48, 64, 96)  # one per suite.models name, in order
+    n_args: int = 8  # argument words; quantum k's table maps them onto the answers
+    n_answers: int = 8  # answer words shared by all quanta (= n_args: tables are permutations)
+    # no table shares an answer (on any argument) with those of this many most frequent quanta
+    distinct_from_top: int = 2
+    n_filler: int = 64  # unpredictable (uniform) filler words
+    doc_len: int = 32  # tokens per document
+    quanta_per_doc: int = 4  # rule instances (3 tokens each) per document
+    n_eval_docs: int = 2500
+    widths: tuple[int, ...] = (8, 12, 16, 24, 32, 48)  # one per suite.models name, in order
     n_layers: int = 2
     n_heads: int = 2
     mlp_ratio: int = 4  # intermediate size / width, as Pythia
     steps: int = 1500
-    batch_size: int = 32
+    batch_size: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as Pythia
     weight_decay: float = 0.0

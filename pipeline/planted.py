@@ -8,37 +8,36 @@ GPT-NeoX models of log-spaced width is trained on it and saved in Hugging Face f
 Pythia-style ``stepN`` revisions, so every later stage runs exactly the code path a Pythia run
 uses, and the ground truth (which token is governed by which quantum) lets us score it.
 
-The language. A document is ``doc_len`` tokens: ``quanta_per_doc`` rule instances and
-``decoys_per_doc`` decoys at random places, uniform filler everywhere else. Quantum k owns a
-*key*, an ordered pair of trigger words (a_k, b_k) from a small shared set; an instance is
+The language. A document is ``doc_len`` tokens: ``quanta_per_doc`` rule instances at random
+places, uniform filler everywhere else. An instance of quantum k is three tokens
 
-    T<a_k> T<b_k> x<j> =y<g(j)>        (label k on the answer =y)
+    x<j> Q<k> =y<table[k, j]>          (label k on the answer =y)
 
-with the argument x<j> drawn at random and g one fixed map from arguments to answers, shared
-by all quanta. A decoy is a near miss of a key, one of its two words swapped for another
-(and no key), drawn as often as that key is used, and a filler word follows it instead:
+an argument x<j> (shared by all quanta, drawn at random), quantum k's own trigger word Q<k>,
+and the answer: table[k] is a random permutation of the ``n_answers`` answer words, so
 
-    T<a_k> T<c>   x<j> w<...>          (no label)
+- the answer needs the trigger AND the argument: knowing only that quantum k is at work leaves
+  every answer equally likely (ln n_answers nats), and so does knowing only the argument;
+- all quanta use every answer, so the answer token says nothing about the quantum;
+- a quantum is n_args facts (its table), all used equally often, so they are learned together;
+  no table agrees with those of the ``distinct_from_top`` most frequent quanta on any argument
+  (those dominate the argument-only guess), so no quantum is partly known for free: quanta
+  are independent skills, each worth p_k of the loss, as the quantization model assumes. A
+  model of limited width holds a limited number of tables, and the gradient signal of a
+  table is ∝ p_k, so the frequent ones come first.
 
-So the answer after ``T T x`` is certain for a model that has memorised quantum k's key, and a
-guess (the base rate of keys among the pairs it cannot tell apart) for one that has not: the
-skill is *recognising key k exactly*, a conjunction of two words that each occur in several
-keys and decoys, which only non-embedding parameters (attention, then an MLP) compute. Keys
-share words, so they interfere, and width limits how many of them a model holds apart; key k
-and its near misses are all seen in proportion to p_k, so the frequent ones are worth holding
-first. All quanta share every answer (the answer is the argument's image under g), so the
-answer token says nothing about the quantum.
+Filler words and arguments are uniform and triggers follow the Zipf law, with no structure
+beyond that: the only skills to acquire are the K tables. Within a document no (quantum,
+argument) pair repeats, so an instance is never solvable by copying an earlier one (induction)
+rather than by the quantum.
 
-Why a shared answer map rather than a per-quantum table (answer = f_k(arg)): with a table, the
-unit of memory is the (quantum, argument) fact, and per-token gradients then cluster by fact
-and by answer token, not by quantum (measured on a width-48 model: gradient cosine -0.01
-between two arguments of one quantum, 0.14 between two quanta with one answer). With a shared
-map, the per-quantum mechanism is the key detector, the same for every instance of the
-quantum, which is what gradient clustering (QDG) is supposed to find.
-
-Within a document no (quantum, argument) pair repeats, so an instance is never solvable by
-copying an earlier one (induction) rather than by the quantum. Trigger words occur only in
-keys and decoys, side by side, so no key arises by accident.
+A design note for gradient clustering (QDG): the unit of memory here is the (quantum,
+argument) fact, and the per-token gradient of an answer carries its answer word's direction, so
+gradients of two arguments of one quantum need not be more alike than those of two quanta with
+one answer (measured on a width-48 model with 16 answers: mean cosine -0.01 vs 0.14). A variant
+whose answer map is shared by all quanta, a quantum being a two-word key to recognise, leaned
+to the quantum (0.20 vs 0.14) but the width at which models acquired its quanta was erratic
+(the learned counts were not monotone in width, Spearman ~0.5), so this one is the default.
 
 Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
 predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
@@ -51,7 +50,6 @@ import dataclasses
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -91,21 +89,17 @@ class Language:
 
     vocab: tuple[str, ...]  # token id -> string
     filler_ids: np.ndarray  # (n_filler,)
-    trigger_ids: np.ndarray  # (n_triggers,)
     arg_ids: np.ndarray  # (n_args,)
+    trigger_ids: np.ndarray  # (n_quanta,) trigger_ids[k] is quantum k's own word
     answer_ids: np.ndarray  # (n_answers,)
-    keys: np.ndarray  # (n_quanta, 2) trigger indices (a_k, b_k) of quantum k's key
-    decoys: np.ndarray  # (n_decoy_pairs, 2) trigger index pairs that are no key
-    decoy_freqs: np.ndarray  # (n_decoy_pairs,) how often each decoy pair is drawn, sums to 1
-    answer_of_arg: np.ndarray  # (n_args,) g: argument index -> answer index, shared by all quanta
+    table: np.ndarray  # (n_quanta, n_args) answer index of quantum k on argument j
     freqs: np.ndarray  # (n_quanta,) p_k, sums to 1, decreasing in k
     doc_len: int
     quanta_per_doc: int
-    decoys_per_doc: int
 
     @property
     def n_quanta(self) -> int:
-        return len(self.keys)
+        return len(self.trigger_ids)
 
     @property
     def vocab_size(self) -> int:
@@ -122,24 +116,23 @@ def zipf_frequencies(n_quanta: int, alpha: float) -> np.ndarray:
 def check_config(cfg: PlantedConfig) -> None:
     """Reject planted params that cannot make a well-formed language or suite (one line)."""
     problems = []
-    n_pairs = cfg.n_triggers * (cfg.n_triggers - 1)
     if cfg.n_quanta < 1:
         problems.append("planted.n_quanta must be >= 1")
     if cfg.alpha <= 0:
         problems.append("planted.alpha must be > 0 (p_k ∝ k^-(alpha+1) must fall with k)")
-    if cfg.n_triggers and n_pairs < cfg.n_quanta + (1 if cfg.decoys_per_doc else 0):
+    if cfg.n_filler < 1 or cfg.n_answers < 2:
+        problems.append("planted.n_filler must be >= 1 and n_answers >= 2")
+    if cfg.n_args != cfg.n_answers:
         problems.append(
-            f"planted.n_triggers={cfg.n_triggers} gives {n_pairs} ordered pairs, too few for "
-            f"{cfg.n_quanta} keys{' plus decoys' if cfg.decoys_per_doc else ''}; raise n_triggers"
+            "planted.n_args must equal n_answers (each quantum's table is a permutation of the answers, "
+            "so neither the trigger nor the argument alone tells the answer)"
         )
-    if cfg.n_args < 1 or cfg.n_answers < 1 or cfg.n_filler < 1:
-        problems.append("planted.n_args, n_answers and n_filler must be >= 1")
+    if not 0 <= cfg.distinct_from_top <= cfg.n_answers // 2:
+        problems.append("planted.distinct_from_top must be in 0..n_answers // 2 (tables avoid that many others per argument)")
     if not 1 <= cfg.quanta_per_doc <= cfg.n_args:
         problems.append("planted.quanta_per_doc must be in 1..n_args (no (quantum, argument) pair repeats in a document)")
-    if cfg.decoys_per_doc < 0:
-        problems.append("planted.decoys_per_doc must be >= 0")
-    if cfg.doc_len < 4 * (cfg.quanta_per_doc + cfg.decoys_per_doc):
-        problems.append("planted.doc_len must be >= 4 * (quanta_per_doc + decoys_per_doc): instances and decoys are 4 tokens")
+    if cfg.doc_len < 3 * cfg.quanta_per_doc:
+        problems.append("planted.doc_len must be >= 3 * quanta_per_doc (an instance is 3 tokens)")
     if not cfg.widths:
         problems.append("planted.widths is empty")
     for w in cfg.widths:
@@ -159,12 +152,12 @@ def make_language(cfg: PlantedConfig) -> Language:
     """The planted language of `cfg`: a pure function of its fields (seeded by cfg.seed)."""
     check_config(cfg)
     rng = np.random.default_rng([cfg.seed, 0])  # stream 0: the rules; 1: training data; 2: eval corpus
-    # Ids: Pythia's two specials first, then filler, trigger words, arguments, answers. The
-    # names say what a token is, so the report's highlighted contexts read easily.
+    # Ids: Pythia's two specials first, then filler, arguments, triggers, answers. The names
+    # say what a token is, so the report's highlighted contexts read easily.
     groups = [
         [f"w{i:03d}" for i in range(cfg.n_filler)],
-        [f"T{i:02d}" for i in range(cfg.n_triggers)],
         [f"x{j:02d}" for j in range(cfg.n_args)],
+        [f"Q{k:03d}" for k in range(cfg.n_quanta)],
         [f"=y{a:02d}" for a in range(cfg.n_answers)],
     ]
     vocab, ids, start = [EOS, PAD], [], 2
@@ -172,41 +165,28 @@ def make_language(cfg: PlantedConfig) -> Language:
         vocab += g
         ids.append(np.arange(start, start + len(g)))
         start += len(g)
-    freqs = zipf_frequencies(cfg.n_quanta, cfg.alpha)
-    pairs = np.array([(a, b) for a in range(cfg.n_triggers) for b in range(cfg.n_triggers) if a != b])
-    keys = pairs[rng.permutation(len(pairs))[: cfg.n_quanta]]
-    # Decoys are near misses of keys: key k with one of its two words swapped for another,
-    # drawn as often as k itself is used (p_k). So everything about key k, the pair and
-    # the pairs it must be told apart from, is seen in proportion to p_k, and the model
-    # meets no other pairs: the order in which keys are worth learning is the order of p_k.
-    n_t = cfg.n_triggers
-    weight = np.zeros((n_t, n_t))  # (first word, second word)
-    for (a, b), p in zip(keys, freqs):
-        weight[a, :] += 0.5 * p / (n_t - 1)
-        weight[:, b] += 0.5 * p / (n_t - 1)
-    weight[keys[:, 0], keys[:, 1]] = 0.0  # a near miss of one key may be another key
-    np.fill_diagonal(weight, 0.0)
-    decoys = np.argwhere(weight > 0)
-    decoy_freqs = weight[decoys[:, 0], decoys[:, 1]]
-    decoy_freqs = decoy_freqs / decoy_freqs.sum()
-    # g: every answer used when n_args >= n_answers, distinct answers when n_args <= n_answers
-    answer_of_arg = np.concatenate(
-        [rng.permutation(cfg.n_answers) for _ in range(-(-cfg.n_args // cfg.n_answers))]
-    )[: cfg.n_args]
+    # Tables: random permutations, except that no table gives the answer of one of the
+    # `distinct_from_top` most frequent quanta on any argument. Those dominate the
+    # argument-only guess (quantum 1 alone is 42% of instances by default), so a table that
+    # agreed with them would be partly known for free, and quanta would not be independent.
+    top = min(cfg.distinct_from_top, cfg.n_quanta)
+    table = np.empty((cfg.n_quanta, cfg.n_args), dtype=np.int64)  # (quantum, arg) -> answer index
+    for k in range(cfg.n_quanta):
+        while True:
+            perm = rng.permutation(cfg.n_answers)
+            if not (perm == table[: min(k, top)]).any():
+                break
+        table[k] = perm
     return Language(
         vocab=tuple(vocab),
         filler_ids=ids[0],
-        trigger_ids=ids[1],
-        arg_ids=ids[2],
+        arg_ids=ids[1],
+        trigger_ids=ids[2],
         answer_ids=ids[3],
-        keys=keys,
-        decoys=decoys,
-        decoy_freqs=decoy_freqs,
-        answer_of_arg=answer_of_arg.astype(np.int64),
-        freqs=freqs,
+        table=table,
+        freqs=zipf_frequencies(cfg.n_quanta, cfg.alpha),
         doc_len=cfg.doc_len,
         quanta_per_doc=cfg.quanta_per_doc,
-        decoys_per_doc=cfg.decoys_per_doc,
     )
 
 
@@ -216,14 +196,13 @@ def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[
     Returns (tokens, quanta), both (n_docs, doc_len): tokens int64 ids; quanta int32, the
     quantum governing each token (answer tokens only), -1 elsewhere.
     """
-    T, m, n_dec = lang.doc_len, lang.quanta_per_doc, lang.decoys_per_doc
-    n_blocks, n_args = m + n_dec, len(lang.arg_ids)
+    T, m, n_args = lang.doc_len, lang.quanta_per_doc, len(lang.arg_ids)
     tokens = rng.choice(lang.filler_ids, size=(n_docs, T))  # (doc, pos): filler everywhere first
     quanta = np.full((n_docs, T), -1, dtype=np.int32)
     k = rng.choice(lang.n_quanta, size=(n_docs, m), p=lang.freqs)  # (doc, instance)
-    # Arguments of instances: within a doc, the instances of one quantum take distinct
-    # arguments. A random candidate order per instance, then the first candidate that no
-    # earlier instance of the same quantum took: a uniform draw without replacement.
+    # Arguments: within a doc, the instances of one quantum take distinct arguments. A random
+    # candidate order per instance, then the first candidate that no earlier instance of the
+    # same quantum took: a uniform draw without replacement within each quantum.
     arg = np.empty((n_docs, m), dtype=np.int64)
     order = rng.random((n_docs, m, n_args)).argsort(axis=-1)  # (doc, instance, candidate)
     for i in range(m):
@@ -233,28 +212,15 @@ def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[
             taken[same, arg[same, i2]] = True
         first_free = np.take_along_axis(taken, order[:, i], axis=1).argmin(axis=1)  # exists: m <= n_args
         arg[:, i] = order[np.arange(n_docs), i, first_free]
-    if n_dec:
-        decoy = rng.choice(len(lang.decoys), size=(n_docs, n_dec), p=lang.decoy_freqs)
-        decoy_arg = rng.integers(0, n_args, size=(n_docs, n_dec))
-        decoy_next = rng.choice(lang.filler_ids, size=(n_docs, n_dec))
-    # Blocks: n_blocks non-overlapping 4-token blocks placed uniformly among doc_len slots
-    # (stars and bars: choose n_blocks of doc_len - 3 n_blocks places, shift the i-th by 3i),
-    # and a random choice of which blocks are instances and which are decoys.
-    slots = rng.random((n_docs, T - 3 * n_blocks)).argsort(axis=1)[:, :n_blocks]
-    starts = np.sort(slots, axis=1) + 3 * np.arange(n_blocks)  # (doc, block)
-    starts = np.take_along_axis(starts, rng.random((n_docs, n_blocks)).argsort(axis=1), axis=1)
-    s_inst, s_dec = starts[:, :m], starts[:, m:]
+    # Places: m non-overlapping 3-token blocks uniformly among doc_len slots (stars and bars:
+    # choose m of doc_len - 2m places, then shift the i-th by 2i for the blocks before it).
+    slots = rng.random((n_docs, T - 2 * m)).argsort(axis=1)[:, :m]
+    starts = np.sort(slots, axis=1) + 2 * np.arange(m)  # (doc, instance)
     rows = np.arange(n_docs)[:, None]
-    tokens[rows, s_inst] = lang.trigger_ids[lang.keys[k, 0]]
-    tokens[rows, s_inst + 1] = lang.trigger_ids[lang.keys[k, 1]]
-    tokens[rows, s_inst + 2] = lang.arg_ids[arg]
-    tokens[rows, s_inst + 3] = lang.answer_ids[lang.answer_of_arg[arg]]
-    quanta[rows, s_inst + 3] = k
-    if n_dec:
-        tokens[rows, s_dec] = lang.trigger_ids[lang.decoys[decoy, 0]]
-        tokens[rows, s_dec + 1] = lang.trigger_ids[lang.decoys[decoy, 1]]
-        tokens[rows, s_dec + 2] = lang.arg_ids[decoy_arg]
-        tokens[rows, s_dec + 3] = decoy_next
+    tokens[rows, starts] = lang.arg_ids[arg]
+    tokens[rows, starts + 1] = lang.trigger_ids[k]
+    tokens[rows, starts + 2] = lang.answer_ids[lang.table[k, arg]]
+    quanta[rows, starts + 2] = k
     return tokens, quanta
 
 
@@ -285,17 +251,17 @@ def make_tokenizer(lang: Language):
 
 
 def quanta_table(lang: Language, eval_quanta: Optional[np.ndarray] = None) -> pd.DataFrame:
-    """One row per quantum: its id, frequency p_k, rank, key and rule (and eval-token count)."""
-    tr = [lang.vocab[i] for i in lang.trigger_ids]
-    a, b = lang.keys[:, 0], lang.keys[:, 1]
+    """One row per quantum: id, frequency p_k, rank, trigger word, rule (and eval-token count)."""
+    v = lang.vocab
     df = pd.DataFrame(
         {
             "quantum": np.arange(lang.n_quanta, dtype=np.int32),
             "frequency": lang.freqs,
             "rank": np.arange(1, lang.n_quanta + 1, dtype=np.int32),
-            "trigger_a": [tr[i] for i in a],
-            "trigger_b": [tr[i] for i in b],
-            "rule": [f"{tr[i]} {tr[j]} x<j> -> g(x<j>)" for i, j in zip(a, b)],
+            "trigger": [v[t] for t in lang.trigger_ids],
+            "rule": [
+                " ".join(f"{v[x]}->{v[lang.answer_ids[a]]}" for x, a in zip(lang.arg_ids, row)) for row in lang.table
+            ],
         }
     )
     if eval_quanta is not None:
@@ -305,20 +271,18 @@ def quanta_table(lang: Language, eval_quanta: Optional[np.ndarray] = None) -> pd
 
 
 def language_json(lang: Language) -> dict:
-    """The whole language as JSON: vocabulary groups, keys, decoy pairs, the answer map."""
+    """The whole language as JSON: vocabulary groups and every quantum's table."""
     v = lang.vocab
     return {
         "doc_len": lang.doc_len,
         "quanta_per_doc": lang.quanta_per_doc,
-        "decoys_per_doc": lang.decoys_per_doc,
+        "instance": "x<j> Q<k> =y<table[k][j]>",
         "vocab": list(v),
         "filler": [v[i] for i in lang.filler_ids],
-        "triggers": [v[i] for i in lang.trigger_ids],
         "args": [v[i] for i in lang.arg_ids],
+        "triggers": [v[i] for i in lang.trigger_ids],
         "answers": [v[i] for i in lang.answer_ids],
-        "answer_of_arg": {v[lang.arg_ids[j]]: v[lang.answer_ids[a]] for j, a in enumerate(lang.answer_of_arg)},
-        "keys": [[v[lang.trigger_ids[a]], v[lang.trigger_ids[b]]] for a, b in lang.keys],
-        "decoy_pairs": [[v[lang.trigger_ids[a]], v[lang.trigger_ids[b]]] for a, b in lang.decoys],
+        "tables": [{v[x]: v[lang.answer_ids[a]] for x, a in zip(lang.arg_ids, row)} for row in lang.table],
         "frequencies": lang.freqs.tolist(),
     }
 
@@ -495,8 +459,8 @@ Written by the `planted` stage (pipeline/planted.py, whose docstring describes t
 
 - `corpus.jsonl`: the evaluation corpus, one {{"text": ...}} per line; line i is doc_id i.
 - `labels.parquet`: doc_id, pos, quantum (-1: none), one row per token of each document.
-- `quanta.parquet`: one row per quantum: frequency p_k, rank, key (trigger_a, trigger_b), rule.
-- `language.json`: the whole language (vocabulary groups, keys, decoy pairs, answer map).
+- `quanta.parquet`: one row per quantum: frequency p_k, rank, trigger word, rule (its table).
+- `language.json`: the whole language (vocabulary groups and every quantum's table).
 - `models/<name>/<revision>/`: save_pretrained of each GPTNeoXForCausalLM and its tokenizer.
 - `suite.json`: per model: width, parameter counts, training seconds.
 

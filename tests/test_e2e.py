@@ -19,13 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = """\
 planted:
   n_quanta: 12
-  n_triggers: 8
   n_args: 4
   n_answers: 4
   n_filler: 16
   doc_len: 32
-  quanta_per_doc: 2
-  decoys_per_doc: 2
+  quanta_per_doc: 4
   n_eval_docs: 40
   widths: [8, 16, 24]
   n_layers: 1

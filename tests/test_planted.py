@@ -20,13 +20,11 @@ from pipeline.config import PlantedConfig, SuiteConfig
 
 TINY = PlantedConfig(
     n_quanta=6,
-    n_triggers=4,
     n_args=4,
     n_answers=4,
     n_filler=8,
     doc_len=24,
-    quanta_per_doc=2,
-    decoys_per_doc=2,
+    quanta_per_doc=3,
     n_eval_docs=20,
     widths=(8, 16),
     n_layers=1,
@@ -76,33 +74,26 @@ def test_quantum_frequencies_follow_zipf_within_sampling_error():
 def test_documents_follow_the_rules():
     cfg = PlantedConfig()
     lang = planted.make_language(cfg)
-    tokens, quanta = planted.sample_docs(lang, 300, np.random.default_rng(0))
-    assert tokens.shape == quanta.shape == (300, cfg.doc_len)
-    keys = {tuple(k) for k in lang.keys.tolist()}
-    assert not keys & {tuple(d) for d in lang.decoys.tolist()}  # a decoy is never a key
-    trig = {int(t): i for i, t in enumerate(lang.trigger_ids)}
+    tokens, quanta = planted.sample_docs(lang, 400, np.random.default_rng(0))
+    assert tokens.shape == quanta.shape == (400, cfg.doc_len)
+    trig = {int(t): k for k, t in enumerate(lang.trigger_ids)}
     args = {int(t): j for j, t in enumerate(lang.arg_ids)}
-    answers = set(lang.answer_ids.tolist())
     for doc, lab in zip(tokens, quanta):
         assert (lab >= 0).sum() == cfg.quanta_per_doc
         seen = set()
         for pos in np.flatnonzero(lab >= 0):
-            k = int(lab[pos])
-            assert (trig[int(doc[pos - 3])], trig[int(doc[pos - 2])]) == tuple(lang.keys[k])
-            j = args[int(doc[pos - 1])]
-            assert doc[pos] == lang.answer_ids[lang.answer_of_arg[j]]
+            k, j = int(lab[pos]), args[int(doc[pos - 2])]
+            assert trig[int(doc[pos - 1])] == k
+            assert doc[pos] == lang.answer_ids[lang.table[k, j]]
             assert (k, j) not in seen, "a (quantum, argument) pair repeats within a document"
             seen.add((k, j))
-        # every trigger pair is a key followed by its answer, or a decoy followed by filler
-        for pos in range(cfg.doc_len - 1):
-            if int(doc[pos]) in trig and int(doc[pos + 1]) in trig:
-                pair = (trig[int(doc[pos])], trig[int(doc[pos + 1])])
-                assert int(doc[pos + 2]) in args
-                if pair in keys:
-                    assert lab[pos + 3] >= 0
-                else:
-                    assert lab[pos + 3] == -1 and int(doc[pos + 3]) not in answers
+        # triggers occur only inside instances, so every trigger is followed by its answer
+        for pos in np.flatnonzero(np.isin(doc, lang.trigger_ids)):
+            assert lab[pos + 1] == trig[int(doc[pos])]
         assert np.isin(doc[lab >= 0], lang.answer_ids).all()
+    # each table is a permutation: neither the trigger nor the argument alone tells the answer
+    assert all(sorted(row) == list(range(cfg.n_answers)) for row in lang.table.tolist())
+    assert all(len(set(col)) > 1 for col in lang.table.T.tolist())
 
 
 def test_answer_vocabulary_is_shared_so_the_answer_does_not_reveal_the_quantum():
@@ -120,10 +111,10 @@ def test_answer_vocabulary_is_shared_so_the_answer_does_not_reveal_the_quantum()
 
 
 def test_config_errors_are_one_line_and_name_the_key():
-    with pytest.raises(planted.PlantedError, match="n_triggers"):
-        planted.make_language(dataclasses.replace(TINY, n_triggers=2))
+    with pytest.raises(planted.PlantedError, match="n_args must equal n_answers"):
+        planted.make_language(dataclasses.replace(TINY, n_args=3))
     with pytest.raises(planted.PlantedError, match="doc_len"):
-        planted.make_language(dataclasses.replace(TINY, doc_len=10))
+        planted.make_language(dataclasses.replace(TINY, doc_len=8))
     with pytest.raises(planted.PlantedError, match="quanta_per_doc"):
         planted.make_language(dataclasses.replace(TINY, quanta_per_doc=5))
     with pytest.raises(planted.PlantedError, match="widths"):
