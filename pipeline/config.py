@@ -30,29 +30,29 @@ class ConfigError(QuantaError, ValueError):
 class PlantedConfig:
     """The embedded planted-quanta suite (pipeline/planted.py): a language, a model family."""
 
-    n_quanta: int = 60
+    n_quanta: int = 100
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
     alpha: float = 0.5
     n_args: int = 8  # argument words; quantum k's table maps them onto the answers
     n_answers: int = 8  # answer words shared by all quanta (= n_args: tables are permutations)
     # no table shares an answer (on any argument) with those of this many most frequent quanta
-    distinct_from_top: int = 2
+    distinct_from_top: int = 1
     n_filler: int = 64  # unpredictable (uniform) filler words
     doc_len: int = 32  # tokens per document
-    quanta_per_doc: int = 4  # rule instances (3 tokens each) per document
+    quanta_per_doc: int = 6  # rule instances (3 tokens each) per document
     n_eval_docs: int = 2500
     widths: tuple[int, ...] = (8, 12, 16, 24, 32, 48)  # one per suite.models name, in order
     n_layers: int = 2
     n_heads: int = 2
     mlp_ratio: int = 4  # intermediate size / width, as Pythia
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 6e-3
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as Pythia
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
+    weight_decay: float = 0.1  # AdamW, on matrices only
+    warmup_steps: int = 100
     seed: int = 0
-    threads: int = 2  # torch intra-op threads for training; 0 = torch's default
+    threads: int = 1  # torch intra-op threads for training; 0 = torch's default
 
 
 @dataclasses.dataclass(frozen=True)

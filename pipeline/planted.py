@@ -32,12 +32,15 @@ argument) pair repeats, so an instance is never solvable by copying an earlier o
 rather than by the quantum.
 
 A design note for gradient clustering (QDG): the unit of memory here is the (quantum,
-argument) fact, and the per-token gradient of an answer carries its answer word's direction, so
-gradients of two arguments of one quantum need not be more alike than those of two quanta with
-one answer (measured on a width-48 model with 16 answers: mean cosine -0.01 vs 0.14). A variant
-whose answer map is shared by all quanta, a quantum being a two-word key to recognise, leaned
-to the quantum (0.20 vs 0.14) but the width at which models acquired its quanta was erratic
-(the learned counts were not monotone in width, Spearman ~0.5), so this one is the default.
+argument) fact, and the per-token gradient of an answer carries its answer word's direction.
+Measured on the default language (width 48, 800 answers under 0.1 nats, non-embedding
+gradients): mean cosine 0.99 within one fact, -0.02 between two arguments of one quantum, 0.08
+between two quanta with one answer; spectral clustering with k = number of quanta gives ARI
+0.17 against the quantum and ~0 for the answer token. So the paper's QDG recovers facts, not
+quanta, here. A variant whose answer map is shared by all quanta (a quantum being a two-word key
+to recognise) leaned more to the quantum (0.20 vs 0.14 on a width-48 model), but the width at
+which its models acquired quanta was erratic (learned counts not monotone in width, Spearman
+~0.5), so this one is the default.
 
 Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
 predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
@@ -71,7 +74,7 @@ LEARNED_FRACTION = 0.9
 
 # Bump when the language or the training loop changes meaning, so that a resumed run never
 # reuses a model trained by older code (models/<name>/train.json records it).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _STEP = re.compile(r"^step(\d+)$")
 
@@ -803,7 +806,18 @@ def compute_metrics(
             **fit,
         }
     metrics["acceptance_failures"] = check_acceptance(metrics)
-    return metrics
+    return _nan_to_none(metrics)
+
+
+def _nan_to_none(x):
+    """NaN -> None throughout, so metrics files are strict JSON (null, not NaN)."""
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
 
 
 def check_acceptance(metrics: dict) -> list[str]:
@@ -815,12 +829,12 @@ def check_acceptance(metrics: dict) -> list[str]:
     if not all(b > a for a, b in zip(nl, nl[1:])):
         fails.append(f"the number of learned quanta does not rise with every size step: {nl}")
     rho = metrics["spearman_rank_vs_first_size"]
-    if not rho >= 0.8:
-        fails.append(f"Spearman(frequency rank, smallest learning size) = {rho:.3f} < 0.8")
+    if rho is None or not rho >= 0.8:
+        fails.append(f"Spearman(frequency rank, smallest learning size) = {rho if rho is None else round(rho, 3)} < 0.8")
     ab = metrics["abruptness"]
     if not ab["n_quanta"] >= 10:
         fails.append(f"only {ab['n_quanta']} quanta are acquired within the suite (< 10): abruptness is not measurable")
-    elif not ab["median"] >= 0.5:
+    elif ab["median"] is None or not ab["median"] >= 0.5:
         fails.append(f"median abruptness {ab['median']:.3f} < 0.5: quanta slide rather than drop with size")
     return fails
 

@@ -94,6 +94,11 @@ def test_documents_follow_the_rules():
     # each table is a permutation: neither the trigger nor the argument alone tells the answer
     assert all(sorted(row) == list(range(cfg.n_answers)) for row in lang.table.tolist())
     assert all(len(set(col)) > 1 for col in lang.table.T.tolist())
+    # no table agrees with those of the most frequent quanta (they dominate the argument-only guess)
+    top = 3
+    table = planted.make_language(dataclasses.replace(cfg, distinct_from_top=top)).table
+    for k in range(1, cfg.n_quanta):
+        assert not (table[k] == table[: min(k, top)]).any()
 
 
 def test_answer_vocabulary_is_shared_so_the_answer_does_not_reveal_the_quantum():
