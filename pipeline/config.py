@@ -147,11 +147,155 @@ class LossesConfig:
     progress: bool = True
 
 
+# Parameter groups that gradients.include / exclude may name besides regular expressions.
+GRADIENT_GROUPS = ("@embeddings", "@norms")
+PROJECTIONS = ("none", "sjlt")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Which tokens QDG studies (pipeline/select.py): low-loss tokens of one model."""
+
+    # The model and checkpoint whose loss table decides (a name in suite.models and one in
+    # suite.revisions). Explicit, not null: dvc.yaml names that loss table as a dependency.
+    model: str = "planted-w48"
+    revision: str = "step3000"
+    max_loss: float = 0.1  # nats; the paper's threshold
+    # Drop tokens another mechanism explains: "induction" (the paper's: the target
+    # completes a trigram seen earlier in the document) and/or "bigram" (the last
+    # context token followed by the target was seen earlier).
+    filters: tuple[str, ...] = ()
+    sampling: Literal["random", "stride"] = "random"  # seeded random, or the paper's fixed stride
+    n_samples: int = 10_000
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = sorted(set(self.filters) - {"induction", "bigram"})
+        if bad:
+            raise ConfigError(f"select.filters: unknown filter '{bad[0]}'; use 'induction' and/or 'bigram'")
+        if self.n_samples < 1:
+            raise ConfigError(f"select.n_samples must be >= 1, got {self.n_samples}")
+        if not self.max_loss > 0:
+            raise ConfigError(f"select.max_loss must be > 0 nats, got {self.max_loss}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientsConfig:
+    """Per-target gradients and their projection (pipeline/gradients.py, projection.py)."""
+
+    # The model whose gradients are taken; null: select.model / select.revision (the
+    # paper's choice). Another model must share the corpus tokenizer.
+    model: Optional[str] = None
+    revision: Optional[str] = None
+    # Regular expressions (re.search on parameter names) and the groups @embeddings, @norms.
+    include: tuple[str, ...] = (".*",)
+    exclude: tuple[str, ...] = ("@embeddings", "@norms")
+    # Tokens of context + target; null: corpus.max_len (the context the losses saw). A
+    # target at pos >= max_len sees the max_len - 1 tokens before it.
+    max_len: Optional[int] = None
+    dtype: Literal["float32", "float64"] = "float32"  # the model's weights (the paper: fp32)
+    batch_tokens: int = 8192  # padded context tokens per forward pass
+    batch_rows: int = 32  # rows per forward pass: bounds rows x largest parameter of per-target gradients
+    # Several targets of one document window in one row: auto = when it saves work
+    # (see plan_rows), always, never. Never changes results beyond fp32 rounding.
+    share_context: Literal["auto", "always", "never"] = "auto"
+    projection: Literal["none", "sjlt"] = "sjlt"
+    k: int = 8192  # projection dimension
+    nnz: int = 1  # sjlt: outputs per gradient coordinate (Kane-Nelson s)
+    seed: int = 0  # of the projection
+    out_dtype: Literal["float32", "float16"] = "float32"
+    verify: bool = True  # check the first batch against a summed backward pass
+    # Where it runs, as the losses stage: samples per shard (= part file, = Dask task).
+    shard_samples: int = 2000
+    scheduler: str = "local"
+    n_workers: int = 1
+    threads_per_worker: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        import re
+
+        if not self.include:
+            raise ConfigError("gradients.include is empty; use ['.*'] for every parameter")
+        for key in ("include", "exclude"):
+            for pat in getattr(self, key):
+                if pat.startswith("@"):
+                    if pat not in GRADIENT_GROUPS:
+                        raise ConfigError(
+                            f"gradients.{key}: unknown group '{pat}'; groups are {', '.join(GRADIENT_GROUPS)}"
+                        )
+                    continue
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ConfigError(f"gradients.{key}: '{pat}' is not a regular expression ({e})") from None
+        if self.max_len is not None and self.max_len < 2:
+            raise ConfigError(f"gradients.max_len must be >= 2 (one context token and one target), got {self.max_len}")
+        if self.batch_tokens < 1 or self.batch_rows < 1 or self.shard_samples < 1 or self.n_workers < 1:
+            raise ConfigError("gradients.batch_tokens, batch_rows, shard_samples and n_workers must be >= 1")
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"gradients.projection must be one of {list(PROJECTIONS)}, got {self.projection!r}")
+        if self.projection == "sjlt" and (self.k < 1 or self.nnz < 1 or self.k % self.nnz):
+            raise ConfigError(f"gradients.k ({self.k}) must be a positive multiple of gradients.nnz ({self.nnz})")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarityConfig:
+    """Cosine similarity of the gradients and the affinity clustering uses (pipeline/similarity.py)."""
+
+    # angular: 1 - arccos(C)/pi (the paper's); shifted: (1 + C)/2. Both map [-1, 1] to [0, 1].
+    affinity: Literal["angular", "shifted"] = "angular"
+    # dense: the N x N matrix; knn: a sparse symmetrised k-nearest-neighbour graph;
+    # auto: dense up to dense_max samples, knn above.
+    mode: Literal["auto", "dense", "knn"] = "auto"
+    dense_max: int = 20_000
+    n_neighbors: int = 30  # knn: neighbours per sample (excluding itself)
+    knn_backend: Literal["auto", "faiss", "sklearn"] = "auto"  # auto: faiss when installed
+    memory_gb: float = 2.0  # bound on the float32 working blocks of the similarity computation
+
+    def __post_init__(self):
+        if self.dense_max < 2 or self.n_neighbors < 1 or not self.memory_gb > 0:
+            raise ConfigError("similarity.dense_max must be >= 2, n_neighbors >= 1 and memory_gb > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Spectral clustering of the affinity (pipeline/cluster.py)."""
+
+    # One k, or a sweep (the paper: 10 ... 1500). The first is the main k: it gets the
+    # `cluster` column, the summary's order and the stability score.
+    n_clusters: Union[int, tuple[int, ...]] = (400,)
+    n_init: int = 10  # k-means restarts in the spectral embedding (the paper: 30)
+    eigen_solver: Literal["arpack", "lobpcg", "amg"] = "arpack"
+    # kmeans (the paper's), discretize, or cluster_qr (no restarts; fast for large N)
+    assign_labels: Literal["kmeans", "discretize", "cluster_qr"] = "kmeans"
+    seed: int = 0
+    stability_seed: int = 1  # a second seed at the main k; metrics/qdg.json reports their ARI
+    top_tokens: int = 5  # answer tokens listed per cluster in the summary
+    n_examples: int = 10  # example sample ids per cluster in the summary
+
+    def __post_init__(self):
+        if isinstance(self.n_clusters, int):  # one k: a sweep of one
+            object.__setattr__(self, "n_clusters", (self.n_clusters,))
+        if not self.n_clusters or min(self.n_clusters) < 2:
+            raise ConfigError(f"cluster.n_clusters must be one k >= 2 or a list of them, got {list(self.n_clusters)}")
+        if len(set(self.n_clusters)) != len(self.n_clusters):
+            raise ConfigError(f"cluster.n_clusters has repeats: {list(self.n_clusters)}")
+        if self.n_init < 1:
+            raise ConfigError("cluster.n_init must be >= 1")
+        if self.seed == self.stability_seed:
+            raise ConfigError("cluster.stability_seed must differ from cluster.seed (their ARI is the stability score)")
+
+
 SECTIONS: dict[str, type] = {
     "planted": PlantedConfig,
     "suite": SuiteConfig,
     "corpus": CorpusConfig,
     "losses": LossesConfig,
+    "select": SelectConfig,
+    "gradients": GradientsConfig,
+    "similarity": SimilarityConfig,
+    "cluster": ClusterConfig,
 }
 
 

@@ -67,67 +67,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import re
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from pipeline import models as models_lib
-from pipeline.config import ConfigError
+from pipeline.config import GRADIENT_GROUPS as GROUPS
+from pipeline.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
 from pipeline.errors import QuantaError
 from pipeline.losses import check_output_head, logit_transform, model_device
-from pipeline.projection import PROJECTIONS, NoProjection, Projector, make_projector
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientsConfig:
-    """Per-target gradients and their projection (pipeline/gradients.py, projection.py)."""
-
-    # Regular expressions (re.search on parameter names) and the groups @embeddings, @norms.
-    include: tuple[str, ...] = (".*",)
-    exclude: tuple[str, ...] = ("@embeddings", "@norms")
-    # Tokens of context + target; null: the model's maximum context. A target at
-    # pos >= max_len sees the max_len - 1 tokens before it.
-    max_len: Optional[int] = None
-    batch_tokens: int = 8192  # padded context tokens per forward pass
-    batch_rows: int = 32  # rows per forward pass: bounds rows x largest parameter of per-target gradients
-    # Several targets of one document window in one row: auto = when it saves work
-    # (see plan_rows), always, never. Never changes results beyond fp32 rounding.
-    share_context: Literal["auto", "always", "never"] = "auto"
-    projection: Literal["none", "sjlt"] = "sjlt"
-    k: int = 8192  # projection dimension
-    nnz: int = 1  # sjlt: outputs per gradient coordinate (Kane-Nelson s)
-    seed: int = 0  # of the projection
-    out_dtype: Literal["float32", "float16"] = "float32"
-    verify: bool = True  # check the first batch against a summed backward pass
-
-    def __post_init__(self):
-        if not self.include:
-            raise ConfigError("gradients.include is empty; use ['.*'] for every parameter")
-        for key in ("include", "exclude"):
-            for pat in getattr(self, key):
-                if pat.startswith("@"):
-                    if pat not in GROUPS:
-                        raise ConfigError(f"gradients.{key}: unknown group '{pat}'; groups are {', '.join(GROUPS)}")
-                    continue
-                try:
-                    re.compile(pat)
-                except re.error as e:
-                    raise ConfigError(f"gradients.{key}: '{pat}' is not a regular expression ({e})") from None
-        if self.max_len is not None and self.max_len < 2:
-            raise ConfigError(f"gradients.max_len must be >= 2 (one context token and one target), got {self.max_len}")
-        if self.batch_tokens < 1 or self.batch_rows < 1:
-            raise ConfigError("gradients.batch_tokens and gradients.batch_rows must be >= 1")
-        if self.projection not in PROJECTIONS:
-            raise ConfigError(f"gradients.projection must be one of {list(PROJECTIONS)}, got {self.projection!r}")
-        if self.projection == "sjlt" and (self.k < 1 or self.nnz < 1 or self.k % self.nnz):
-            raise ConfigError(f"gradients.k ({self.k}) must be a positive multiple of gradients.nnz ({self.nnz})")
-
+from pipeline.projection import NoProjection, Projector, make_projector
 
 class GradientError(QuantaError, ValueError):
     """Samples, tokens or parameter choices the gradient stage cannot use as given."""
@@ -138,9 +94,6 @@ class BadGradientWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- parameter selection
-
-GROUPS = ("@embeddings", "@norms")
-
 
 def _abbrev(names: Sequence[str], head: int = 12, tail: int = 4) -> str:
     if len(names) <= head + tail + 1:
@@ -766,3 +719,269 @@ def per_target_gradients(
         out[ix] = o
         norms[ix] = nrm
     return out, norms
+
+
+# --------------------------------------------------------------------------- the stage: shards on Dask, resumable
+
+GRADIENTS_FORMAT = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientShardTask:
+    """One part file of the gradients stage; small and picklable (the model travels by name)."""
+
+    spec: Any  # models.ModelSpec
+    load_kwargs: dict
+    cfg: GradientsConfig
+    max_len: int
+    torch_threads: int
+    index: int
+    samples: dict  # doc_id, pos, token_id arrays of this shard
+    docs: dict  # doc_id -> int32 tokens of the documents it needs
+    path: str
+    identity: dict
+
+
+def _load_for_gradients(spec: Any, load_kwargs: dict) -> torch.nn.Module:
+    return models_lib.load_model(spec, **load_kwargs)
+
+
+def compute_part(task: GradientShardTask) -> dict:
+    """Compute one shard's projected gradients and write its part file (.npz) atomically."""
+    from pipeline import distributed, io
+    from pipeline.losses import peak_rss_bytes, torch_threads
+
+    with torch_threads(task.torch_threads):
+        kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
+        key = ("gradients", repr(task.spec), repr(sorted(kwargs.items())))
+        model = distributed.cached(key, lambda: _load_for_gradients(task.spec, kwargs))
+        cfg = dataclasses.replace(task.cfg, max_len=task.max_len)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", BadGradientWarning)
+            res = compute_gradients(model, task.samples, task.docs, cfg)
+        reasons = np.array([res.reasons.get(i, "") for i in range(len(res.norms))], dtype=object)
+        with io.atomic_path(task.path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(
+                    f,
+                    grads=res.grads,
+                    norms=res.norms,
+                    bad=res.bad,
+                    reasons=reasons.astype(str),
+                    identity=np.array(json.dumps(task.identity, sort_keys=True)),
+                )
+    return {
+        "index": task.index,
+        "n": len(res.norms),
+        "seconds": res.seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "projection": res.projection,
+        "windowed": res.windowed,
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, BadGradientWarning)],
+    }
+
+
+def _part_ok(path: Path, identity: dict, n: int, dim: Optional[int]) -> Optional[str]:
+    if not path.exists():
+        return "missing"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            found = json.loads(str(z["identity"]))
+            shape = z["grads"].shape
+    except Exception as e:  # truncated or foreign: recompute
+        return f"unreadable ({type(e).__name__})"
+    if found != json.loads(json.dumps(identity, sort_keys=True)):
+        return "was made with a different config"
+    if shape[0] != n or (dim is not None and shape[1] != dim):
+        return f"has shape {shape}, expected {(n, dim)}"
+    return None
+
+
+def check_same_tokenizer(a: Any, b: Any, load: Callable[[Any], Any]) -> None:
+    """Gradients of model `b` on samples selected (and tokenized) for model `a` need one tokenizer."""
+    if (a.name, a.revision) == (b.name, b.revision):
+        return
+    ta, tb = load(a), load(b)
+    if ta.get_vocab() != tb.get_vocab():
+        raise GradientError(
+            f"gradients.model {b.name}@{b.revision} has a different tokenizer ({type(tb).__name__}, "
+            f"{len(tb)} tokens) from select.model {a.name}@{a.revision} ({type(ta).__name__}, {len(ta)} tokens), "
+            "so the selected token ids mean other tokens; use a model of the same family or leave gradients.model null"
+        )
+
+
+def run_gradients(
+    samples_path: str,
+    tokens_path: str,
+    out_npy: str,
+    out_table: str,
+    *,
+    cfg: GradientsConfig,
+    select_spec: Any,
+    spec: Any,
+    load_kwargs: dict,
+    max_len: int,
+    parts_dir: Optional[str] = None,
+    tokenizer_loader: Optional[Callable[[Any], Any]] = None,
+) -> dict:
+    """The gradients stage: ``out_npy`` (N, dim) and ``out_table`` (sample, norm, bad, reason).
+
+    Shards of cfg.shard_samples samples are computed in-process or on Dask workers (as
+    the losses stage), each written as a part file in `parts_dir`; a killed run reuses
+    the finished parts. When every part is there, the (N, dim) array is assembled into
+    ``out_npy`` atomically and the parts are removed. Returns the stage's meta dict.
+    """
+    import pyarrow as pa
+
+    from pipeline import distributed, io
+    from pipeline.losses import peak_rss_bytes, read_tokens
+    from pipeline.select import read_samples
+
+    t_start = time.perf_counter()
+    if tokenizer_loader is not None:
+        check_same_tokenizer(select_spec, spec, tokenizer_loader)
+    samples = read_samples(samples_path)
+    if len(samples) == 0:
+        raise GradientError(f"{samples_path} has no samples; rerun the select stage")
+    tokens = read_tokens(tokens_path)
+    n = len(samples)
+    doc = samples["doc_id"].to_numpy(np.int64)
+    pos = samples["pos"].to_numpy(np.int64)
+    tok = samples["token_id"].to_numpy(np.int64)
+    rows = tokens.index_of(doc)
+    missing = (rows >= len(tokens.doc_ids)) | (tokens.doc_ids[np.minimum(rows, len(tokens.doc_ids) - 1)] != doc)
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise GradientError(f"sample {i}: document {doc[i]} is not in {tokens_path}; rerun select after the corpus stage")
+
+    parts = Path(parts_dir or Path(out_npy).parent / f".{Path(out_npy).stem}-parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    for p in parts.glob(".*.tmp"):  # left by a killed writer
+        p.unlink(missing_ok=True)
+    dim = cfg.k if cfg.projection == "sjlt" else None
+    shard_bounds = [(s, min(n, s + cfg.shard_samples)) for s in range(0, n, cfg.shard_samples)]
+    identity_base = {
+        "stage": "gradients",
+        "format": GRADIENTS_FORMAT,
+        "model": dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else str(spec),
+        "dtype": cfg.dtype,
+        "device": load_kwargs.get("device"),
+        "max_len": max_len,
+        "gradients": {
+            k: v
+            for k, v in dataclasses.asdict(cfg).items()
+            if k not in ("scheduler", "n_workers", "threads_per_worker", "progress", "model", "revision", "verify")
+        },
+    }
+
+    address = distributed.scheduler_address(cfg.scheduler)
+    todo: list[GradientShardTask] = []
+    results: list[dict] = []
+    for index, (a, b) in enumerate(shard_bounds):
+        digest = hashlib.sha256(np.stack([doc[a:b], pos[a:b], tok[a:b]]).tobytes()).hexdigest()
+        identity = dict(identity_base, part={"index": index, "start": a, "stop": b, "sha256": digest})
+        path = parts / f"part-{index:05d}.npz"
+        if _part_ok(path, identity, b - a, dim) is None:
+            continue
+        needed = np.unique(doc[a:b])
+        r = tokens.index_of(needed)
+        docs = {int(d): tokens.token_ids[tokens.offsets[i] : tokens.offsets[i + 1]] for d, i in zip(needed, r)}
+        todo.append(
+            GradientShardTask(
+                spec=spec,
+                load_kwargs=load_kwargs,
+                cfg=cfg,
+                max_len=max_len,
+                torch_threads=0,
+                index=index,
+                samples={"doc_id": doc[a:b], "pos": pos[a:b], "token_id": tok[a:b]},
+                docs=docs,
+                path=str(path),
+                identity=identity,
+            )
+        )
+    reused = len(shard_bounds) - len(todo)
+
+    bar = None
+    if cfg.progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(len(t.samples["pos"]) for t in todo), desc="gradients", unit="sample")
+    t_compute = time.perf_counter()
+    single = address == distributed.INPROCESS or (address == distributed.LOCAL and min(len(todo), cfg.n_workers) <= 1)
+    try:
+        if single:
+            threads = distributed.local_threads(cfg.threads_per_worker, 1)
+            for task in todo:
+                results.append(compute_part(dataclasses.replace(task, torch_threads=threads)))
+                if bar is not None:
+                    bar.update(results[-1]["n"])
+            mode = distributed.INPROCESS
+        else:
+            with distributed.client(address, cfg.n_workers) as c:
+                workers = distributed.n_workers_of(c)
+                threads = distributed.local_threads(cfg.threads_per_worker, workers) if address == distributed.LOCAL else cfg.threads_per_worker
+                tasks = [dataclasses.replace(t, torch_threads=threads) for t in todo]
+                for res in distributed.map_unordered(c, compute_part, tasks, max_in_flight=2 * workers, key_prefix="gradients"):
+                    results.append(res)
+                    if bar is not None:
+                        bar.update(res["n"])
+            mode = address
+    finally:
+        if bar is not None:
+            bar.close()
+    compute_seconds = time.perf_counter() - t_compute
+    for res in results:
+        for w in res["warnings"]:
+            warnings.warn(w, BadGradientWarning, stacklevel=2)
+
+    # Assemble: every part exists now (computed or reused); one pass into a memmap.
+    first = np.load(parts / "part-00000.npz", allow_pickle=False)
+    dim = first["grads"].shape[1]
+    dtype = first["grads"].dtype
+    norms = np.zeros(n, dtype=np.float32)
+    bad = np.zeros(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    with io.atomic_path(out_npy) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
+        for index, (a, b) in enumerate(shard_bounds):
+            with np.load(parts / f"part-{index:05d}.npz", allow_pickle=False) as z:
+                arr[a:b] = z["grads"]
+                norms[a:b] = z["norms"]
+                bad[a:b] = z["bad"]
+                reasons[a:b] = z["reasons"]
+        arr.flush()
+        del arr
+    table = pa.table(
+        {
+            "sample": pa.array(samples["sample"].to_numpy(np.int32)),
+            "norm": pa.array(norms),
+            "bad": pa.array(bad),
+            "reason": pa.array([r or None for r in reasons], pa.string()),
+        }
+    )
+    io.write_parquet(table, out_table, config=identity_base)
+    for p in parts.glob("part-*.npz"):
+        p.unlink()
+    with contextlib.suppress(OSError):
+        parts.rmdir()
+    computed = sum(r["n"] for r in results)
+    busy = sum(r["seconds"] for r in results)
+    return {
+        "n_samples": n,
+        "dim": int(dim),
+        "dtype": str(dtype),
+        "n_bad": int(bad.sum()),
+        "bad_samples": {int(i): reasons[i] for i in np.flatnonzero(bad)[:100]},
+        "parts": len(shard_bounds),
+        "reused_parts": reused,
+        "computed_samples": computed,
+        "samples_per_s": round(computed / busy, 2) if busy else None,
+        "compute_seconds": round(compute_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_bytes": max([r["peak_rss_bytes"] for r in results], default=peak_rss_bytes()),
+        "projection": results[0]["projection"] if results else None,
+        "windowed": sum(r["windowed"] for r in results),
+        "execution": mode,
+        "identity": identity_base,
+    }

@@ -40,10 +40,10 @@ from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
+from pipeline.config import PROJECTIONS  # noqa: F401  (the list lives in the config)
 from pipeline.errors import QuantaError
 
 ProjectionKind = Literal["none", "sjlt"]
-PROJECTIONS: tuple[str, ...] = ("none", "sjlt")
 
 _MASK32 = 0xFFFFFFFF
 

@@ -1,0 +1,46 @@
+"""Stage `select`: the QDG samples, tokens that one model predicts with loss < select.max_loss.
+
+(Not stages/select.py: a script of that name would shadow the standard library's
+`select` module for everything it imports.)
+
+    python stages/select_samples.py [--params params.yaml] --losses cache/losses \
+        --tokens cache/corpus/tokens.parquet --out cache/qdg/samples.parquet
+
+Reads the loss table of (select.model, select.revision) and writes samples.parquet
+(sample, doc_id, pos, token_id, loss).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence
+
+from pipeline import config, io, losses, stage
+from pipeline import select as select_lib
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = stage.parser("loss table -> QDG samples")
+    ap.add_argument("--losses", required=True, help="the losses stage's output root (cache/losses)")
+    ap.add_argument("--tokens", required=True, help="the corpus stage's tokens.parquet")
+    ap.add_argument("--out", required=True, help="output samples.parquet")
+    args = ap.parse_args(argv)
+
+    params = config.load_params(args.params)
+    cfg = config.section(params, "select")
+    suite = config.section(params, "suite")
+    if cfg.model not in suite.models or cfg.revision not in suite.revisions:
+        raise config.ConfigError(
+            f"select.model/revision {cfg.model}@{cfg.revision} is not evaluated by the suite "
+            f"(suite.models: {', '.join(suite.models)}; suite.revisions: {', '.join(suite.revisions)})"
+        )
+    table = select_lib.read_loss_table(losses.partition_dir(args.losses, cfg.model, cfg.revision))
+    tokens = losses.read_tokens(args.tokens)
+    warnings.simplefilter("always", select_lib.SelectWarning)  # say it on every run, not once
+    samples = select_lib.select_samples(table, tokens, cfg)
+    io.write_parquet(samples, args.out, config=config.to_dict(cfg))
+    print(f"select: {samples.num_rows} samples of {cfg.model}@{cfg.revision} with loss < {cfg.max_loss} nats -> {args.out}")
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,42 @@
+"""Stage `similarity`: cosine similarity of the gradients, as the affinity clustering reads.
+
+    python stages/similarity.py [--params params.yaml] --gradients cache/qdg/gradients.npy \
+        --table cache/qdg/gradients.parquet --out cache/qdg/similarity
+
+Writes a folder: affinity.npy (dense) or affinity.npz (sparse kNN), samples.npy (the
+sample ids of its rows; bad samples are left out) and meta.json.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline import config, stage
+from pipeline import similarity as sim
+from pipeline.errors import QuantaError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = stage.parser("gradients -> affinity")
+    ap.add_argument("--gradients", required=True)
+    ap.add_argument("--table", required=True, help="the gradients stage's per-sample table (bad flags)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    cfg = config.load("similarity", args.params)
+    try:
+        grads = np.load(args.gradients, mmap_mode="r")
+    except FileNotFoundError:
+        raise QuantaError(f"{args.gradients} not found; run the gradients stage first (dvc repro gradients)") from None
+    bad = pq.read_table(args.table, columns=["bad"]).column("bad").to_numpy()
+    aff, ids, meta = sim.compute(grads, bad, cfg, progress=not args.no_progress)
+    sim.write(args.out, aff, ids, meta)
+    print(f"similarity: {meta['mode']} affinity of {meta['n_used']} samples ({meta['seconds']} s) -> {args.out}")
+
+
+if __name__ == "__main__":
+    stage.run(main)
