@@ -47,6 +47,18 @@ corpus:
 losses:
   batch_tokens: 512
   scheduler: inprocess
+select:
+  model: tiny-c
+  revision: step40
+  max_loss: 5.0           # 40 training steps: nothing is below the real 0.1 nats yet
+  n_samples: 150
+gradients:
+  k: 256
+  scheduler: inprocess
+  shard_samples: 64
+cluster:
+  n_clusters: [4, 3]
+  n_init: 2
 """
 
 
@@ -117,6 +129,25 @@ def test_dvc_repro_tiny_suite(scratch):
 
     metrics = json.loads((scratch / "metrics/planted.json").read_text())
     assert metrics, "planted metrics are written"
+
+    # QDG: samples -> gradients -> affinity -> clusters -> validation against the planted quanta
+    import numpy as np
+
+    samples = pd.read_parquet(scratch / "cache/qdg/samples.parquet")
+    assert 0 < len(samples) <= 150 and (samples["loss"] < 5.0).all()
+    grads = np.load(scratch / "cache/qdg/gradients.npy")
+    assert grads.shape == (len(samples), 256) and np.isfinite(grads).all()
+    clusters = pl.read_parquet(scratch / "cache/qdg/clusters.parquet")
+    assert clusters.columns == ["sample", "cluster", "k4", "k3"] and clusters.height == len(samples)
+    summary = duckdb.sql(
+        f"select k, sum(size) from read_parquet('{scratch}/cache/qdg/cluster_summary.parquet') group by k order by k"
+    ).fetchall()
+    assert summary == [(3, len(samples)), (4, len(samples))]
+    qdg = json.loads((scratch / "metrics/qdg.json").read_text())
+    assert qdg["k"] == 4 and -1 <= qdg["stability_ari"] <= 1
+    validate = json.loads((scratch / "metrics/validate.json").read_text())
+    assert validate["planted"] is True and validate["n_scored"] == len(samples)
+    assert {"qdg", "baseline_answer", "baseline_context"} <= validate.keys() or "skipped" in validate
 
     # A second repro has nothing to do: outputs are deterministic and tracked.
     again = _run([sys.executable, "-m", "dvc", "status"], scratch)

@@ -1,0 +1,117 @@
+"""Spectral clustering: recovers planted blocks, invariances, sweeps, summaries, validation, bad input."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.cluster import SpectralClustering
+from sklearn.metrics import adjusted_rand_score
+
+from pipeline import cluster
+from pipeline import similarity as sim
+from pipeline.config import ClusterConfig, ConfigError, build
+from pipeline.errors import QuantaError
+
+
+def blobs(sizes=(40, 25, 15, 10, 6), dim=64, noise=0.35, seed=0):
+    """Unit-norm vectors around random directions, one direction per block."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((len(sizes), dim))
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    x = centres[labels] + noise * rng.standard_normal((len(labels), dim)) * np.linalg.norm(centres[0]) / np.sqrt(dim)
+    return x.astype(np.float32), labels
+
+
+CFG = ClusterConfig(n_clusters=(5,), n_init=4)
+
+
+def test_recovers_blocks_dense_and_knn():
+    x, truth = blobs()
+    dense = sim.dense_affinity(x)
+    knn = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")
+    for aff in (dense, knn):
+        labels = cluster.spectral(aff, [5], CFG)[5]
+        assert adjusted_rand_score(truth, labels) == 1.0
+
+
+def test_same_partition_as_sklearn_spectral_clustering():
+    x, truth = blobs(seed=1)
+    aff = sim.dense_affinity(x)
+    ours = cluster.spectral(aff, [5], CFG)[5]
+    theirs = SpectralClustering(5, affinity="precomputed", random_state=0, n_init=4).fit(aff.astype(np.float64)).labels_
+    assert adjusted_rand_score(ours, theirs) == 1.0
+
+
+def test_sweep_columns_equal_single_k_runs():
+    x, _ = blobs(sizes=(30, 20, 20, 12, 8, 6), seed=2)
+    aff = sim.dense_affinity(x)
+    cfg = ClusterConfig(n_clusters=(6, 3, 4), n_init=4)
+    sweep = cluster.spectral(aff, [6, 3, 4], cfg)
+    for k in (3, 4, 6):
+        single = cluster.spectral(aff, [k], cfg)[k]
+        assert adjusted_rand_score(sweep[k], single) == 1.0
+
+
+def test_labels_up_to_renaming_and_sample_order():
+    x, truth = blobs(seed=3)
+    perm = np.random.default_rng(0).permutation(len(x))
+    a = cluster.spectral(sim.dense_affinity(x), [5], CFG)[5]
+    b = cluster.spectral(sim.dense_affinity(x[perm]), [5], CFG)[5]
+    assert adjusted_rand_score(a[perm], b) == 1.0
+    # canonical names: 0 is the largest cluster
+    assert np.bincount(a)[0] == np.bincount(a).max() == 40
+    np.testing.assert_array_equal(cluster.canonical(np.array([7, 7, 3, 9, 9, 9])), [1, 1, 2, 0, 0, 0])
+
+
+@pytest.mark.parametrize("how", ["cluster_qr", "discretize"])
+def test_other_label_assignments(how):
+    x, truth = blobs(seed=4, noise=0.2)
+    labels = cluster.spectral(sim.dense_affinity(x), [5], ClusterConfig(n_clusters=(5,), assign_labels=how))[5]
+    assert adjusted_rand_score(truth, labels) > 0.95
+
+
+def test_run_clustering_table_metrics_and_summary():
+    x, truth = blobs()
+    n = len(x) + 2  # two bad samples, left out of the affinity
+    ids = np.arange(2, n)
+    aff = sim.dense_affinity(x)
+    cfg = ClusterConfig(n_clusters=(5, 3), n_init=4, n_examples=3, top_tokens=2)
+    table, metrics = cluster.run_clustering(aff, ids, n, cfg)
+    df = table.to_pandas()
+    assert list(df.columns) == ["sample", "cluster", "k5", "k3"]
+    assert (df.loc[:1, ["cluster", "k5", "k3"]] == -1).all().all()
+    assert (df["cluster"] == df["k5"]).all()
+    assert metrics["stability_ari"] == 1.0 and metrics["k"] == 5 and metrics["n_clustered"] == n - 2
+    samples = pd.DataFrame({"sample": np.arange(n), "token_id": np.r_[0, 0, truth % 2 + 10], "loss": np.linspace(0, 0.1, n)})
+    summary = cluster.summarise(df, samples, {10: "ten", 11: "eleven"}, cfg).to_pandas()
+    assert set(summary["k"]) == {5, 3}
+    five = summary[summary["k"] == 5].sort_values("cluster")
+    assert five["size"].tolist() == [40, 25, 15, 10, 6]
+    assert all(len(e) == 3 for e in five["examples"]) and all(len(t) <= 2 for t in five["top_tokens"])
+    first = five.iloc[0]
+    assert first["top_tokens"][0] in ("ten", "eleven") and first["top_counts"][0] == 40
+
+
+def test_validate_scores_against_truth_and_baselines():
+    x, truth = blobs()
+    aff = sim.dense_affinity(x)
+    ids = np.arange(len(x))
+    tokens = np.where(truth < 2, 100, 200)  # the answer token tells only two groups apart
+    samples = pd.DataFrame({"sample": ids, "token_id": tokens})
+    out = cluster.validate(aff, ids, samples, truth, prev_tokens=truth + 50, clusters=None, cfg=CFG)
+    assert out["k"] == 5 and out["qdg"]["ari"] == 1.0
+    assert out["baseline_answer"]["ari"] < 0.5
+    assert out["baseline_context"]["ari"] == 1.0  # here the previous token names the block
+
+
+def test_bad_input():
+    x, _ = blobs(sizes=(3, 3))
+    aff = sim.dense_affinity(x)
+    with pytest.raises(QuantaError, match=r"cluster.n_clusters \[6\] needs more samples than the 6 usable"):
+        cluster.spectral(aff, [6], CFG)
+    with pytest.raises(ConfigError, match="one k >= 2"):
+        build(ClusterConfig, {"n_clusters": 1}, "cluster")
+    with pytest.raises(ConfigError, match="repeats"):
+        build(ClusterConfig, {"n_clusters": [5, 5]}, "cluster")
+    with pytest.raises(ConfigError, match="stability_seed must differ"):
+        build(ClusterConfig, {"seed": 1, "stability_seed": 1}, "cluster")
+    assert build(ClusterConfig, {"n_clusters": 7}, "cluster").n_clusters == (7,)

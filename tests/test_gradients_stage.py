@@ -1,0 +1,126 @@
+"""The gradients stage: shards give the library's gradients, a crash resumes from finished
+parts, Dask workers agree with in-process, and a model with another tokenizer is refused."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import distributed, gradients, io, models
+from pipeline.config import GradientsConfig
+from pipeline.gradients import GradientError, compute_gradients, run_gradients
+from pipeline.losses import read_tokens
+from pipeline.select import SCHEMA
+
+VOCAB = 300  # the conftest model's tokenizer has 300 tokens
+
+
+@pytest.fixture(autouse=True)
+def _no_external_scheduler(monkeypatch):
+    monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_neox_dir):
+    d = tmp_path_factory.mktemp("qdg")
+    rng = np.random.default_rng(0)
+    docs = {5 * i + 2: rng.integers(0, VOCAB, size=int(rng.integers(8, 40))) for i in range(30)}
+    doc = np.concatenate([np.full(len(t), k, dtype=np.int64) for k, t in docs.items()])
+    pos = np.concatenate([np.arange(len(t), dtype=np.int32) for t in docs.values()])
+    tok = np.concatenate(list(docs.values())).astype(np.int32)
+    io.write_parquet(pa.table({"doc_id": doc, "pos": pos, "token_id": tok,
+                               "token_str": pa.array([f"t{t}" for t in tok]).dictionary_encode()}), d / "tokens.parquet")
+    chosen = np.sort(rng.choice(np.flatnonzero(pos >= 1), size=57, replace=False))
+    samples = pa.Table.from_arrays(
+        [pa.array(np.arange(57, dtype=np.int32)), pa.array(doc[chosen]), pa.array(pos[chosen]),
+         pa.array(tok[chosen]), pa.array(np.zeros(57, dtype=np.float32))], schema=SCHEMA)
+    io.write_parquet(samples, d / "samples.parquet")
+    spec = models.ModelSpec("tiny", str(tiny_neox_dir))
+    return d, spec, docs, samples.to_pandas()
+
+
+def stage(d, spec, out, **cfg_kw):
+    cfg = GradientsConfig(**{"k": 512, "shard_samples": 10, "scheduler": "inprocess", "progress": False,
+                             "threads_per_worker": 1, **cfg_kw})
+    return run_gradients(str(d / "samples.parquet"), str(d / "tokens.parquet"), str(out / "g.npy"),
+                         str(out / "g.parquet"), cfg=cfg, select_spec=spec, spec=spec,
+                         load_kwargs={"dtype": "float32", "device": "cpu", "cache_dir": None}, max_len=32)
+
+
+def test_stage_output_equals_the_library_on_all_samples(tmp_path, inputs):
+    d, spec, docs, samples = inputs
+    meta = stage(d, spec, tmp_path)
+    got = np.load(tmp_path / "g.npy")
+    assert got.shape == (57, 512) and meta["parts"] == 6 and meta["n_bad"] == 0
+    model = models.load_model(spec, dtype="float32", device="cpu")
+    ref = compute_gradients(model, samples, docs, GradientsConfig(k=512, max_len=32))
+    np.testing.assert_allclose(got, ref.grads, rtol=1e-5, atol=1e-6 * np.abs(ref.grads).max())
+    table = pa.parquet.read_table(tmp_path / "g.parquet").to_pandas()
+    assert table["sample"].tolist() == list(range(57))
+    np.testing.assert_allclose(table["norm"], ref.norms, rtol=1e-5)
+    assert not (tmp_path / ".g-parts").exists(), "parts are removed once assembled"
+
+
+def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, inputs, monkeypatch):
+    d, spec, _, _ = inputs
+    real = gradients.compute_part
+    calls = []
+
+    def dies_on_the_fourth(task):
+        calls.append(task.index)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real(task)
+
+    monkeypatch.setattr(gradients, "compute_part", dies_on_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, tmp_path / "run")
+    assert not (tmp_path / "run" / "g.npy").exists() and not (tmp_path / "run" / "g.parquet").exists()
+    assert len(list((tmp_path / "run" / ".g-parts").glob("part-*.npz"))) == 3
+    monkeypatch.setattr(gradients, "compute_part", real)
+    meta = stage(d, spec, tmp_path / "run")
+    assert meta["reused_parts"] == 3 and meta["computed_samples"] == 57 - 30
+    clean = stage(d, spec, tmp_path / "clean")
+    assert clean["reused_parts"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "g.npy"), np.load(tmp_path / "clean" / "g.npy"))
+    # a part made with other settings is never reused
+    (tmp_path / "run" / "g.npy").unlink()
+    monkeypatch.setattr(gradients, "compute_part", dies_on_the_fourth)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, tmp_path / "run")
+    monkeypatch.setattr(gradients, "compute_part", real)
+    assert stage(d, spec, tmp_path / "run", seed=1)["reused_parts"] == 0
+
+
+@pytest.mark.slow
+def test_local_cluster_of_two_workers_gives_the_inprocess_array(tmp_path, inputs):
+    d, spec, _, _ = inputs
+    stage(d, spec, tmp_path / "a")
+    meta = stage(d, spec, tmp_path / "b", scheduler="local", n_workers=2)
+    assert meta["execution"] == "local"
+    np.testing.assert_allclose(np.load(tmp_path / "a" / "g.npy"), np.load(tmp_path / "b" / "g.npy"), rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_with_another_tokenizer_is_refused(tmp_path, inputs, tiny_tokenizer):
+    from pipeline import planted
+    from pipeline.config import PlantedConfig
+
+    d, spec, _, _ = inputs
+    other = models.ModelSpec("planted", str(tmp_path / "unused"), revision="step10")
+    toks = {"tiny": tiny_tokenizer, "planted": planted.make_tokenizer(planted.make_language(PlantedConfig()))}
+    with pytest.raises(GradientError, match=r"gradients.model planted@step10 has a different tokenizer .* select.model tiny@main"):
+        run_gradients(str(d / "samples.parquet"), str(d / "tokens.parquet"), str(tmp_path / "g.npy"),
+                      str(tmp_path / "g.parquet"), cfg=GradientsConfig(), select_spec=spec, spec=other,
+                      load_kwargs={}, max_len=32, tokenizer_loader=lambda s: toks[s.name])
+    assert not (tmp_path / "g.npy").exists()
+    # the same tokenizer (another checkpoint of the same family) is fine
+    gradients.check_same_tokenizer(spec, other, lambda s: tiny_tokenizer)
+
+
+def test_samples_from_another_corpus_are_refused(tmp_path, inputs):
+    d, spec, _, samples = inputs
+    bad = pa.Table.from_pandas(samples.assign(doc_id=samples["doc_id"] + 1), schema=SCHEMA, preserve_index=False)
+    io.write_parquet(bad, tmp_path / "samples.parquet")
+    (tmp_path / "tokens.parquet").symlink_to(d / "tokens.parquet")
+    with pytest.raises(GradientError, match="document 3 is not in"):
+        stage(tmp_path, spec, tmp_path)

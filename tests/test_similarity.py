@@ -1,0 +1,104 @@
+"""Similarity and affinity: values against plain formulas, invariances, modes, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pipeline import similarity as sim
+from pipeline.config import SimilarityConfig
+from pipeline.errors import QuantaError
+
+
+def vectors(n=60, dim=32, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def test_cosine_and_affinities_match_the_formulas():
+    x = vectors()
+    ref = np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in x.astype(np.float64)] for a in x.astype(np.float64)])
+    c = sim.cosine(x)
+    np.testing.assert_allclose(c, ref, atol=2e-6)
+    assert (c == c.T).all() and (np.diag(c) == 1).all()
+    ang = sim.dense_affinity(x, "angular")
+    np.testing.assert_allclose(ang, 1 - np.arccos(np.clip(ref, -1, 1)) / math.pi, atol=1e-3)  # arccos is steep near 1
+    np.testing.assert_allclose(sim.dense_affinity(x, "shifted"), (1 + ref) / 2, atol=2e-6)
+    assert ang.min() >= 0 and ang.max() <= 1
+
+
+def test_block_size_does_not_change_the_matrix():
+    x = vectors(n=101)
+    whole = sim.cosine(x, memory_gb=1.0)
+    tiny = sim.cosine(x, memory_gb=1e-7)  # one row per block
+    assert sim.block_rows(101, 32, 1e-7) == 1 and sim.block_rows(101, 32, 1.0) == 101
+    np.testing.assert_allclose(whole, tiny, atol=1e-6)  # BLAS may round a row and a block differently
+
+
+def test_permuting_samples_permutes_the_matrix():
+    x = vectors()
+    perm = np.random.default_rng(1).permutation(len(x))
+    a = sim.dense_affinity(x)
+    np.testing.assert_allclose(sim.dense_affinity(x[perm]), a[np.ix_(perm, perm)], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "sklearn"])
+def test_knn_graph_is_the_exact_neighbours_symmetrised(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    x = vectors(n=80)
+    k = 5
+    a = sim.knn_affinity(x, n_neighbors=k, backend=backend)
+    dense = sim.dense_affinity(x)
+    assert sp.issparse(a) and (abs(a - a.T)).max() < 1e-6
+    assert np.allclose(a.diagonal(), 1)
+    off = dense - np.eye(len(x)) * 10
+    for i in range(len(x)):
+        nbrs = np.argsort(-off[i])[:k]
+        row = a.getrow(i).toarray()[0]
+        np.testing.assert_allclose(row[nbrs], dense[i, nbrs], atol=1e-4)  # every chosen neighbour is there
+    present = a.toarray() > 0
+    assert ((present.sum(1) - 1) >= k).all()
+    assert present.sum() < 0.5 * len(x) ** 2  # and it is sparse
+
+
+def test_faiss_and_sklearn_agree():
+    pytest.importorskip("faiss")
+    x = vectors(n=70)
+    a = sim.knn_affinity(x, 6, backend="faiss")
+    b = sim.knn_affinity(x, 6, backend="sklearn")
+    assert (a != 0).nnz == (b != 0).nnz or abs((a - b)).max() < 1e-4
+    np.testing.assert_allclose(a.toarray(), b.toarray(), atol=1e-4)
+
+
+def test_compute_leaves_bad_rows_out_and_picks_the_mode(tmp_path):
+    x = vectors(n=30)
+    x[[3, 7]] = 0
+    bad = np.zeros(30, dtype=bool)
+    bad[[3, 7]] = True
+    aff, ids, meta = sim.compute(x, bad, SimilarityConfig())
+    assert meta["mode"] == "dense" and aff.shape == (28, 28) and 3 not in ids and meta["n_left_out"] == 2
+    aff2, ids2, meta2 = sim.compute(x, bad, SimilarityConfig(dense_max=10, n_neighbors=4))
+    assert meta2["mode"] == "knn" and sp.issparse(aff2)
+    np.testing.assert_array_equal(ids, ids2)
+    for a, name in ((aff, "dense"), (aff2, "knn")):
+        out = tmp_path / name
+        sim.write(out, a, ids, meta)
+        back, ids_back, meta_back = sim.read(out)
+        np.testing.assert_array_equal(ids_back, ids)
+        np.testing.assert_allclose(back.toarray() if sp.issparse(back) else np.asarray(back), a.toarray() if sp.issparse(a) else a)
+        assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_input():
+    x = vectors(n=10)
+    with pytest.raises(QuantaError, match="row 2 of the gradients is zero"):
+        y = x.copy()
+        y[2] = 0
+        sim.normalise(y)
+    with pytest.raises(QuantaError, match="n_neighbors .* must be < the number of samples"):
+        sim.knn_affinity(x, n_neighbors=10)
+    with pytest.raises(QuantaError, match="at least 2"):
+        sim.compute(x[:1], None, SimilarityConfig())
+    with pytest.raises(QuantaError, match="run the similarity stage first"):
+        sim.read("/nonexistent/similarity")
