@@ -215,7 +215,8 @@ def validate(
 
     quanta (N,): the planted quantum of each sample (-1: none, scored as one more class);
     prev_tokens (N,): the token before each target. Clusters the affinity rows `ids` at
-    k = the number of classes present, and scores it (ARI, NMI) on those samples, with
+    k = the number of classes present (or takes the cluster stage's labels when its sweep
+    has that k: the same computation), and scores it (ARI, NMI) on those samples, with
     the "answer token" baseline (cluster by target token id) and the "context" baseline
     (cluster by previous token and target token), and every k of the cluster stage.
     """
@@ -226,7 +227,13 @@ def validate(
     if k_true < 2:
         out["skipped"] = f"the selected samples hold {k_true} planted class; nothing to separate"
         return out
-    labels = spectral(affinity, [k_true], cfg)[k_true]
+    col = f"k{k_true}"
+    if clusters is not None and col in clusters.columns:  # the cluster stage already ran this k
+        labels = clusters[col].to_numpy()[ids]
+        out["qdg_from"] = "cluster stage"
+    else:
+        labels = spectral(affinity, [k_true], cfg)[k_true]
+        out["qdg_from"] = "clustered here at k"
     out["qdg"] = scores(truth, labels)
     token = samples["token_id"].to_numpy()[ids]
     out["baseline_answer"] = scores(truth, token)

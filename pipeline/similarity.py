@@ -8,6 +8,17 @@ at 10^5 it is 40 GB. Above ``dense_max`` this module builds a sparse, symmetrise
 k-nearest-neighbour graph instead (the standard input of spectral clustering at scale),
 with faiss when it is installed and scikit-learn otherwise.
 
+Edge weights in kNN mode. Every sample gets n_neighbors edges, wanted or not. The angular
+affinity scores orthogonal gradients 1/2, so a sample of a small cluster, whose 30 nearest
+neighbours are mostly strangers, would tie itself to them at half the strength of a true
+match and bridge clusters. In a dense matrix that floor is a constant shift spectral
+clustering shrugs off; in a sparse graph it is not. So kNN edges weigh ``max(0, 2A - 1)``:
+the affinity rescaled so that orthogonal is 0 and identical is 1 (for angular,
+1 - 2 arccos(C)/pi; for shifted, max(0, C)), symmetrised as (W + W^T)/2, scikit-learn's
+convention for kNN graphs. On synthetic clusters (bench/bench_cluster.py; 3,000 samples,
+50 Zipf-sized clusters, within-cluster cosine 0.3 / 0.6 / 0.9) this took the ARI of
+spectral clustering from 0.33 / 0.33 / 0.37 with raw angular weights to 0.68 / 0.68 / 0.99.
+
 Everything is float32 and blockwise: the working set of one block is bounded by
 ``memory_gb`` (the output itself excepted, which is N^2 floats in dense mode and about
 N * 2 * n_neighbors in kNN mode).
@@ -140,8 +151,8 @@ def knn_affinity(
 ) -> sp.csr_matrix:
     """Sparse symmetrised kNN affinity (N, N) CSR float32 of the rows of `x`.
 
-    Each sample keeps its `n_neighbors` most similar others; the graph is symmetrised
-    with the maximum (an edge exists when either end chose it), and the diagonal is 1.
+    Each sample keeps its `n_neighbors` most similar others, weighted max(0, 2A - 1) for
+    the affinity A of `kind`; the graph is (W + W^T)/2 and the diagonal is 1.
     """
     x = normalise(x)
     n = len(x)
@@ -163,9 +174,10 @@ def knn_affinity(
     rows = np.repeat(np.arange(n), nbrs.shape[1])
     cols = nbrs.reshape(-1)
     vals = to_affinity(sims.reshape(-1).astype(np.float32), kind)
-    ok = (cols >= 0) & (cols != rows)  # faiss pads missing neighbours with -1; self-matches go
+    vals = np.maximum(np.float32(0), np.float32(2) * vals - np.float32(1))  # orthogonal -> 0 (module docstring)
+    ok = (cols >= 0) & (cols != rows) & (vals > 0)  # faiss pads missing neighbours with -1; self-matches go
     a = sp.csr_matrix((vals[ok], (rows[ok], cols[ok])), shape=(n, n), dtype=np.float32)
-    a = a.maximum(a.T).tocsr()
+    a = ((a + a.T) * np.float32(0.5)).tocsr()
     a.setdiag(1.0)
     a.sort_indices()
     return a

@@ -101,6 +101,12 @@ def test_validate_scores_against_truth_and_baselines():
     assert out["k"] == 5 and out["qdg"]["ari"] == 1.0
     assert out["baseline_answer"]["ari"] < 0.5
     assert out["baseline_context"]["ari"] == 1.0  # here the previous token names the block
+    assert out["qdg_from"] == "clustered here at k"
+    # when the cluster stage's sweep has that k, its labels are scored (not recomputed)
+    table, _ = cluster.run_clustering(aff, ids, len(ids), ClusterConfig(n_clusters=(3, 5), n_init=4))
+    again = cluster.validate(aff, ids, samples, truth, truth + 50, table.to_pandas(), CFG)
+    assert again["qdg_from"] == "cluster stage" and again["qdg"] == out["qdg"]
+    assert again["cluster_stage"]["5"] == out["qdg"] and again["cluster_stage"]["3"]["ari"] < 1
 
 
 def test_bad_input():
