@@ -287,6 +287,156 @@ class ClusterConfig:
             raise ConfigError("cluster.stability_seed must differ from cluster.seed (their ARI is the stability score)")
 
 
+# ------------------------------------------------------ scaling analysis (scaling, dynamics, powerlaw, theory)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+    """Per-token scaling curves, mean-loss L(N) and learning-curve L(S) fits (pipeline/scaling.py). Nats."""
+
+    mono_high: float = 5.0  # monogenic: every model smaller than the emergence size is above this
+    mono_low: float = 0.3  # ... and the emergence size and every larger one are below this
+    poly_slope: float = -0.3  # polygenic: d loss / d ln N below this (nats per e-fold of N)
+    poly_r2: float = 0.98  # ... and R² of the OLS line above this
+    min_models: int = 3  # fewer models: error or skip (with 2, R² is always 1)
+    on_too_few_models: Literal["error", "skip"] = "error"
+    # Tokens per chunk of the per-token pass. Small on purpose: the temporaries (~1 MiB
+    # each) stay in cache and reuse freed memory; 1M-token chunks page-fault fresh 56 MiB
+    # arrays and ran 5x slower (bench/bench_scaling.py).
+    chunk_tokens: int = 32_768
+    # Mean-loss fit L(N) = E + A·N^-α (fit_offset) or A·N^-α, over N in [fit_n_lo, fit_n_hi].
+    fit_offset: bool = True
+    fit_n_lo: Optional[float] = None
+    fit_n_hi: Optional[float] = None
+    # token: every token counts once (the paper's mean loss); document: every document once.
+    doc_weighting: Literal["token", "document"] = "token"
+    n_boot: int = 1000  # document-bootstrap replicates of the fit
+    seed: int = 0
+    level: float = 0.95  # CI level
+    # The revision whose losses give the per-token curves and L(N); null: suite.revisions' last.
+    revision: Optional[str] = None
+    # Learning curves L(S) of every model over its stepN revisions in [step_lo, step_hi]
+    # (null: open), fitted as L(N) is; α_S of alpha_s_model (null: the largest) is the headline.
+    step_lo: Optional[int] = None
+    step_hi: Optional[int] = None
+    alpha_s_model: Optional[str] = None
+    n_examples: int = 4  # monogenic and polygenic example tokens in the plot
+
+    def __post_init__(self):
+        if not self.mono_low < self.mono_high:
+            raise ConfigError(
+                f"scaling.mono_low ({self.mono_low}) must be below scaling.mono_high ({self.mono_high})"
+            )
+        if not 0.0 <= self.poly_r2 <= 1.0:
+            raise ConfigError(f"scaling.poly_r2 must be in [0, 1], got {self.poly_r2}")
+        if self.min_models < 3:
+            raise ConfigError(
+                f"scaling.min_models must be >= 3 (with 2 models every token has R² = 1), got {self.min_models}"
+            )
+        if self.chunk_tokens < 1:
+            raise ConfigError(f"scaling.chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.n_boot < 1:
+            raise ConfigError(f"scaling.n_boot must be >= 1, got {self.n_boot}")
+        if not 0.0 < self.level < 1.0:
+            raise ConfigError(f"scaling.level must be in (0, 1), got {self.level}")
+        if self.step_lo is not None and self.step_hi is not None and self.step_lo > self.step_hi:
+            raise ConfigError(f"scaling.step_lo ({self.step_lo}) is above scaling.step_hi ({self.step_hi})")
+        if self.n_examples < 0:
+            raise ConfigError(f"scaling.n_examples must be >= 0, got {self.n_examples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicsConfig:
+    """Per-token training dynamics and emergence vs frequency (pipeline/dynamics.py). Losses in nats."""
+
+    model: Optional[str] = None  # whose checkpoints (its stepN revisions in suite.revisions); null: the last of suite.models
+    # log10: a window is half a decade of steps (x3.2), whatever the checkpoint spacing;
+    # a fixed count of checkpoints means very different step ranges early and late in a
+    # Pythia run (log-spaced to step 512, then every 1000). A window never spans less
+    # than one interval, so coarse checkpoints widen it.
+    window: Literal["checkpoints", "log10"] = "log10"
+    window_log10: float = 0.5  # decades of log step per window (window: log10)
+    window_checkpoints: int = 3  # checkpoints per window (window: checkpoints)
+    step_lo: Optional[int] = None  # checkpoints outside [step_lo, step_hi] are left out
+    step_hi: Optional[int] = None
+    min_drop: float = 1.0  # abrupt: a drop of at least this many nats ...
+    min_share: float = 0.8  # ... that is at least this fraction of the token's net decrease
+    emergence: Literal["mean_loss", "median_drop"] = "mean_loss"
+    emergence_loss: float = 1.0  # mean_loss: S_k is where the quantum's mean loss falls below this
+    n_boot: int = 1000  # bootstrap over quanta of the emergence slope
+    seed: int = 0
+    level: float = 0.95
+
+    def __post_init__(self):
+        if self.window_checkpoints < 2:
+            raise ConfigError(
+                f"dynamics.window_checkpoints must be >= 2 (a drop needs two), got {self.window_checkpoints}"
+            )
+        if not self.window_log10 > 0:
+            raise ConfigError(f"dynamics.window_log10 must be > 0 decades, got {self.window_log10}")
+        if self.step_lo is not None and self.step_hi is not None and self.step_lo > self.step_hi:
+            raise ConfigError(f"dynamics.step_lo ({self.step_lo}) is above dynamics.step_hi ({self.step_hi})")
+        if not self.min_drop > 0:
+            raise ConfigError(f"dynamics.min_drop must be > 0 nats, got {self.min_drop}")
+        if not 0 < self.min_share <= 1:
+            raise ConfigError(f"dynamics.min_share must be in (0, 1], got {self.min_share}")
+        if not self.emergence_loss > 0:
+            raise ConfigError(f"dynamics.emergence_loss must be > 0 nats, got {self.emergence_loss}")
+        if self.n_boot < 1:
+            raise ConfigError(f"dynamics.n_boot must be >= 1, got {self.n_boot}")
+        if not 0 < self.level < 1:
+            raise ConfigError(f"dynamics.level must be in (0, 1), got {self.level}")
+
+
+POWERLAW_ALTERNATIVES = ("lognormal", "exponential", "truncated_power_law")
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerlawConfig:
+    """Cluster-size power laws (pipeline/powerlaw.py): CSN's discrete MLE, and the paper's envelope."""
+
+    k: Optional[int] = None  # the clustering whose sizes the MLE fits; null: the main k (cluster.n_clusters[0])
+    xmin: Optional[int] = None  # null: chosen by KS over every candidate (CSN); a value fixes it
+    min_tail: int = 10  # fewest sizes >= xmin a candidate xmin may leave
+    n_boot_ci: int = 1000  # resamples of the exponent's percentile CI (0: none)
+    n_boot_gof: int = 1000  # CSN's goodness-of-fit replicates (0: none; CSN use 2500 for ±0.01)
+    alternatives: tuple[str, ...] = ("lognormal", "exponential")  # likelihood-ratio tests
+    seed: int = 0
+    level: float = 0.95
+    # The paper's envelope (largest size at each rank across the k sweep), OLS over these
+    # 1-indexed ranks; null rank_hi: the largest k. A sweep too short for them is reported, not fitted.
+    envelope_rank_lo: int = 100
+    envelope_rank_hi: Optional[int] = 1000
+
+    def __post_init__(self):
+        bad = sorted(set(self.alternatives) - set(POWERLAW_ALTERNATIVES))
+        if bad:
+            raise ConfigError(f"powerlaw.alternatives: unknown '{bad[0]}'; choose from {list(POWERLAW_ALTERNATIVES)}")
+        if self.min_tail < 2 or self.n_boot_ci < 0 or self.n_boot_gof < 0:
+            raise ConfigError("powerlaw.min_tail must be >= 2, n_boot_ci and n_boot_gof >= 0")
+        if self.xmin is not None and self.xmin < 1:
+            raise ConfigError(f"powerlaw.xmin must be >= 1 or null, got {self.xmin}")
+        if not 0 < self.level < 1:
+            raise ConfigError(f"powerlaw.level must be in (0, 1), got {self.level}")
+        if self.envelope_rank_lo < 1 or (self.envelope_rank_hi is not None and self.envelope_rank_hi <= self.envelope_rank_lo):
+            raise ConfigError(
+                f"powerlaw.envelope_rank_lo ({self.envelope_rank_lo}) must be >= 1 and below envelope_rank_hi "
+                f"({self.envelope_rank_hi})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TheoryConfig:
+    """The quantization model's predictions against the measured exponents (pipeline/theory.py)."""
+
+    tolerance: float = 0.1  # planted suite: a route passes when |α recovered - α planted| <= this
+    zipf_from: Literal["mle", "envelope"] = "mle"  # which cluster-size exponent feeds the Zipf route
+
+    def __post_init__(self):
+        if not self.tolerance > 0:
+            raise ConfigError(f"theory.tolerance must be > 0, got {self.tolerance}")
+
+
 SECTIONS: dict[str, type] = {
     "planted": PlantedConfig,
     "suite": SuiteConfig,
@@ -296,6 +446,10 @@ SECTIONS: dict[str, type] = {
     "gradients": GradientsConfig,
     "similarity": SimilarityConfig,
     "cluster": ClusterConfig,
+    "scaling": ScalingConfig,
+    "dynamics": DynamicsConfig,
+    "powerlaw": PowerlawConfig,
+    "theory": TheoryConfig,
 }
 
 

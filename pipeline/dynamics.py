@@ -60,7 +60,7 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, DynamicsConfig  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
 from pipeline.errors import QuantaError
 from pipeline.scaling import Aligned, align_tokens, key_codec, read_loss_partition
 
@@ -70,48 +70,6 @@ _CHUNK_ELEMENTS = 1 << 18  # (tokens, windows) float32 temporaries of 1 MiB: cac
 
 class DynamicsError(QuantaError, ValueError):
     """A training-dynamics problem (too few checkpoints, bad revision names, no labels), in one line."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DynamicsConfig:
-    """Per-token training dynamics and emergence vs frequency (this module). Losses in nats."""
-
-    # log10: a window is half a decade of steps (x3.2), whatever the checkpoint spacing;
-    # a fixed count of checkpoints means very different step ranges early and late in a
-    # Pythia run (log-spaced to step 512, then every 1000). A window never spans less
-    # than one interval, so coarse checkpoints widen it.
-    window: Literal["checkpoints", "log10"] = "log10"
-    window_log10: float = 0.5  # decades of log step per window (window: log10)
-    window_checkpoints: int = 3  # checkpoints per window (window: checkpoints)
-    step_lo: Optional[int] = None  # checkpoints outside [step_lo, step_hi] are left out
-    step_hi: Optional[int] = None
-    min_drop: float = 1.0  # abrupt: a drop of at least this many nats ...
-    min_share: float = 0.8  # ... that is at least this fraction of the token's net decrease
-    emergence: Literal["mean_loss", "median_drop"] = "mean_loss"
-    emergence_loss: float = 1.0  # mean_loss: S_k is where the quantum's mean loss falls below this
-    n_boot: int = 1000  # bootstrap over quanta of the emergence slope
-    seed: int = 0
-    level: float = 0.95
-
-    def __post_init__(self):
-        if self.window_checkpoints < 2:
-            raise ConfigError(
-                f"dynamics.window_checkpoints must be >= 2 (a drop needs two), got {self.window_checkpoints}"
-            )
-        if not self.window_log10 > 0:
-            raise ConfigError(f"dynamics.window_log10 must be > 0 decades, got {self.window_log10}")
-        if self.step_lo is not None and self.step_hi is not None and self.step_lo > self.step_hi:
-            raise ConfigError(f"dynamics.step_lo ({self.step_lo}) is above dynamics.step_hi ({self.step_hi})")
-        if not self.min_drop > 0:
-            raise ConfigError(f"dynamics.min_drop must be > 0 nats, got {self.min_drop}")
-        if not 0 < self.min_share <= 1:
-            raise ConfigError(f"dynamics.min_share must be in (0, 1], got {self.min_share}")
-        if not self.emergence_loss > 0:
-            raise ConfigError(f"dynamics.emergence_loss must be > 0 nats, got {self.emergence_loss}")
-        if self.n_boot < 1:
-            raise ConfigError(f"dynamics.n_boot must be >= 1, got {self.n_boot}")
-        if not 0 < self.level < 1:
-            raise ConfigError(f"dynamics.level must be in (0, 1), got {self.level}")
 
 
 # --------------------------------------------------------------------------- loading

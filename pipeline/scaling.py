@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline import fits
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, ScalingConfig  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
 from pipeline.errors import QuantaError
 
 KINDS = ("monogenic", "polygenic", "other")  # dictionary of the `kind` column; codes 0, 1, 2
@@ -60,49 +60,6 @@ _POS_BITS = 31  # pos is int32 >= 0, so (doc_id << 31) | pos is a unique int64 k
 
 class ScalingError(QuantaError, ValueError):
     """A per-token scaling problem (too few models, mismatched tokenizers, no common tokens)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ScalingConfig:
-    """Per-token scaling curves and the mean-loss fit (this module). Losses in nats."""
-
-    mono_high: float = 5.0  # monogenic: every model smaller than the emergence size is above this
-    mono_low: float = 0.3  # ... and the emergence size and every larger one are below this
-    poly_slope: float = -0.3  # polygenic: d loss / d ln N below this (nats per e-fold of N)
-    poly_r2: float = 0.98  # ... and R² of the OLS line above this
-    min_models: int = 3  # fewer models: error or skip (with 2, R² is always 1)
-    on_too_few_models: Literal["error", "skip"] = "error"
-    # Tokens per chunk of the per-token pass. Small on purpose: the temporaries (~1 MiB
-    # each) stay in cache and reuse freed memory; 1M-token chunks page-fault fresh 56 MiB
-    # arrays and ran 5x slower (bench/bench_scaling.py).
-    chunk_tokens: int = 32_768
-    # Mean-loss fit L(N) = E + A·N^-α (fit_offset) or A·N^-α, over N in [fit_n_lo, fit_n_hi].
-    fit_offset: bool = True
-    fit_n_lo: Optional[float] = None
-    fit_n_hi: Optional[float] = None
-    # token: every token counts once (the paper's mean loss); document: every document once.
-    doc_weighting: Literal["token", "document"] = "token"
-    n_boot: int = 1000  # document-bootstrap replicates of the fit
-    seed: int = 0
-    level: float = 0.95  # CI level
-
-    def __post_init__(self):
-        if not self.mono_low < self.mono_high:
-            raise ConfigError(
-                f"scaling.mono_low ({self.mono_low}) must be below scaling.mono_high ({self.mono_high})"
-            )
-        if not 0.0 <= self.poly_r2 <= 1.0:
-            raise ConfigError(f"scaling.poly_r2 must be in [0, 1], got {self.poly_r2}")
-        if self.min_models < 3:
-            raise ConfigError(
-                f"scaling.min_models must be >= 3 (with 2 models every token has R² = 1), got {self.min_models}"
-            )
-        if self.chunk_tokens < 1:
-            raise ConfigError(f"scaling.chunk_tokens must be >= 1, got {self.chunk_tokens}")
-        if self.n_boot < 1:
-            raise ConfigError(f"scaling.n_boot must be >= 1, got {self.n_boot}")
-        if not 0.0 < self.level < 1.0:
-            raise ConfigError(f"scaling.level must be in (0, 1), got {self.level}")
 
 
 # --------------------------------------------------------------------------- loading and alignment
