@@ -506,6 +506,7 @@ class ModelDynamics:
     metrics: dict  # metrics/dynamics.json (with "emergence" when labels were given)
     dyn: TokenDynamics
     emergence: Optional[EmergenceFit] = None
+    quantum_curves: Optional[np.ndarray] = None  # (K, checkpoints) mean loss per planted quantum
 
 
 def analyze_model(
@@ -540,3 +541,55 @@ def analyze_model(
         em = emergence_vs_frequency(a.losses, ck.steps, q, freqs, cfg, dyn=dyn)
         metrics["emergence"] = em.metrics()
     return ModelDynamics(table=dynamics_table(a.doc_id, a.pos, dyn), metrics=metrics, dyn=dyn, emergence=em)
+
+
+def read_planted(planted_dir: str | Path) -> Optional[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]]:
+    """((doc_id, pos, quantum), p_k) of a planted suite's ground truth, or None when there is none.
+
+    labels.parquet: one row per token, quantum -1 off the rule answers; quanta.parquet:
+    quantum id 0..K-1 and its frequency p_k.
+    """
+    d = Path(planted_dir)
+    if not (d / "labels.parquet").exists() or not (d / "quanta.parquet").exists():
+        return None
+    lab = pd.read_parquet(d / "labels.parquet", columns=["doc_id", "pos", "quantum"])
+    qt = pd.read_parquet(d / "quanta.parquet", columns=["quantum", "frequency"]).sort_values("quantum")
+    if not np.array_equal(qt["quantum"].to_numpy(), np.arange(len(qt))):
+        raise DynamicsError(f"{d / 'quanta.parquet'}: quantum ids must be 0..K-1, one row each; rebuild the planted suite")
+    labels = (lab["doc_id"].to_numpy(np.int64), lab["pos"].to_numpy(np.int64), lab["quantum"].to_numpy(np.int64))
+    return labels, qt["frequency"].to_numpy(np.float64)
+
+
+def run(
+    root: str | Path,
+    models: Sequence[str],
+    revisions: Sequence[str],
+    cfg: DynamicsConfig,
+    *,
+    planted_dir: Optional[str | Path] = None,
+) -> ModelDynamics:
+    """The dynamics stage: :func:`analyze_model` of ``cfg.model`` (default: the last of
+    ``models``) over its stepN revisions among ``revisions``, with emergence vs frequency
+    when ``planted_dir`` holds planted ground truth."""
+    model = cfg.model or (models[-1] if models else None)
+    if model is None:
+        raise DynamicsError("suite.models is empty: no model to follow over training; list one, or set dynamics.model")
+    if model not in models:
+        raise DynamicsError(f"dynamics.model {model!r} is not in suite.models ({', '.join(models)})")
+    revs = [r for r in revisions if _STEP.match(r)]
+    _check_count(len(revs), f"model {model!r}: stepN revisions in suite.revisions {list(revisions)}")
+    ck = load_checkpoints(root, model, revs)
+    truth = read_planted(planted_dir) if planted_dir is not None else None
+    if truth is None:
+        return analyze_model(ck, cfg)
+    labels, freqs = truth
+    out = analyze_model(ck, cfg, labels=labels, freqs=freqs)
+    # per-quantum mean loss at each checkpoint: the learning curves of the plot
+    q = token_quanta(ck.aligned.doc_id, ck.aligned.pos, *labels)
+    lab = q >= 0
+    K = len(freqs)
+    n = np.bincount(q[lab], minlength=K)
+    curves = np.stack([np.bincount(q[lab], weights=ck.aligned.losses[lab, c], minlength=K) for c in range(ck.steps.size)], 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curves = curves / n[:, None]  # (K, checkpoints); NaN for a quantum with no tokens
+    return dataclasses.replace(out, quantum_curves=curves)

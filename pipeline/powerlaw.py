@@ -788,3 +788,116 @@ def analyze_cluster_sizes(
         gof = gof_pvalue(sizes, fit, n_boot=n_boot_gof, seed=seed + 1, min_tail=min_tail, min_n=min_n)
     lr = likelihood_ratio_tests(sizes, fit, alternatives) if alternatives else {}
     return PowerLawReport(fit=fit, gamma_ci=ci, ci_level=level, n_boot_ci=n_ci, gof=gof, lr=lr)
+
+
+# --------------------------------------------------------------------------- the powerlaw stage
+
+
+def sweep_labels(clusters) -> dict[int, np.ndarray]:
+    """k -> labels of every ``k<k>`` column of a clusters table (pandas DataFrame), k ascending."""
+    out = {}
+    for col in clusters.columns:
+        if isinstance(col, str) and col[:1] == "k" and col[1:].isdigit():
+            out[int(col[1:])] = clusters[col].to_numpy()
+    return dict(sorted(out.items()))
+
+
+def tail_rank_curve(fit: PowerLawFit, s_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, sizes) of a fitted tail on rank-frequency axes: rank(s) = n_tail·P(S >= s), xmin <= s <= s_max."""
+    s = np.unique(np.geomspace(fit.xmin, max(s_max, fit.xmin + 1), 200).round()).astype(np.float64)
+    ccdf = np.exp(_log_zeta(fit.gamma, s) - _log_zeta(fit.gamma, float(fit.xmin)))
+    return fit.n_tail * ccdf, s
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterPowerLaw:
+    """What the powerlaw stage writes: metrics, and the data of the rank-frequency plot."""
+
+    metrics: dict
+    sizes: np.ndarray  # (clusters,) sizes of the fitted clustering, descending
+    envelope: Optional[np.ndarray]  # (ranks,) envelope across the sweep
+    report: PowerLawReport
+    envelope_fit: Optional[EnvelopeFit]
+
+
+def _mle(sizes: np.ndarray, cfg) -> tuple[PowerLawReport, dict]:
+    """analyze_cluster_sizes per cfg, and its metrics with the implied α = b - 1."""
+    try:
+        report = analyze_cluster_sizes(
+            sizes, xmin=cfg.xmin, n_boot_ci=cfg.n_boot_ci, n_boot_gof=cfg.n_boot_gof, seed=cfg.seed,
+            level=cfg.level, min_tail=cfg.min_tail, alternatives=cfg.alternatives,
+        )
+    except QuantaError as e:
+        # Too few clusters, or a bootstrap with too few fittable resamples: the sizes
+        # cannot support an exponent. Reported (fittable: false, the reason), so that the
+        # envelope and the rest of the pipeline still run.
+        report = PowerLawReport(fit=PowerLawFit(fittable=False, reason=str(e), n=int(sizes.size)), ci_level=cfg.level)
+    mle = report.as_dict()
+    if report.fit.fittable:
+        b_ci = report.rank_exponent_ci
+        mle["alpha"] = alpha_from_gamma(report.fit.gamma)
+        mle["alpha_ci"] = [b_ci[0] - 1.0, b_ci[1] - 1.0] if b_ci else None
+    return report, mle
+
+
+def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> ClusterPowerLaw:
+    """CSN's fit of one clustering's sizes, and the paper's envelope across the k sweep.
+
+    clusters: the cluster stage's table (pandas: sample, cluster, k<k> per k; -1 = a bad
+    sample, not counted). cfg: :class:`pipeline.config.PowerlawConfig`. An envelope the
+    sweep cannot support (too few ranks, flat) is reported with its reason, not fitted;
+    all sizes equal gives an unfittable MLE with its reason. truth: (samples,) planted
+    quantum of each row (-1 = none), planted suite only: adds ``planted_partition``.
+    """
+    sweep = sweep_labels(clusters)
+    if cfg.k is None:
+        if "cluster" not in clusters.columns:
+            raise QuantaError("the clusters table has no 'cluster' column; rerun the cluster stage")
+        labels = clusters["cluster"].to_numpy()
+        k = int(np.unique(labels[labels >= 0]).size) if (labels >= 0).any() else 0
+        k = next((kk for kk, lab in sweep.items() if np.array_equal(lab, labels)), k)
+    else:
+        if cfg.k not in sweep:
+            raise QuantaError(
+                f"powerlaw.k = {cfg.k} is not in the cluster sweep (k = {', '.join(map(str, sweep)) or 'none'}); "
+                "add it to cluster.n_clusters or pick one of those"
+            )
+        k, labels = cfg.k, sweep[cfg.k]
+    sizes = cluster_sizes(labels)
+    report, mle = _mle(sizes, cfg)
+    metrics = {
+        "k": k,
+        "n_samples": int(np.count_nonzero(labels >= 0)),
+        "n_clusters": int(sizes.size),
+        "size_max": int(sizes.max()),
+        "size_min": int(sizes.min()),
+        "mle": mle,
+    }
+    env, efit = None, None
+    if sweep:
+        env = size_envelope(sweep)
+        hi = cfg.envelope_rank_hi if cfg.envelope_rank_hi is not None else env.size
+        try:
+            efit = envelope_slope(sweep, cfg.envelope_rank_lo, hi)
+        except QuantaError as e:
+            metrics["envelope"] = {"skipped": str(e), "sweep": list(sweep)}
+        else:
+            metrics["envelope"] = {
+                "slope": efit.slope, "rank_exponent": efit.rank_exponent, "alpha": efit.rank_exponent - 1.0,
+                "slope_se_ols": efit.slope_se, "r2": efit.r2, "rank_lo": efit.rank_lo, "rank_hi": efit.rank_hi,
+                "n_points": efit.n_points, "sweep": list(sweep),
+            }
+    else:
+        metrics["envelope"] = {"skipped": "the clusters table has no k<k> columns: no sweep", "sweep": []}
+    if truth is not None:
+        # The same fit on the planted quanta of the same samples: what a perfect clustering
+        # would give, which separates the clustering's error from the fit's.
+        t = np.asarray(truth)
+        if t.shape != labels.shape:
+            raise QuantaError(f"planted labels ({t.shape}) do not match the clusters table ({labels.shape})")
+        _, tm = _mle(cluster_sizes(np.where(labels >= 0, t, -1)), cfg)
+        tm["n_quanta"] = tm["n"]
+        metrics["planted_partition"] = tm
+    return ClusterPowerLaw(
+        metrics=metrics, sizes=np.sort(sizes)[::-1], envelope=env, report=report, envelope_fit=efit
+    )

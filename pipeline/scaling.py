@@ -40,7 +40,10 @@ temporaries (see bench/bench_scaling.py).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import re
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
@@ -585,3 +588,206 @@ def analyze_suite(
     aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
     del parts
     return analyze(aligned, n_params, cfg, fit_mean_loss=fit_mean_loss)
+
+
+# --------------------------------------------------------------------------- the scaling stage
+
+
+def read_n_params(root: str | Path, model: str, revision: str) -> float:
+    """Non-embedding parameter count N of ``model`` from its loss table's ``_meta.json``."""
+    path = Path(root) / f"model={model}" / f"revision={revision}" / "_meta.json"
+    try:
+        meta = json.loads(path.read_text())
+        n = (meta.get("params") or {}).get("non_embedding")
+    except (OSError, ValueError) as e:
+        raise ScalingError(
+            f"cannot read the parameter count of {model}@{revision} from {path} ({e}); rerun its losses stage"
+        ) from None
+    if n is None:
+        raise ScalingError(f"{path} has no params.non_embedding; rerun the losses stage of {model}@{revision}")
+    return float(n)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A short identity of a tokenizer's vocabulary: class, size and a hash of (token, id) pairs.
+
+    Two tokenizers with the same identity map every token id to the same string, which is
+    what aligning per-token losses across models by (doc_id, pos) needs.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha1(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:12]
+    return f"{type(tokenizer).__name__}, {len(vocab)} tokens, vocab sha1 {digest}"
+
+
+def doc_sums(doc_id: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(docs,) sorted unique doc ids, their token counts (int64) and loss sums (float64, nats)."""
+    docs, inv = np.unique(np.asarray(doc_id, np.int64), return_inverse=True)
+    counts = np.bincount(inv, minlength=docs.size).astype(np.int64)
+    sums = np.bincount(inv, weights=np.asarray(loss, np.float64), minlength=docs.size)
+    return docs, counts, sums
+
+
+def learning_curve_units(
+    root: str | Path, model: str, revisions: Sequence[str], weighting: Literal["token", "document"] = "token"
+) -> np.ndarray:
+    """(docs, revisions) per-document mean losses of one model at each revision (nats).
+
+    One loss table at a time (never all of a model's tokens x checkpoints in memory): each
+    is reduced to per-document sums. Every revision must have scored the same documents
+    with the same number of tokens each, else the curve would mix corpora (an error).
+    Column means equal the mean loss over tokens (``token``) or documents (``document``),
+    as :func:`doc_mean_losses`.
+    """
+    ref_docs = ref_counts = None
+    cols = []
+    for r in revisions:
+        d, _, l = read_loss_partition(root, model, r)
+        if not np.all(np.isfinite(l)):
+            raise ScalingError(f"losses of {model}@{r} contain NaN/inf values; rerun its losses stage")
+        docs, counts, sums = doc_sums(d, l)
+        if ref_docs is None:
+            ref_docs, ref_counts = docs, counts
+        elif not (np.array_equal(docs, ref_docs) and np.array_equal(counts, ref_counts)):
+            raise ScalingError(
+                f"the losses of {model} at {revisions[0]} and {r} cover different tokens "
+                f"({int(ref_counts.sum())} vs {int(counts.sum())} in {ref_docs.size} vs {docs.size} documents); "
+                "rerun their losses stages on one corpus"
+            )
+        cols.append(sums)
+    sums = np.stack(cols, axis=1)  # (docs, revisions)
+    denom = ref_counts.mean() if weighting == "token" else ref_counts[:, None].astype(np.float64)
+    return sums / denom
+
+
+def step_revisions(revisions: Sequence[str], step_lo: Optional[int], step_hi: Optional[int]) -> tuple[list[str], list[int]]:
+    """The ``stepN`` revisions (others are ignored) with N in [step_lo, step_hi], sorted by N."""
+    found = []
+    for r in revisions:
+        m = re.match(r"^step(\d+)$", r)
+        if m:
+            s = int(m.group(1))
+            if (step_lo is None or s >= step_lo) and (step_hi is None or s <= step_hi):
+                found.append((s, r))
+    found.sort()
+    return [r for _, r in found], [s for s, _ in found]
+
+
+def learning_curve_fit(root: str | Path, model: str, revisions: Sequence[str], cfg: ScalingConfig) -> dict:
+    """α_S of one model: L(S) = E + A·S^-α_S over its stepN revisions in [step_lo, step_hi].
+
+    Document bootstrap, as L(N). Returns a JSON-ready dict (steps, mean_loss, the fit
+    and its CI); with fewer than 2 checkpoints in the window, ``skipped`` says why.
+    """
+    revs, steps = step_revisions(revisions, cfg.step_lo, cfg.step_hi)
+    out: dict = {"revisions": revs, "steps": steps}
+    if len(revs) < 2:
+        out["skipped"] = (
+            f"{len(revs)} stepN revision(s) of {model} in [{cfg.step_lo}, {cfg.step_hi}]: a learning curve needs "
+            "at least 2 (4 for E + A·S^-α); add stepN revisions to suite.revisions or widen scaling.step_lo/step_hi"
+        )
+        return out
+    values = learning_curve_units(root, model, revs, cfg.doc_weighting)
+    out["mean_loss"] = [float(v) for v in values.mean(axis=0)]
+    if any(s <= 0 for s in steps):
+        out["skipped"] = f"{model}: step 0 is in the window (S^-α is undefined there); set scaling.step_lo >= 1"
+        return out
+    boot = fits.bootstrap_units(
+        values, np.asarray(steps, np.float64), offset=cfg.fit_offset, n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level
+    )
+    m = _fit_metrics(boot)
+    m["alpha_S"] = m.pop("alpha_N")
+    m["step_lo"], m["step_hi"] = m.pop("n_lo"), m.pop("n_hi")
+    out.update(m)
+    out["_boot"] = boot  # for plots; dropped from the metrics
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingRun:
+    """What the scaling stage writes: the token table, metrics, and the data of its plots."""
+
+    suite: SuiteScaling
+    metrics: dict  # metrics/scaling.json
+    learning_curves: dict  # model -> learning_curve_fit() (with its "_boot")
+    examples: dict  # kind -> (n_params (models,), losses (examples, models)) for the example plot
+
+
+def _examples(aligned: Aligned, res: SuiteScaling, n: int) -> dict:
+    """Up to n example tokens of each kind: monogenic spread over emergence sizes, polygenic by R²."""
+    out = {}
+    if res.curves is None or n == 0:
+        return out
+    cols = [aligned.names.index(m) for m in res.models]
+    c = res.curves
+    mono = np.flatnonzero(c.kind == MONOGENIC)
+    if mono.size:
+        # the first token of each emergence size, round-robin, so the plot shows several sizes
+        order = np.lexsort((mono, c.emerge[mono]))
+        by = {}
+        for i in mono[order]:
+            by.setdefault(int(c.emerge[i]), []).append(i)
+        pick, lists = [], list(by.values())
+        while len(pick) < n and any(lists):
+            for lst in lists:
+                if lst and len(pick) < n:
+                    pick.append(lst.pop(0))
+        out["monogenic"] = aligned.losses[np.sort(pick)][:, cols]
+    poly = np.flatnonzero(c.kind == POLYGENIC)
+    if poly.size:
+        top = poly[np.argsort(-c.r2[poly], kind="stable")[:n]]
+        out["polygenic"] = aligned.losses[np.sort(top)][:, cols]
+    return out
+
+
+def run(
+    root: str | Path,
+    models: Sequence[str],
+    revisions: Sequence[str],
+    cfg: ScalingConfig,
+    *,
+    tokenizers: Optional[Mapping[str, str]] = None,
+) -> ScalingRun:
+    """The scaling stage: per-token curves and L(N) at ``cfg.revision`` (default: the last
+    revision), and L(S) of every model over its stepN revisions.
+
+    root: the losses directory (hive partitions); models: suite.models; revisions:
+    suite.revisions; tokenizers: model -> :func:`tokenizer_identity` (all must agree).
+    N comes from each loss table's ``_meta.json``.
+    """
+    revision = cfg.revision or revisions[-1]
+    if revision not in revisions:
+        raise ScalingError(f"scaling.revision {revision!r} is not in suite.revisions ({', '.join(revisions)})")
+    reason = too_few_models(list(models), cfg)
+    if reason:
+        res = _skipped(models, [], reason)
+        return ScalingRun(suite=res, metrics={"skipped": reason, "revision": revision}, learning_curves={}, examples={})
+    if tokenizers is not None:
+        check_tokenizers(tokenizers, list(models))
+    n_params = {m: read_n_params(root, m, revision) for m in models}
+    suite_order(models, n_params)
+    parts = [read_loss_partition(root, m, revision) for m in models]
+    aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
+    del parts
+    res = analyze(aligned, n_params, cfg)
+    examples = _examples(aligned, res, cfg.n_examples)
+    del aligned
+
+    curves = {m: learning_curve_fit(root, m, revisions, cfg) for m in res.models}
+    head = cfg.alpha_s_model or res.models[-1]
+    if head not in curves:
+        raise ScalingError(f"scaling.alpha_s_model {head!r} is not in suite.models ({', '.join(models)})")
+    h = curves[head]
+    metrics = dict(res.metrics)
+    metrics["revision"] = revision
+    if tokenizers is not None:
+        metrics["tokenizer"] = tokenizers[models[0]]
+    metrics["learning_curves"] = {m: {k: v for k, v in c.items() if k != "_boot"} for m, c in curves.items()}
+    metrics["alpha_S"] = {
+        "model": head,
+        "alpha_S": h.get("alpha_S"),
+        "alpha_ci": h.get("alpha_ci"),
+        "converged": h.get("converged", False),
+        "reason": h.get("skipped") or h.get("reason", ""),
+        "level": cfg.level,
+    }
+    return ScalingRun(suite=res, metrics=metrics, learning_curves=curves, examples=examples)

@@ -1,0 +1,42 @@
+"""Stage `dynamics`: per-token training dynamics of one model across its checkpoints.
+
+    python stages/dynamics.py [--params params.yaml] --losses cache/losses --planted cache/planted \
+        --out cache/scaling/token_dynamics.parquet --metrics metrics/dynamics.json --plots plots/dynamics
+
+On the planted suite it also fits each quantum's emergence step against its frequency
+(theory: S_k ∝ 1/p_k).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipeline import config, dynamics, io, plots, stage
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = stage.parser("per-token training dynamics")
+    for name in ("losses", "planted", "out", "metrics", "plots"):
+        ap.add_argument(f"--{name}", required=True)
+    args = ap.parse_args(argv)
+
+    params = config.load_params(args.params)
+    cfg = config.section(params, "dynamics")
+    suite = config.section(params, "suite")
+    res = dynamics.run(args.losses, suite.models, suite.revisions, cfg, planted_dir=args.planted)
+    io.write_parquet(res.table, args.out, config=config.to_dict(cfg))
+    io.write_json(res.metrics, args.metrics)
+    plots.emergence(res, Path(args.plots) / "emergence_vs_frequency.png")
+    m = res.metrics
+    share = m["abrupt_share_of_decrease"]
+    line = (f"dynamics: {m['model']}: {100 * m['frac_abrupt']:.1f}% of tokens drop abruptly, "
+            f"{'-' if share is None else f'{100 * share:.1f}%'} of the total loss decrease")
+    if "emergence" in m:
+        e = m["emergence"]
+        line += f"; emergence slope {e['slope']} CI {e['slope_ci']} (theory 1) {e['reason']}"
+    print(line)
+
+
+if __name__ == "__main__":
+    stage.run(main)

@@ -1,0 +1,41 @@
+"""Stage `theory`: the quantization model's predictions against the measured exponents.
+
+    python stages/theory.py [--params params.yaml] --planted cache/planted \
+        --scaling metrics/scaling.json --powerlaw metrics/powerlaw.json --out metrics/theory.json
+
+On the planted suite (cache/planted/labels.parquet present) it also compares each route's
+α with the planted `planted.alpha`, against `theory.tolerance`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pipeline import config, io, stage, theory
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = stage.parser("theory check")
+    for name in ("planted", "scaling", "powerlaw", "out"):
+        ap.add_argument(f"--{name}", required=True)
+    args = ap.parse_args(argv)
+
+    params = config.load_params(args.params)
+    cfg = config.section(params, "theory")
+    planted_alpha = None
+    if (Path(args.planted) / "labels.parquet").exists():
+        planted_alpha = config.section(params, "planted").alpha
+    read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
+    out = theory.theory_table(read(args.scaling), read(args.powerlaw), cfg, planted_alpha)
+    io.write_json(out, args.out)
+    alphas = {k: (None if r["alpha"] is None else round(r["alpha"], 4)) for k, r in out["routes"].items()}
+    line = f"theory: α by route {alphas}"
+    if out["planted"]:
+        line += f"; planted α = {planted_alpha}: " + ("PASS" if out["pass"] else "FAIL: " + "; ".join(out["failures"]))
+    print(line)
+
+
+if __name__ == "__main__":
+    stage.run(main)
