@@ -110,7 +110,7 @@ CONFIGS = {
     # the paper's setting (dense, k-means assignment) at its N
     "dense": ["--n", "10000", "--k", "400", "--mode", "dense", "--assign", "kmeans", "--n-init", "10"],
     # 10x the paper's N; cluster_qr needs no k-means restarts over 100,000 x 400 embeddings
-    "knn": ["--n", "100000", "--k", "400", "--mode", "knn", "--assign", "cluster_qr", "--solver", "amg"],
+    "knn": ["--n", "100000", "--k", "400", "--mode", "knn", "--assign", "cluster_qr", "--solver", "arpack"],
 }
 
 

@@ -42,6 +42,25 @@ to recognise) leaned more to the quantum (0.20 vs 0.14 on a width-48 model), but
 which its models acquired quanta was erratic (learned counts not monotone in width, Spearman
 ~0.5), so this one is the default.
 
+A second search (issue 3, Nov 2026) tried languages where a quantum is one context pattern with
+one answer, so that its gradients could agree: a "membership" language (quantum k = a key pair
+``u_k v_k`` followed by one answer ``!`` shared by all quanta, with decoy pairs followed by
+filler; the answer-token baseline is then 0 by construction), and key pairs mapped to a few
+answers. What it found, for whoever takes this up:
+
+- Saturated answers make noisy gradients: a learned ``!`` reaches ~1e-7 nats, float32's
+  resolution, so the output-error direction is rounding noise. Following 3% of keys with
+  filler instead (a loss floor of ~0.03 nats) raised the within-quantum cosine from 0.52 to 0.94.
+- Position and context split a quantum: one key at a fixed position in filler-only context
+  gives cosine 0.99, at varying positions 0.54-0.66; about half the gradient norm sits in
+  layer-0 attention.
+- At k = the number of quanta present, most of those quanta (Zipf tail) have 1-5 tokens, so
+  spectral clustering spends the spare clusters splitting the largest quantum along position
+  and context: clusters 96% pure but the top quantum cut in 14 (ARI 0.14; 0.83 at k = 5).
+- Membership languages failed the planted criteria themselves: rare keys see 20-80 training
+  examples and are learned at random across widths (Spearman 0.20-0.37 against >= 0.8).
+Best QDG ARI found: 0.23 (K=50, answer noise, which learned 14..48 quanta, Spearman 0.37).
+
 Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
 predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
 """

@@ -121,3 +121,16 @@ def test_bad_input():
     with pytest.raises(ConfigError, match="stability_seed must differ"):
         build(ClusterConfig, {"seed": 1, "stability_seed": 1}, "cluster")
     assert build(ClusterConfig, {"n_clusters": 7}, "cluster").n_clusters == (7,)
+
+
+def test_sparse_lanczos_embedding_spans_sklearns_eigenvectors():
+    import scipy.sparse as sp
+    from scipy.linalg import subspace_angles
+
+    x, truth = blobs(sizes=(30, 25, 20, 15), seed=5, noise=0.8)  # noisy: one connected graph
+    dense = sim.dense_affinity(x).astype(np.float64)
+    np.fill_diagonal(dense, 0)  # sklearn's Laplacian ignores the diagonal; make both see the same graph
+    ours = cluster.embedding(sp.csr_matrix(dense), 4, "arpack", 0)
+    theirs = cluster.embedding(dense, 4, "arpack", 0)
+    assert np.degrees(subspace_angles(ours, theirs)).max() < 0.01
+    assert np.allclose(cluster.embedding(sp.csr_matrix(dense), 4, "arpack", 0), ours)  # deterministic
