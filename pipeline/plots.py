@@ -28,6 +28,11 @@ def _plt():
 
 def _save(fig, path: str | Path) -> Path:
     plt = _plt()
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:  # minor-tick labels of log axes spanning < 2 decades overprint each other
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     with io.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
@@ -36,6 +41,8 @@ def _save(fig, path: str | Path) -> Path:
 
 def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", wrap=True, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def mean_loss_vs_n(run, path: str | Path) -> Path:
@@ -122,11 +129,13 @@ def emergence(dyn, path: str | Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     em = dyn.emergence
+    t = em.per_quantum if em is not None else None
+    ok = None if t is None else (t["status"] == "ok") & (t["emergence_step"] > 0)
     if em is None:
         _note(ax, "no planted quanta: emergence vs frequency needs ground truth")
+    elif not ok.any():
+        _note(ax, f"no quantum emerged within the checkpoints ({em.reason})")
     else:
-        t = em.per_quantum
-        ok = (t["status"] == "ok") & (t["emergence_step"] > 0)
         x, y = 1.0 / t["p"][ok].to_numpy(), t["emergence_step"][ok].to_numpy()
         ax.plot(x, y, "o", ms=3, label=f"{int(ok.sum())} quanta")
         if em.slope is not None:

@@ -59,6 +59,13 @@ gradients:
 cluster:
   n_clusters: [4, 3]
   n_init: 2
+scaling:
+  n_boot: 20
+dynamics:
+  n_boot: 20
+powerlaw:
+  n_boot_ci: 20
+  n_boot_gof: 10
 """
 
 
@@ -148,6 +155,30 @@ def test_dvc_repro_tiny_suite(scratch):
     validate = json.loads((scratch / "metrics/validate.json").read_text())
     assert validate["planted"] is True and validate["n_scored"] == len(samples)
     assert {"qdg", "baseline_answer", "baseline_context"} <= validate.keys() or "skipped" in validate
+
+    # Scaling analysis: per-token curves and dynamics as tables, every exponent in metrics, PNG plots.
+    curves = pd.read_parquet(scratch / "cache/scaling/token_curves.parquet")
+    assert len(curves) == len(scored) and set(curves["kind"].astype(str)) <= {"monogenic", "polygenic", "other"}
+    dyn = pl.read_parquet(scratch / "cache/scaling/token_dynamics.parquet")
+    assert dyn.height == len(scored) and {"drop", "drop_step", "sharpness", "abrupt"} <= set(dyn.columns)
+    n_abrupt = duckdb.sql(
+        f"select count(*) from read_parquet('{scratch}/cache/scaling/token_dynamics.parquet') where abrupt"
+    ).fetchall()[0][0]
+    scaling_m = json.loads((scratch / "metrics/scaling.json").read_text())
+    assert scaling_m["models"] == ["tiny-a", "tiny-b", "tiny-c"] and "alpha_N" in scaling_m["mean_loss"]
+    assert set(scaling_m["learning_curves"]) == {"tiny-a", "tiny-b", "tiny-c"}
+    dynamics_m = json.loads((scratch / "metrics/dynamics.json").read_text())
+    assert dynamics_m["n_abrupt"] == n_abrupt and "emergence" in dynamics_m
+    powerlaw_m = json.loads((scratch / "metrics/powerlaw.json").read_text())
+    assert powerlaw_m["k"] == 4 and powerlaw_m["n_samples"] == len(samples)
+    theory_m = json.loads((scratch / "metrics/theory.json").read_text())
+    assert theory_m["planted"] is True
+    assert set(theory_m["routes"]) == {"alpha_N", "alpha_S", "zipf", "zipf_planted_partition"}
+    for png in ("scaling/mean_loss_vs_n", "scaling/token_examples", "scaling/learning_curves",
+                "dynamics/emergence_vs_frequency", "powerlaw/cluster_rank_frequency"):
+        assert (scratch / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], scratch).stdout
+    assert "metrics/theory.json" in shown and "metrics/scaling.json" in shown
 
     # A second repro has nothing to do: outputs are deterministic and tracked.
     again = _run([sys.executable, "-m", "dvc", "status"], scratch)

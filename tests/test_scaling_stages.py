@@ -148,6 +148,12 @@ def test_dynamics_run_with_planted_truth(tmp_path):
     assert em["n_fit"] == K and em["slope"] == pytest.approx(1.0, abs=0.1)
     assert res.quantum_curves.shape == (K, steps.size)
     assert res.metrics["n_tokens"] == q.size and res.metrics["steps"] == steps.tolist()
+    plots.emergence(res, tmp_path / "e.png")
+    # nothing emerges when every checkpoint is before the earliest S_k: a note, not a crash
+    late = dynamics.run(tmp_path, ["m"], ["step10", "step30"], cfg, planted_dir=planted)
+    assert late.emergence.slope is None and late.emergence.reason
+    plots.emergence(late, tmp_path / "e2.png")
+    assert (tmp_path / "e.png").exists() and (tmp_path / "e2.png").exists()
     assert len(res.table) == q.size
     no_truth = dynamics.run(tmp_path, ["m"], revs, cfg, planted_dir=tmp_path / "nothing")
     assert "emergence" not in no_truth.metrics
