@@ -251,6 +251,10 @@ class SimilarityConfig:
     dense_max: int = 20_000
     n_neighbors: int = 30  # knn: neighbours per sample (excluding itself)
     knn_backend: Literal["auto", "faiss", "sklearn"] = "auto"  # auto: faiss when installed
+    # kNN search is exact up to knn_exact_max samples; above, neighbours are searched among
+    # candidates found in knn_dim SVD dimensions, and their exact cosines weigh the edges.
+    knn_exact_max: int = 20_000
+    knn_dim: int = 256
     memory_gb: float = 2.0  # bound on the float32 working blocks of the similarity computation
 
     def __post_init__(self):

@@ -6,7 +6,9 @@ gradients. The paper built the dense N x N matrix and turned it into an affinity
 0 for opposite ones). Dense is right up to ~10^4 samples (10^4 x 10^4 float32 = 400 MB);
 at 10^5 it is 40 GB. Above ``dense_max`` this module builds a sparse, symmetrised
 k-nearest-neighbour graph instead (the standard input of spectral clustering at scale),
-with faiss when it is installed and scikit-learn otherwise.
+with faiss when it is installed and scikit-learn otherwise: exact up to ``knn_exact_max``
+samples, and above that among candidates found in ``knn_dim`` SVD dimensions, whose exact
+cosines then weigh the edges (bench/RESULTS.md has the recall).
 
 Edge weights in kNN mode. Every sample gets n_neighbors edges, wanted or not. The angular
 affinity scores orthogonal gradients 1/2, so a sample of a small cluster, whose 30 nearest
@@ -50,13 +52,19 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
-def normalise(grads: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, float32 (N, dim). Zero rows are an error: drop them first."""
+def normalise(grads: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """Rows scaled to unit L2 norm, float32 (N, dim). Zero rows are an error: drop them first.
+
+    inplace: scale `grads` itself when it is a float32 array we own (no second N x dim copy).
+    """
     x = np.asarray(grads, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # (N, 1), without an N x dim temporary
     if (norms == 0).any() or not np.isfinite(norms).all():
         i = int(np.flatnonzero((norms[:, 0] == 0) | ~np.isfinite(norms[:, 0]))[0])
         raise QuantaError(f"row {i} of the gradients is zero or not finite; leave bad samples out before normalising")
+    if inplace and x is grads and x.flags.writeable:
+        x /= norms
+        return x
     return x / norms
 
 
@@ -104,29 +112,14 @@ def dense_affinity(x: np.ndarray, kind: str = "angular", memory_gb: float = 2.0,
     return to_affinity(cosine(x, memory_gb, progress), kind)
 
 
-def _knn_faiss(x: np.ndarray, k: int, exact_max: int, nprobe: int, seed: int):
-    import faiss
+def _search(x: np.ndarray, k: int, backend: str, memory_gb: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-(k+1) inner products of each row of unit-norm `x` against all rows (self included)."""
+    if backend == "faiss":
+        import faiss
 
-    n, d = x.shape
-    if n <= exact_max:
-        index = faiss.IndexFlatIP(d)
-    else:
-        # Inverted lists: exact inner products within the nprobe nearest of ~4 sqrt(N)
-        # coarse cells; bench/RESULTS.md reports its recall against exact search.
-        nlist = int(4 * math.sqrt(n))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(seed)
-        train = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
-        index.cp.seed = seed
-        index.train(train)
-        index.nprobe = nprobe
-    index.add(x)
-    sims, nbrs = index.search(x, k + 1)
-    return sims, nbrs
-
-
-def _knn_sklearn(x: np.ndarray, k: int, memory_gb: float):
-    # Exact brute-force search, blockwise: sklearn's kneighbors on cosine distance.
+        index = faiss.IndexFlatIP(x.shape[1])  # brute force on BLAS, exact
+        index.add(x)
+        return index.search(x, k + 1)
     from sklearn.neighbors import NearestNeighbors
 
     nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(x)
@@ -139,6 +132,30 @@ def _knn_sklearn(x: np.ndarray, k: int, memory_gb: float):
     return np.vstack(sims).astype(np.float32), np.vstack(nbrs)
 
 
+def _reduced_candidates(x: np.ndarray, k: int, dim: int, backend: str, memory_gb: float, seed: int) -> np.ndarray:
+    """(N, 2k + 1) candidate neighbours of each row, searched in `dim` SVD dimensions.
+
+    Exact search in 8192 dimensions costs N^2 * 8192 flops: 8e13 at N = 10^5, ~15 minutes
+    on 2 cores. The top singular directions of the gradients keep what separates them
+    (the clusters), so the search runs there; the candidates' exact cosines are taken
+    afterwards (:func:`knn_affinity`).
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    z = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=4, random_state=seed).fit_transform(x)
+    z = normalise(np.ascontiguousarray(z, dtype=np.float32), inplace=True)
+    return _search(z, 2 * k, backend, memory_gb)[1]
+
+
+def _exact_sims(x: np.ndarray, cand: np.ndarray, block: int = 256) -> np.ndarray:
+    """(N, c) inner products of each row of `x` with its candidate rows `cand` (N, c)."""
+    out = np.empty(cand.shape, dtype=np.float32)
+    for s in range(0, len(x), block):
+        c = cand[s : s + block]
+        out[s : s + block] = np.einsum("bd,bcd->bc", x[s : s + block], x[c])
+    return out
+
+
 def knn_affinity(
     x: np.ndarray,
     n_neighbors: int = 30,
@@ -146,15 +163,20 @@ def knn_affinity(
     backend: str = "auto",
     memory_gb: float = 2.0,
     exact_max: int = 20_000,
-    nprobe: int = 16,
+    knn_dim: int = 256,
     seed: int = 0,
+    owned: bool = False,
 ) -> sp.csr_matrix:
     """Sparse symmetrised kNN affinity (N, N) CSR float32 of the rows of `x`.
 
     Each sample keeps its `n_neighbors` most similar others, weighted max(0, 2A - 1) for
-    the affinity A of `kind`; the graph is (W + W^T)/2 and the diagonal is 1.
+    the affinity A of `kind`; the graph is (W + W^T)/2 and the diagonal is 1. Up to
+    `exact_max` samples the search is exact; above, neighbours are searched among 2k
+    candidates found in `knn_dim` SVD dimensions (:func:`_reduced_candidates`), and the
+    edge weights are the exact cosines. owned: `x` may be normalised in place (the
+    caller's copy; saves N x dim floats).
     """
-    x = normalise(x)
+    x = normalise(x, inplace=owned)
     n = len(x)
     if n_neighbors >= n:
         raise QuantaError(f"similarity.n_neighbors ({n_neighbors}) must be < the number of samples ({n})")
@@ -165,12 +187,16 @@ def knn_affinity(
             backend = "faiss"
         except ImportError:
             backend = "sklearn"
-    if backend == "faiss":
-        sims, nbrs = _knn_faiss(x, n_neighbors, exact_max, nprobe, seed)
-    elif backend == "sklearn":
-        sims, nbrs = _knn_sklearn(x, n_neighbors, memory_gb)
-    else:
+    if backend not in ("faiss", "sklearn"):
         raise QuantaError(f"similarity.knn_backend must be auto, faiss or sklearn, got {backend!r}")
+    if n <= exact_max or knn_dim >= x.shape[1]:
+        sims, nbrs = _search(x, n_neighbors, backend, memory_gb)
+    else:  # neighbours found in knn_dim SVD dimensions; their cosines are exact
+        cand = _reduced_candidates(x, n_neighbors, knn_dim, backend, memory_gb, seed)
+        exact = _exact_sims(x, cand)
+        keep = np.argsort(-exact, axis=1, kind="stable")[:, : n_neighbors + 1]
+        nbrs = np.take_along_axis(cand, keep, axis=1)
+        sims = np.take_along_axis(exact, keep, axis=1)
     rows = np.repeat(np.arange(n), nbrs.shape[1])
     cols = nbrs.reshape(-1)
     vals = to_affinity(sims.reshape(-1).astype(np.float32), kind)
@@ -193,13 +219,16 @@ def compute(
     ids = np.flatnonzero(keep).astype(np.int32)
     if len(ids) < 2:
         raise QuantaError(f"{len(ids)} usable gradients of {n_all}; similarity needs at least 2")
-    x = np.asarray(grads[ids], dtype=np.float32)
+    x = np.asarray(grads[ids], dtype=np.float32).view(np.ndarray)  # our own copy (fancy indexing)
     mode = cfg.mode if cfg.mode != "auto" else ("dense" if len(ids) <= cfg.dense_max else "knn")
     if mode == "dense":
         aff = dense_affinity(x, cfg.affinity, cfg.memory_gb, progress)
         nnz = aff.size
     else:
-        aff = knn_affinity(x, cfg.n_neighbors, cfg.affinity, cfg.knn_backend, cfg.memory_gb)
+        aff = knn_affinity(
+            x, cfg.n_neighbors, cfg.affinity, cfg.knn_backend, cfg.memory_gb,
+            exact_max=cfg.knn_exact_max, knn_dim=cfg.knn_dim, owned=True,
+        )
         nnz = aff.nnz
     meta = {
         "config": to_dict(cfg),

@@ -104,3 +104,26 @@ def test_bad_input():
         sim.compute(x[:1], None, SimilarityConfig())
     with pytest.raises(QuantaError, match="run the similarity stage first"):
         sim.read("/nonexistent/similarity")
+
+
+def test_large_n_search_in_svd_dimensions_keeps_exact_weights():
+    # clustered vectors: the top singular directions carry the clusters, not the noise
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((6, 128))
+    label = rng.integers(0, 6, 300)
+    x = (centres[label] + 0.7 * rng.standard_normal((300, 128))).astype(np.float32)
+    exact = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")
+    approx = sim.knn_affinity(x, n_neighbors=8, backend="sklearn", exact_max=100, knn_dim=12)
+    dense = sim.dense_affinity(x)
+    for g in (exact, approx):
+        r, c = g.nonzero()
+        assert (label[r] == label[c]).all()  # every edge inside a cluster, in both graphs
+    # weights: max(0, 2A - 1) of the exact affinity, symmetrised; an edge chosen by one end
+    # only weighs half
+    r, c = approx.nonzero()
+    off = r != c
+    w = np.maximum(0, 2 * dense[r[off], c[off]] - 1)
+    got = approx.toarray()[r[off], c[off]]
+    assert np.all(np.isclose(got, w, atol=1e-5) | np.isclose(got, w / 2, atol=1e-5))
+    # the neighbours found in 12 dimensions are nearly as similar as the exact ones
+    assert approx.sum() > 0.97 * exact.sum()
