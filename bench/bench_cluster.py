@@ -82,7 +82,9 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     x, truth = synthetic(args.n, args.dim, args.k, args.cos, args.seed)
     t_data = time.perf_counter() - t0
-    sim_cfg = SimilarityConfig(mode=args.mode, n_neighbors=args.neighbors, memory_gb=args.memory_gb)
+    sim_cfg = SimilarityConfig(
+        mode=args.mode, n_neighbors=args.neighbors, memory_gb=args.memory_gb, knn_exact_max=args.knn_exact_max
+    )
     cl_cfg = ClusterConfig(n_clusters=(args.k,), n_init=args.n_init, eigen_solver=args.solver, assign_labels=args.assign)
     t1 = time.perf_counter()
     aff, ids, meta = similarity.compute(x, None, sim_cfg)
@@ -110,8 +112,8 @@ def run_one(args) -> dict:
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "ari_vs_truth": round(float(adjusted_rand_score(truth, labels)), 4),
         "stability_ari": metrics["stability_ari"],
-        "knn_recall": None if recall is None else round(recall, 4),
-        "knn_similarity_ratio": None if sim_ratio is None else round(sim_ratio, 4),
+        "knn_recall": None if recall is None else round(float(recall), 4),
+        "knn_similarity_ratio": None if sim_ratio is None else round(float(sim_ratio), 4),
     }
 
 
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument("--assign", default="kmeans", choices=["kmeans", "discretize", "cluster_qr"])
     ap.add_argument("--n-init", type=int, default=10)
     ap.add_argument("--memory-gb", type=float, default=2.0)
+    ap.add_argument("--knn-exact-max", type=int, default=20_000, help="exact kNN search up to this N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON line (used by the parent)")
     args = ap.parse_args()
@@ -150,7 +153,10 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, __file__, *CONFIGS[name], "--dim", str(args.dim), "--json"]
         print("running:", " ".join(cmd[1:]), flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        out = proc.stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(json.dumps(rows[-1]), flush=True)
     print()

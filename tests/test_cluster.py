@@ -134,3 +134,12 @@ def test_sparse_lanczos_embedding_spans_sklearns_eigenvectors():
     theirs = cluster.embedding(dense, 4, "arpack", 0)
     assert np.degrees(subspace_angles(ours, theirs)).max() < 0.01
     assert np.allclose(cluster.embedding(sp.csr_matrix(dense), 4, "arpack", 0), ours)  # deterministic
+
+
+@pytest.mark.parametrize("solver", ["lobpcg", "amg"])
+def test_other_eigensolvers_recover_blocks(solver):
+    if solver == "amg":
+        pytest.importorskip("pyamg")
+    x, truth = blobs(sizes=(60, 50, 40, 30, 20), seed=6, noise=0.2)
+    labels = cluster.spectral(sim.dense_affinity(x), [5], ClusterConfig(n_clusters=(5,), eigen_solver=solver, n_init=4))[5]
+    assert adjusted_rand_score(truth, labels) > 0.95
