@@ -130,9 +130,13 @@ def test_sparse_lanczos_embedding_spans_sklearns_eigenvectors():
     x, truth = blobs(sizes=(30, 25, 20, 15), seed=5, noise=0.8)  # noisy: one connected graph
     dense = sim.dense_affinity(x).astype(np.float64)
     np.fill_diagonal(dense, 0)  # sklearn's Laplacian ignores the diagonal; make both see the same graph
+    from sklearn.manifold import spectral_embedding
+
     ours = cluster.embedding(sp.csr_matrix(dense), 4, "arpack", 0)
-    theirs = cluster.embedding(dense, 4, "arpack", 0)
+    ours_dense = cluster.embedding(dense, 4, "arpack", 0)
+    theirs = spectral_embedding(dense, n_components=4, eigen_solver="arpack", random_state=0, drop_first=False)
     assert np.degrees(subspace_angles(ours, theirs)).max() < 0.01
+    assert np.degrees(subspace_angles(ours_dense, theirs)).max() < 0.01
     assert np.allclose(cluster.embedding(sp.csr_matrix(dense), 4, "arpack", 0), ours)  # deterministic
 
 
