@@ -441,6 +441,30 @@ class TheoryConfig:
             raise ConfigError(f"theory.tolerance must be > 0, got {self.tolerance}")
 
 
+# ------------------------------------------------------------------------------ report
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+    """The HTML cluster browser (pipeline/report.py)."""
+
+    k: Optional[int] = None  # which clustering of the sweep to browse; null = the main k (cluster.n_clusters[0])
+    n_examples: int = 10  # example contexts shown per cluster (seeded random choice)
+    context_tokens: int = 100  # tokens of context shown before each target
+    similarity_side: int = 400  # the reordered similarity matrix is block-averaged to at most this many rows
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k is not None and self.k < 2:
+            raise ConfigError(f"report.k must be null (the main k) or a k of cluster.n_clusters, got {self.k}")
+        if self.n_examples < 1:
+            raise ConfigError("report.n_examples must be >= 1")
+        if self.context_tokens < 1:
+            raise ConfigError("report.context_tokens must be >= 1")
+        if not 16 <= self.similarity_side <= 4096:
+            raise ConfigError(f"report.similarity_side must be in 16..4096, got {self.similarity_side}")
+
+
 SECTIONS: dict[str, type] = {
     "planted": PlantedConfig,
     "suite": SuiteConfig,
@@ -454,6 +478,7 @@ SECTIONS: dict[str, type] = {
     "dynamics": DynamicsConfig,
     "powerlaw": PowerlawConfig,
     "theory": TheoryConfig,
+    "report": ReportConfig,
 }
 
 

@@ -78,6 +78,11 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def read_json(path: str | Path) -> Any:
+    """A JSON file (metrics, meta) as Python objects."""
+    return json.loads(Path(path).read_text())
+
+
 def _json_default(x: Any) -> Any:
     # numpy scalars and arrays show up in metrics all the time
     if hasattr(x, "tolist"):

@@ -177,3 +177,53 @@ def cluster_rank_frequency(cpl, path: str | Path) -> Path:
     ax.set_title("cluster sizes: rank-frequency", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def block_average(aff, labels: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The affinity with rows and columns sorted by label, block-averaged to at most side × side.
+
+    aff: (n, n) dense array (a memmap is read in row blocks) or scipy sparse; labels: (n,)
+    cluster of each row. Returns (the (m, m) averaged matrix, the bin positions where the
+    label changes, for boundary lines). Bins hold consecutive sorted rows, so a cluster
+    boundary falls inside at most one bin.
+    """
+    import scipy.sparse as sp
+
+    n = len(labels)
+    order = np.argsort(labels, kind="stable")
+    m = min(side, n)
+    bins = np.empty(n, dtype=np.int64)
+    bins[order] = np.arange(n) * m // n
+    B = sp.csr_matrix((np.ones(n), (np.arange(n), bins)), shape=(n, m))
+    if sp.issparse(aff):
+        total = (B.T @ aff @ B).toarray()
+    else:
+        total = np.zeros((m, m))
+        step = max(1, 2**25 // max(n, 1))  # ~128 MB of float32 rows at a time
+        for i in range(0, n, step):
+            rows = np.asarray(aff[i : i + step], dtype=np.float64)  # (rows, n)
+            total += B[i : i + step].T @ np.asarray(B.T @ rows.T).T
+    counts = np.bincount(bins, minlength=m).astype(np.float64)
+    mean = total / np.outer(counts, counts)
+    sorted_labels = labels[order]
+    change = np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 1
+    return mean, change * m / n
+
+
+def similarity_matrix(aff, labels: np.ndarray, side: int, path: str | Path, title: str = "") -> Path:
+    """The affinity reordered by cluster (largest cluster first), block-averaged, as an image."""
+    plt = _plt()
+    mean, edges = block_average(aff, labels, side)
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(mean, cmap="viridis", interpolation="nearest")
+    if len(edges) <= 150:  # more lines than that hide the matrix
+        for x in edges:
+            ax.axhline(x - 0.5, color="white", lw=0.3, alpha=0.6)
+            ax.axvline(x - 0.5, color="white", lw=0.3, alpha=0.6)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(f"{len(labels):,} samples sorted by cluster ({mean.shape[0]} bins)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="mean affinity")
+    ax.set_title(title or "similarity matrix, reordered by cluster", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

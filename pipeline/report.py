@@ -1,0 +1,354 @@
+"""The quanta report: one self-contained HTML file to browse the discovered clusters.
+
+Researchers judge a cluster by reading its contexts. The paper's viewer was a streamlit app
+that needed a server and refused to show any context containing HTML; this is a single file
+that opens from disk with no network and shows every context as text.
+
+Safety: corpus text is data. It reaches the page only as JSON inside a
+``<script type="application/json">`` block, with ``<``, ``>`` and ``&`` written as JSON
+escapes so that nothing in it can close the block, and the page's script puts it into the
+DOM with ``textContent`` only. A Content-Security-Policy allows exactly the page's own
+script and style (by hash) and ``data:`` images, so even a context that somehow became
+markup could not run a handler or load anything.
+
+What goes in (all read by :func:`collect`): the clusters of one k, the samples, the corpus
+tokens (for contexts), the cluster summary (top tokens), planted labels when there are any
+(purity), the metrics JSON files, and the PNG figures of the other stages, embedded as
+``data:`` URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import html
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from pipeline.config import ReportConfig
+from pipeline.errors import QuantaError
+
+#: The figures of the report, in order: (key, title, caption). Keys name PNG files given to
+#: :func:`render` (a missing one shows a note saying which stage makes it).
+FIGURES: tuple[tuple[str, str, str], ...] = (
+    (
+        "cluster_rank_frequency",
+        "Cluster sizes: rank-frequency",
+        "Sizes of one clustering against rank, the envelope over the k sweep (the paper's), the CSN "
+        "maximum-likelihood power-law tail and the envelope's OLS slope. (stage powerlaw)",
+    ),
+    (
+        "mean_loss_vs_n",
+        "Mean loss against model size",
+        "Mean per-token loss against non-embedding parameters N with the fit E + A·N^-α_N. (stage scaling)",
+    ),
+    (
+        "token_examples",
+        "Monogenic and polygenic tokens",
+        "Example per-token loss curves against N: monogenic (one sharp drop) and polygenic (gradual). (stage scaling)",
+    ),
+    (
+        "learning_curves",
+        "Learning curves",
+        "Mean loss against training step for each model, with the fits L(S) = E + A·S^-α_S. (stage scaling)",
+    ),
+    (
+        "similarity_matrix",
+        "Similarity matrix, reordered by cluster",
+        "The affinity of the clustered samples, rows and columns sorted by cluster (largest first) "
+        "and block-averaged; lines mark cluster boundaries. (stage report)",
+    ),
+    (
+        "emergence_vs_frequency",
+        "Emergence against frequency",
+        "The step at which each planted quantum is learned against 1/p_k (theory: slope 1). (stage dynamics)",
+    ),
+)
+
+
+@dataclasses.dataclass
+class ReportData:
+    """What the page's script renders: JSON-able, built by :func:`collect`."""
+
+    k: int
+    n_samples: int
+    planted: bool
+    strings: list[str]  # token texts used by the contexts; contexts index into this list
+    clusters: list[dict]  # one per cluster: id, size, mean_loss, purity, quantum, top, examples
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def cluster_column(clusters: pd.DataFrame, k: Optional[int], main_k: int) -> tuple[str, int]:
+    """The clusters table's column for k (None: the main k, column ``cluster``), and that k."""
+    sweep = [int(c[1:]) for c in clusters.columns if c.startswith("k") and c[1:].isdigit()]
+    if k is None or k == main_k:
+        return "cluster", main_k
+    if k not in sweep:
+        raise QuantaError(f"report.k = {k} was not clustered; cluster.n_clusters has {sweep}: choose one or set null")
+    return f"k{k}", k
+
+
+def _token_texts(tokens_path: str | Path, flat: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Token texts at row indices `flat` of the corpus in (doc_id, pos) order.
+
+    Returns (index into the returned list of distinct strings per entry of flat, that list).
+    Reads only doc_id, pos and the dictionary-encoded token_str, so a 100M-token corpus costs
+    a few hundred MB once.
+    """
+    t = pq.read_table(tokens_path, columns=["doc_id", "pos", "token_str"])
+    doc = t.column("doc_id").to_numpy()
+    pos = t.column("pos").to_numpy()
+    in_order = bool(np.all((doc[1:] > doc[:-1]) | ((doc[1:] == doc[:-1]) & (pos[1:] > pos[:-1]))))
+    rows = flat if in_order else np.lexsort((pos, doc))[flat]
+    col = t.column("token_str").take(rows).combine_chunks()
+    if hasattr(col, "dictionary"):  # the corpus stage writes a dictionary column
+        col = col.cast(col.type.value_type)
+    texts = col.to_pylist()
+    strings, index = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    return index.astype(np.int64), [str(s) for s in strings]
+
+
+def collect(
+    clusters: pd.DataFrame,
+    samples: pd.DataFrame,
+    summary: pd.DataFrame,
+    tokens_path: str | Path,
+    cfg: ReportConfig,
+    main_k: int,
+    quanta: Optional[np.ndarray] = None,
+) -> ReportData:
+    """Gather the browser's data for one clustering.
+
+    clusters: the cluster stage's table (sample, cluster, k<k>...); samples: sample, doc_id,
+    pos, token_id, loss; summary: cluster_summary (k, cluster, top_tokens, top_counts, ...);
+    main_k: the k of the ``cluster`` column (the first of the sweep); quanta: the planted quantum of each row of `samples` (-1: none), or None on a real suite.
+    Examples per cluster are a seeded random choice of cfg.n_examples samples, shown with up
+    to cfg.context_tokens tokens before the target.
+    """
+    from pipeline.losses import read_tokens
+
+    col, k = cluster_column(clusters, cfg.k, main_k)
+    df = clusters[["sample", col]].rename(columns={col: "c"}).merge(samples, on="sample", how="left")
+    if df["doc_id"].isna().any():
+        raise QuantaError("clusters and samples disagree (a sample id without a row); rerun dvc repro cluster")
+    if quanta is not None:
+        df = df.merge(pd.DataFrame({"sample": samples["sample"].to_numpy(), "q": np.asarray(quanta)}), on="sample")
+    df = df[df["c"] >= 0]  # -1: a bad sample, never clustered
+    if df.empty:
+        raise QuantaError("no clustered samples to report")
+
+    rng = np.random.default_rng(cfg.seed)
+    df = df.assign(_order=rng.permutation(len(df))).sort_values(["c", "_order"])
+    shown = df.groupby("c", sort=False).head(cfg.n_examples).sort_values(["c", "sample"])
+
+    # Contexts: up to context_tokens tokens before the target, and the target (last).
+    tok = read_tokens(tokens_path)
+    doc_row = tok.index_of(shown["doc_id"].to_numpy(np.int64))
+    pos = shown["pos"].to_numpy(np.int64)
+    start = np.maximum(0, pos - cfg.context_tokens)
+    lengths = pos - start + 1
+    flat = np.concatenate([tok.offsets[d] + np.arange(a, p + 1) for d, a, p in zip(doc_row, start, pos)])
+    index, strings = _token_texts(tokens_path, flat)
+    bounds = np.r_[0, np.cumsum(lengths)]
+
+    top = {}
+    for r in summary[summary["k"] == k].itertuples(index=False):
+        top[int(r.cluster)] = [[str(t), int(n)] for t, n in zip(r.top_tokens, r.top_counts)]
+
+    examples: dict[int, list[dict]] = {}
+    has_q = quanta is not None
+    for i, r in enumerate(shown.itertuples(index=False)):
+        examples.setdefault(int(r.c), []).append(
+            {
+                "s": int(r.sample),
+                "d": int(r.doc_id),
+                "p": int(r.pos),
+                "l": round(float(r.loss), 6),
+                "q": int(r.q) if has_q else None,
+                "start": int(start[i]),
+                "ctx": index[bounds[i] : bounds[i + 1]].tolist(),
+            }
+        )
+
+    out = []
+    for c, g in df.groupby("c", sort=True):
+        purity = quantum = None
+        if has_q:
+            counts = g["q"].value_counts()
+            quantum, purity = int(counts.index[0]), round(float(counts.iloc[0] / len(g)), 4)
+        out.append(
+            {
+                "id": int(c),
+                "size": int(len(g)),
+                "mean_loss": round(float(g["loss"].mean()), 6),
+                "purity": purity,
+                "quantum": quantum,
+                "top": top.get(int(c), []),
+                "examples": examples.get(int(c), []),
+            }
+        )
+    return ReportData(k=k, n_samples=int(len(df)), planted=has_q, strings=strings, clusters=out)
+
+
+# ------------------------------------------------------------------------------ HTML
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON that is safe inside a <script> block: no '<', '>' or '&' survives, nor U+2028/9."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(ch, esc)
+    return text
+
+
+def _asset(name: str) -> str:
+    return resources.files("pipeline").joinpath("report_assets", name).read_text(encoding="utf-8")
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+def _figure(key: str, title: str, caption: str, png: Optional[bytes]) -> str:
+    e = html.escape
+    if png is None:
+        body = f'<p class="missing">not made in this run ({e(key)}.png)</p>'
+    else:
+        src = "data:image/png;base64," + base64.b64encode(png).decode()
+        body = f'<img src="{src}" alt="{e(title)}">'
+    return f'<figure id="fig-{e(key)}"><figcaption><b>{e(title)}</b></figcaption>{body}<figcaption>{e(caption)}</figcaption></figure>'
+
+
+def _num(x: Any, d: int = 3) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, (list, tuple)) and len(x) == 2:
+        return f"[{_num(x[0], d)}, {_num(x[1], d)}]"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        return f"{x:.{d}f}" if isinstance(x, float) else str(x)
+    return str(x)
+
+
+def _theory_table(theory: Optional[dict]) -> str:
+    e = html.escape
+    if not theory or "routes" not in theory:
+        return '<p class="missing">no theory check in this run (stage theory)</p>'
+    head = "<tr><th>route</th><th>source</th><th class=num>measured</th><th class=num>95% CI</th><th class=num>α</th><th class=num>α CI</th><th>converged</th>"
+    planted = theory.get("planted")
+    if planted:
+        head += f"<th class=num>α − planted ({_num(theory.get('planted_alpha'))})</th><th>pass</th>"
+    rows = []
+    for name, r in theory["routes"].items():
+        cells = [
+            e(name),
+            e(str(r.get("source", ""))),
+            _num(r.get("measured")),
+            _num(r.get("measured_ci")),
+            _num(r.get("alpha")),
+            _num(r.get("alpha_ci")),
+            _num(r.get("converged")) + ("" if r.get("converged") else f" <small>{e(str(r.get('reason') or ''))}</small>"),
+        ]
+        cls = ["", "", "num", "num", "num", "num", ""]
+        if planted:
+            ok = r.get("pass")
+            verdict = "–" if ok is None else f'<span class="{"pass" if ok else "fail"}">{"pass" if ok else "fail"}</span>'
+            cells += [_num(r.get("error")), verdict + ("" if r.get("target") else " <small>(not a target)</small>")]
+            cls += ["num", ""]
+        rows.append("<tr>" + "".join(f'<td class="{c}">{v}</td>' for c, v in zip(cls, cells)) + "</tr>")
+    verdict = ""
+    if planted:
+        ok = theory.get("pass")
+        verdict = f'<p>Theory check on the planted suite: <span class="{"pass" if ok else "fail"}">{"pass" if ok else "fail"}</span></p>'
+        fails = theory.get("failures") or []
+        if fails:
+            verdict += "<ul>" + "".join(f"<li>{e(str(f))}</li>" for f in fails) + "</ul>"
+    return f"{verdict}<table><thead>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
+    e = html.escape
+    items = [(f"{data.n_samples:,}", "clustered samples"), (str(len(data.clusters)), f"clusters (k = {data.k})")]
+    qdg = metrics.get("qdg") or {}
+    if "stability_ari" in qdg:
+        items.append((_num(qdg["stability_ari"]), "stability (ARI between seeds)"))
+    val = metrics.get("validate") or {}
+    if val.get("planted") and "qdg" in val:
+        items.append((_num(val["qdg"]["ari"]), f"ARI vs planted quanta (k = {val.get('k')})"))
+        items.append((_num(val["baseline_answer"]["ari"]), "ARI of the answer-token baseline"))
+    mle = (metrics.get("powerlaw") or {}).get("mle") or {}
+    if mle.get("rank_exponent") is not None:
+        items.append((_num(mle["rank_exponent"], 2), "cluster-size Zipf exponent (MLE)"))
+    return '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(t)}</span></div>" for v, t in items) + "</div>"
+
+
+def render(
+    data: ReportData,
+    metrics: dict[str, dict],
+    figures: dict[str, Optional[bytes]],
+    title: str = "quanta report",
+    subtitle: str = "",
+) -> str:
+    """The whole page as one string. `metrics`: name -> parsed metrics JSON; `figures`:
+    FIGURES key -> PNG bytes (None or absent: not made)."""
+    e = html.escape
+    css, js = _asset("report.css"), _asset("report.js")
+    csp = f"default-src 'none'; img-src data:; style-src {_csp_hash(css)}; script-src {_csp_hash(js)}; base-uri 'none'; form-action 'none'"
+    purity_head = '<th class=num data-key="purity">purity</th>' if data.planted else ""
+    figs = "".join(_figure(k, t, c, figures.get(k)) for k, t, c in FIGURES)
+    raw = "".join(
+        f"<details><summary>metrics/{e(name)}.json</summary><pre>{e(json.dumps(m, indent=2, sort_keys=True))}</pre></details>"
+        for name, m in sorted(metrics.items())
+    )
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{e(csp)}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{e(title)}</title>
+<style>{css}</style>
+</head>
+<body>
+<header>
+<h1>{e(title)}</h1>
+<p>{e(subtitle)}</p>
+<nav><a href="#browser">clusters</a><a href="#figures">figures</a><a href="#theory">theory check</a><a href="#metrics">metrics</a></nav>
+</header>
+<main>
+<section id="summary">{_cards(data, metrics)}</section>
+<section id="browser">
+<h2>Clusters (k = {data.k})</h2>
+<div class="browser">
+<div>
+<input id="search" type="search" placeholder="search tokens, contexts or #id" aria-label="search clusters">
+<div id="count"></div>
+<div class="list"><table id="clusters"><thead><tr>
+<th class=num data-key="id">id</th><th class=num data-key="size" aria-sort="descending">size</th><th>top answer tokens</th><th class=num data-key="mean_loss">mean loss</th>{purity_head}
+</tr></thead><tbody></tbody></table></div>
+</div>
+<div id="detail" class="detail"></div>
+</div>
+</section>
+<section id="figures"><h2>Figures</h2>{figs}</section>
+<section id="theory"><h2>Theory check</h2>{_theory_table(metrics.get("theory"))}</section>
+<section id="metrics"><h2>All metrics</h2>{raw}</section>
+</main>
+<script id="quanta-data" type="application/json">{_json_for_script(data.to_json())}</script>
+<script>{js}</script>
+</body>
+</html>
+"""

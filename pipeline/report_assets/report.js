@@ -1,0 +1,140 @@
+// The cluster browser. Every piece of corpus text reaches the page through textContent,
+// never innerHTML: a context holding "<script>" shows those characters and runs nothing.
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("quanta-data").textContent);
+  var S = data.strings;
+
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = text;
+    return e;
+  }
+  // Make whitespace visible: space, tab, carriage return and newline get a glyph each.
+  function visible(s) {
+    return s.replace(/ /g, "\u00b7").replace(/\t/g, "\u2192").replace(/\r/g, "\u240d").replace(/\n/g, "\u21b5");
+  }
+  function fmt(x, d) {
+    if (x === null || x === undefined) return "\u2013";
+    var v = Number(x);
+    return v !== 0 && Math.abs(v) < Math.pow(10, -d + 1) ? v.toExponential(1) : v.toFixed(d);
+  }
+  function chip(text, count) {
+    var c = el("span", "chip", visible(text));
+    if (count !== undefined) { c.appendChild(document.createTextNode(" ")); c.appendChild(el("small", null, "\u00d7" + count)); }
+    return c;
+  }
+
+  var table = document.getElementById("clusters");
+  var tbody = table.querySelector("tbody");
+  var count = document.getElementById("count");
+  var search = document.getElementById("search");
+  var detail = document.getElementById("detail");
+  var byId = {};
+  var sortKey = "size", sortDir = -1, selected = null;
+
+  data.clusters.forEach(function (c) {
+    byId[c.id] = c;
+    var tr = el("tr");
+    tr.dataset.id = c.id;
+    tr.appendChild(el("td", "num", "#" + c.id));
+    tr.appendChild(el("td", "num", String(c.size)));
+    var top = el("td");
+    c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
+    tr.appendChild(top);
+    tr.appendChild(el("td", "num", fmt(c.mean_loss, 4)));
+    if (data.planted) tr.appendChild(el("td", "num", fmt(c.purity, 2) + (c.quantum === null ? "" : " (q" + c.quantum + ")")));
+    tr.addEventListener("click", function () { select(c.id); });
+    c.tr = tr;
+  });
+
+  // What a search matches: the cluster id, its top tokens and the text of its examples.
+  function haystack(c) {
+    if (c.hay === undefined) {
+      var parts = ["#" + c.id];
+      c.top.forEach(function (t) { parts.push(t[0]); });
+      c.examples.forEach(function (ex) { parts.push(ex.ctx.map(function (i) { return S[i]; }).join("")); });
+      c.hay = parts.join("\n").toLowerCase();
+    }
+    return c.hay;
+  }
+
+  function refresh() {
+    var q = search.value.trim().toLowerCase();
+    var list = data.clusters.slice().sort(function (a, b) {
+      var x = a[sortKey], y = b[sortKey];
+      if (x === y) return a.id - b.id;
+      if (x === null) return 1;
+      if (y === null) return -1;
+      return (x < y ? -1 : 1) * sortDir;
+    });
+    var shown = 0, frag = document.createDocumentFragment();
+    list.forEach(function (c) {
+      var ok = !q || String(c.id) === q.replace(/^#/, "") || haystack(c).indexOf(q) >= 0;
+      c.tr.hidden = !ok;
+      if (ok) shown++;
+      frag.appendChild(c.tr);
+    });
+    tbody.appendChild(frag);
+    count.textContent = shown + " of " + data.clusters.length + " clusters" + (q ? " match \u201c" + search.value.trim() + "\u201d" : "");
+  }
+
+  table.querySelectorAll("th[data-key]").forEach(function (th) {
+    th.addEventListener("click", function () {
+      var key = th.dataset.key;
+      sortDir = key === sortKey ? -sortDir : (key === "id" ? 1 : -1);
+      sortKey = key;
+      table.querySelectorAll("th[data-key]").forEach(function (h) { h.removeAttribute("aria-sort"); });
+      th.setAttribute("aria-sort", sortDir > 0 ? "ascending" : "descending");
+      refresh();
+    });
+  });
+  search.addEventListener("input", refresh);
+
+  function renderExample(ex) {
+    var box = el("div", "example");
+    var meta = "sample " + ex.s + " \u00b7 doc " + ex.d + " \u00b7 pos " + ex.p;
+    if (data.planted) meta += " \u00b7 planted quantum " + (ex.q < 0 ? "none" : ex.q);
+    box.appendChild(el("div", "meta", meta));
+    var ctx = el("div", "ctx");
+    if (ex.start > 0) ctx.appendChild(el("span", "more", "\u2026 "));
+    var last = ex.ctx.length - 1;
+    ex.ctx.forEach(function (i, j) {
+      var s = S[i];
+      var cls = "tok" + (/^\s+$/.test(s) ? " ws" : "") + (j === last ? " target" : "");
+      var span = el("span", cls, visible(s));
+      span.title = JSON.stringify(s) + (j === last ? "  target, loss " + fmt(ex.l, 4) + " nats" : "");
+      ctx.appendChild(span);
+      if (j === last) ctx.appendChild(el("span", "loss", fmt(ex.l, 4) + " nats"));
+      else if (s.indexOf("\n") >= 0) ctx.appendChild(el("br"));
+    });
+    box.appendChild(ctx);
+    return box;
+  }
+
+  function select(id) {
+    var c = byId[id];
+    if (!c) return;
+    if (selected) selected.tr.classList.remove("selected");
+    selected = c;
+    c.tr.classList.add("selected");
+    detail.textContent = "";
+    detail.appendChild(el("h3", null, "Cluster #" + c.id));
+    var m = c.size + " samples \u00b7 mean loss " + fmt(c.mean_loss, 4) + " nats";
+    if (data.planted) m += " \u00b7 purity " + fmt(c.purity, 2) + (c.quantum === null ? "" : " (majority planted quantum " + c.quantum + ")");
+    detail.appendChild(el("div", "meta", m));
+    var top = el("div", "meta", "top answer tokens: ");
+    c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
+    detail.appendChild(top);
+    c.examples.forEach(function (ex) { detail.appendChild(renderExample(ex)); });
+    if (history.replaceState) history.replaceState(null, "", "#cluster-" + c.id);
+  }
+
+  refresh();
+  var m = /^#cluster-(\d+)$/.exec(location.hash);
+  var first = data.clusters.length ? data.clusters.slice().sort(function (a, b) { return b.size - a.size; })[0].id : null;
+  if (m && byId[m[1]]) select(Number(m[1]));
+  else if (first !== null) select(first);
+  document.body.dataset.ready = "1";
+})();
