@@ -145,7 +145,9 @@ def collect(
         raise QuantaError("clusters and samples disagree (a sample id without a row); rerun dvc repro cluster")
     if quanta is not None:
         df = df.merge(pd.DataFrame({"sample": samples["sample"].to_numpy(), "q": np.asarray(quanta)}), on="sample")
-    df = df[df["c"] >= 0]  # -1: a bad sample, never clustered
+    # -1: a bad sample, never clustered. Sorted by sample, so that the seeded choice of
+    # examples does not depend on the order of the input rows.
+    df = df[df["c"] >= 0].sort_values("sample", kind="stable")
     if df.empty:
         raise QuantaError("no clustered samples to report")
 
@@ -186,8 +188,9 @@ def collect(
     for c, g in df.groupby("c", sort=True):
         purity = quantum = None
         if has_q:
-            counts = g["q"].value_counts()
-            quantum, purity = int(counts.index[0]), round(float(counts.iloc[0] / len(g)), 4)
+            values, counts = np.unique(g["q"].to_numpy(), return_counts=True)
+            best = int(np.argmax(counts))  # ties: the smallest quantum id
+            quantum, purity = int(values[best]), round(float(counts[best] / len(g)), 4)
         out.append(
             {
                 "id": int(c),

@@ -175,8 +175,16 @@ def test_dvc_repro_tiny_suite(scratch):
     assert theory_m["planted"] is True
     assert set(theory_m["routes"]) == {"alpha_N", "alpha_S", "zipf", "zipf_planted_partition"}
     for png in ("scaling/mean_loss_vs_n", "scaling/token_examples", "scaling/learning_curves",
-                "dynamics/emergence_vs_frequency", "powerlaw/cluster_rank_frequency"):
+                "dynamics/emergence_vs_frequency", "powerlaw/cluster_rank_frequency", "report/similarity_matrix"):
         assert (scratch / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    # The report: one file, its data block holds every cluster of the main k, its figures are embedded.
+    page = (scratch / "cache/report/index.html").read_text()
+    block = page.split('<script id="quanta-data" type="application/json">')[1].split("</script>")[0]
+    data = json.loads(block)
+    assert data["k"] == 4 and data["planted"] is True
+    main_k = clusters["cluster"].to_numpy()
+    assert [c["size"] for c in data["clusters"]] == np.bincount(main_k[main_k >= 0]).tolist()
+    assert page.count("data:image/png;base64,") == 6 and "http://" not in page and "https://" not in page
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], scratch).stdout
     assert "metrics/theory.json" in shown and "metrics/scaling.json" in shown
 

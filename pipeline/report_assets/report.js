@@ -1,5 +1,5 @@
 // The cluster browser. Every piece of corpus text reaches the page through textContent,
-// never innerHTML: a context holding "<script>" shows those characters and runs nothing.
+// never innerHTML: a context holding markup shows its characters and runs nothing.
 (function () {
   "use strict";
   var data = JSON.parse(document.getElementById("quanta-data").textContent);

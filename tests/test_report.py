@@ -1,0 +1,240 @@
+"""The HTML report: its data, its escaping, and the page itself in a real headless Chromium.
+
+The browser test is the one a person would do: open the file, see the clusters, search,
+click, read a context whose text is hostile HTML, and find that nothing ran.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from pipeline import cluster, io, report
+from pipeline.config import ClusterConfig, ReportConfig
+from pipeline.errors import QuantaError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Corpus text that would run or break a page that trusted it.
+HOSTILE = (
+    "<script>window.__pwned = 1; alert(1)</script>",
+    '<img src=x onerror="window.__pwned = 2">',
+    "</div>",
+    "</script><script>window.__pwned = 3</script>",
+    "&lt;b&gt;",
+)
+VOCAB = ("The", " cat", " sat", " on", " mat", ".", "\n", " ", "\t", "(", ")", "=", " x", " y") + HOSTILE
+
+
+def make_inputs(tmp_path: Path, n_docs: int = 30, doc_len: int = 40, n_samples: int = 90, k: int = 4, seed: int = 0):
+    """A corpus with HTML in it, samples, a clustering (main k and k - 1) and its summary."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, len(VOCAB), size=(n_docs, doc_len)).astype(np.int32)
+    ids[0, :5] = [VOCAB.index(h) for h in HOSTILE]  # every hostile string in one context
+    doc = np.repeat(np.arange(n_docs, dtype=np.int64), doc_len)
+    pos = np.tile(np.arange(doc_len, dtype=np.int32), n_docs)
+    strs = pa.DictionaryArray.from_arrays(pa.array(ids.ravel()), pa.array(list(VOCAB)))
+    tokens = pa.table({"doc_id": doc, "pos": pos, "token_id": ids.ravel(), "token_str": strs})
+    io.write_parquet(tokens, tmp_path / "tokens.parquet")
+
+    flat = rng.choice(np.flatnonzero(pos >= 1), size=n_samples, replace=False)
+    flat[0] = 5  # doc 0, pos 5: its context is the five hostile tokens
+    samples = pd.DataFrame(
+        {
+            "sample": np.arange(n_samples, dtype=np.int32),
+            "doc_id": doc[flat],
+            "pos": pos[flat],
+            "token_id": ids.ravel()[flat],
+            "loss": rng.uniform(0, 0.1, n_samples).astype(np.float32),
+        }
+    )
+    main = rng.integers(0, k, n_samples)
+    main[:k] = np.arange(k)  # every cluster non-empty
+    clusters = pd.DataFrame({"sample": samples["sample"], "cluster": main, f"k{k}": main, f"k{k - 1}": main % (k - 1)})
+    clusters.loc[n_samples - 1, ["cluster", f"k{k}", f"k{k - 1}"]] = -1  # one bad sample, never clustered
+    summary = cluster.summarise(clusters, samples, dict(enumerate(VOCAB)), ClusterConfig(n_clusters=(k, k - 1)))
+    quanta = rng.integers(-1, 3, n_samples)
+    return tokens, samples, clusters, summary.to_pandas(), quanta
+
+
+def test_collect_contexts_end_at_their_target(tmp_path):
+    tokens, samples, clusters, summary, quanta = make_inputs(tmp_path)
+    cfg = ReportConfig(n_examples=5, context_tokens=7)
+    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, main_k=4, quanta=quanta)
+    assert data.k == 4 and data.planted
+    assert [c["id"] for c in data.clusters] == [0, 1, 2, 3]
+    assert data.n_samples == len(samples) - 1  # the bad sample is not in any cluster
+    by_sample = samples.set_index("sample")
+    ids = tokens.column("token_id").to_numpy().reshape(30, 40)
+    for c in data.clusters:
+        members = clusters.loc[clusters["cluster"] == c["id"], "sample"]
+        assert c["size"] == len(members)
+        assert len(c["examples"]) == min(5, len(members))
+        for ex in c["examples"]:
+            row = by_sample.loc[ex["s"]]
+            assert (ex["d"], ex["p"]) == (row["doc_id"], row["pos"])
+            want = ids[ex["d"], max(0, ex["p"] - 7) : ex["p"] + 1]
+            assert [data.strings[i] for i in ex["ctx"]] == [VOCAB[t] for t in want]
+            assert ex["start"] == max(0, ex["p"] - 7)
+        q = quanta[members.to_numpy()]
+        values, counts = np.unique(q, return_counts=True)
+        assert c["purity"] == pytest.approx(counts.max() / len(q), abs=1e-4)
+        assert c["quantum"] in values[counts == counts.max()]
+        top = summary[(summary["k"] == 4) & (summary["cluster"] == c["id"])].iloc[0]
+        assert [t for t, _ in c["top"]] == list(top["top_tokens"])
+
+
+def test_collect_is_invariant_to_row_order(tmp_path):
+    _, samples, clusters, summary, quanta = make_inputs(tmp_path)
+    cfg = ReportConfig()
+    a = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, main_k=4, quanta=quanta)
+    perm = np.random.default_rng(1).permutation(len(samples))
+    b = report.collect(
+        clusters.iloc[perm], samples.iloc[perm], summary, tmp_path / "tokens.parquet", cfg, main_k=4, quanta=quanta[perm]
+    )
+    assert a.to_json() == b.to_json()
+
+
+def test_collect_other_k_and_unknown_k(tmp_path):
+    _, samples, clusters, summary, _ = make_inputs(tmp_path)
+    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", ReportConfig(k=3), main_k=4)
+    assert data.k == 3 and len(data.clusters) == 3 and not data.planted
+    assert all(c["purity"] is None for c in data.clusters)
+    with pytest.raises(QuantaError, match="report.k = 7 was not clustered"):
+        report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", ReportConfig(k=7), main_k=4)
+
+
+def test_json_for_script_cannot_close_its_block():
+    obj = {"s": list(HOSTILE) + ["\u2028", "a & b"]}
+    text = report._json_for_script(obj)
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == obj
+
+
+def _page(tmp_path, cfg: ReportConfig = ReportConfig(), **kw) -> tuple[str, report.ReportData]:
+    tokens, samples, clusters, summary, quanta = make_inputs(tmp_path, **kw)
+    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, 4, quanta)
+    theory = {"planted": True, "pass": False, "planted_alpha": 0.5, "failures": ["<b>bold</b> claim"], "routes": {}}
+    page = report.render(data, {"theory": theory, "qdg": {"stability_ari": 0.9}}, {}, subtitle="<i>sub</i>")
+    return page, data
+
+
+def test_page_has_only_its_own_markup(tmp_path):
+    page, data = _page(tmp_path)
+    assert page.count("<script") == 2  # the JSON data block and the page's script
+    # the data block runs to its own end: everything up to the first </script> is the whole JSON
+    block = page.split('<script id="quanta-data" type="application/json">')[1].split("</script>")[0]
+    assert json.loads(block) == data.to_json()
+    assert any(h in data.strings for h in HOSTILE)
+    for bad in ("<img", "<b>bold", "<i>sub", "<script>window", "</script><script>window"):
+        assert bad not in page
+    assert "&lt;b&gt;bold&lt;/b&gt; claim" in page and "&lt;i&gt;sub&lt;/i&gt;" in page
+
+
+def test_csp_allows_exactly_the_page_script(tmp_path):
+    page, _ = _page(tmp_path)
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1)
+    script = page.rsplit("<script>", 1)[1].split("</script>")[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"script-src 'sha256-{digest}'" in csp.replace("&#x27;", "'")
+    assert "unsafe-inline" not in csp and "default-src 'none'" in csp.replace("&#x27;", "'")
+
+
+# ------------------------------------------------------------------------------ in Chromium
+
+
+def _browser_or_fail():
+    """The browser test is required (CI installs Chromium); QUANTA_SKIP_BROWSER=1 opts out."""
+    if os.environ.get("QUANTA_SKIP_BROWSER") == "1":
+        pytest.skip("QUANTA_SKIP_BROWSER=1")
+    from pipeline import browser
+
+    try:
+        browser.chromium_path()
+        import playwright  # noqa: F401
+    except (QuantaError, ImportError) as e:
+        pytest.fail(f"{e} (the README test command installs both; QUANTA_SKIP_BROWSER=1 skips this test)")
+    return browser
+
+
+@pytest.mark.e2e
+def test_report_in_chromium(tmp_path):
+    browser = _browser_or_fail()
+    # every sample shown, so that sample 0 (the hostile context) is among the examples
+    page_html, _ = _page(tmp_path, ReportConfig(n_examples=200), n_docs=60, n_samples=200)
+    path = tmp_path / "index.html"
+    path.write_text(page_html, encoding="utf-8")
+    artifacts = Path(os.environ.get("QUANTA_ARTIFACTS", REPO / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+
+    problems, dialogs = [], []
+    with browser.browser() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(path.as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+
+        rows = page.locator("#clusters tbody tr")
+        assert rows.count() == 4
+        assert page.locator("#clusters tbody tr:not([hidden])").count() == 4
+        assert page.inner_text("#count").startswith("4 of 4 clusters")
+        # the largest cluster is selected first, with its examples
+        sizes = [int(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(4)]
+        assert sizes == sorted(sizes, reverse=True)
+        n_examples = page.locator("#detail .example").count()
+        assert n_examples == sizes[0]
+        assert page.locator("#detail .tok.target").count() == n_examples
+        assert page.locator("#detail .example .loss").count() == n_examples
+
+        # sort by id, then search: "#2" keeps one cluster; a token only in contexts filters too
+        page.click("th[data-key='id']")
+        ids = [rows.nth(i).locator("td").first.inner_text() for i in range(4)]
+        assert ids == ["#0", "#1", "#2", "#3"]
+        page.fill("#search", "#2")
+        assert page.locator("#clusters tbody tr:not([hidden])").count() == 1
+        assert page.locator("#clusters tbody tr:not([hidden]) td").first.inner_text() == "#2"
+        page.fill("#search", "no such text anywhere")
+        assert page.locator("#clusters tbody tr:not([hidden])").count() == 0
+        assert page.inner_text("#count").startswith("0 of 4")
+        page.fill("#search", "onerror")  # hostile text is searchable text
+        hit = page.locator("#clusters tbody tr:not([hidden])")
+        assert hit.count() >= 1
+        page.fill("#search", "")
+
+        # the cluster of sample 0, whose context is the hostile strings: shown as text
+        page.goto(path.as_uri() + "#cluster-0")
+        page.wait_for_selector("body[data-ready='1']")
+        detail = page.locator("#detail")
+        target_cluster = None
+        for i in range(4):
+            page.locator(f"#clusters tbody tr[data-id='{i}']").click()
+            if "sample 0 " in detail.inner_text():
+                target_cluster = i
+                break
+        assert target_cluster is not None
+        text = detail.inner_text()
+        for h in HOSTILE:
+            shown = h.replace(" ", "\u00b7")  # whitespace is made visible
+            assert shown in text, h
+        assert page.locator("#detail img").count() == 0
+        assert page.locator("#detail script").count() == 0
+        assert page.evaluate("window.__pwned") is None
+        # whitespace tokens are visible glyphs, newlines are marked
+        assert page.locator("#detail .tok.ws").count() > 0
+        assert "\u21b5" in text and "\u2192" in text
+        page.locator("#detail .example", has_text="sample 0 ").scroll_into_view_if_needed()
+        page.screenshot(path=str(artifacts / "report-e2e.png"))
+
+    assert dialogs == [], dialogs
+    assert problems == [], problems
