@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Optional
 
 from pipeline.errors import QuantaError
 
@@ -49,3 +50,31 @@ def browser() -> Iterator["object"]:
             yield b
         finally:
             b.close()
+
+
+def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, height: int = 900,
+               cluster: Optional[int] = None, timeout_s: float = 30.0) -> Path:
+    """A PNG of the report as a person first sees it (or with cluster `cluster` open).
+
+    Waits for the page's script to finish rendering; console errors are an error here,
+    since a report that logs one is broken.
+    """
+    html_path, png_path = Path(html_path).resolve(), Path(png_path)
+    if not html_path.exists():
+        raise QuantaError(f"no report at {html_path}; make it with: dvc repro report")
+    errors: list[str] = []
+    with browser() as b:
+        page = b.new_page(viewport={"width": width, "height": height})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(html_path.as_uri() + (f"#cluster-{cluster}" if cluster is not None else ""))
+        page.wait_for_selector("body[data-ready='1']", timeout=timeout_s * 1000)
+        if errors:
+            raise QuantaError(f"the report logged errors in Chromium: {errors[:3]}")
+        png_path.parent.mkdir(parents=True, exist_ok=True)
+        from pipeline import io
+
+        with io.atomic_path(png_path) as tmp:
+            page.screenshot(path=str(tmp.with_suffix(".png")))
+            tmp.with_suffix(".png").rename(tmp)
+    return png_path

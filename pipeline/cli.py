@@ -100,6 +100,13 @@ def cmd_check(args) -> None:
     print(f"{args.params}: ok ({', '.join(config.SECTIONS)})")
 
 
+def cmd_screenshot(args) -> None:
+    from pipeline import browser
+
+    out = browser.screenshot(args.report, args.out, args.width, args.height, args.cluster)
+    print(f"{out}: screenshot of {args.report}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="quanta", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,6 +119,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sub.add_parser("revisions", help="Pythia's checkpoint names").set_defaults(fn=cmd_revisions)
     sub.add_parser("download", help="fetch the suite into the HF cache").set_defaults(fn=cmd_download)
     sub.add_parser("check", help="validate params.yaml").set_defaults(fn=cmd_check)
+    shot = sub.add_parser("screenshot", help="a PNG of the HTML report in headless Chromium")
+    shot.add_argument("--report", default="cache/report/index.html")
+    shot.add_argument("--out", default="report.png")
+    shot.add_argument("--cluster", type=int, default=None, help="open this cluster (default: the largest)")
+    shot.add_argument("--width", type=int, default=1400)
+    shot.add_argument("--height", type=int, default=900)
+    shot.set_defaults(fn=cmd_screenshot)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

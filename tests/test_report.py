@@ -238,3 +238,20 @@ def test_report_in_chromium(tmp_path):
 
     assert dialogs == [], dialogs
     assert problems == [], problems
+
+
+@pytest.mark.e2e
+def test_quanta_screenshot(tmp_path, capsys):
+    _browser_or_fail()
+    from pipeline import cli
+
+    page_html, _ = _page(tmp_path)
+    (tmp_path / "index.html").write_text(page_html, encoding="utf-8")
+    cli.main(["screenshot", "--report", str(tmp_path / "index.html"), "--out", str(tmp_path / "shot.png"),
+              "--cluster", "2", "--width", "900", "--height", "600"])
+    png = (tmp_path / "shot.png").read_bytes()
+    assert png[:4] == b"\x89PNG" and int.from_bytes(png[16:20], "big") == 900
+    assert list(tmp_path.glob(".shot.png*")) == []  # no temporary left behind
+    with pytest.raises(SystemExit) as e:
+        cli.main(["screenshot", "--report", str(tmp_path / "missing.html")])
+    assert e.value.code == 2 and "dvc repro report" in capsys.readouterr().err
