@@ -192,6 +192,8 @@ def test_report_in_chromium(tmp_path):
         # the largest cluster is selected first, with its examples
         sizes = [int(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(4)]
         assert sizes == sorted(sizes, reverse=True)
+        for i in range(4):  # purity as a plain fraction with the majority quantum
+            assert re.fullmatch(r"[01]\.\d\d \(q-?\d+\)", rows.nth(i).locator("td").nth(4).inner_text())
         n_examples = page.locator("#detail .example").count()
         assert n_examples == sizes[0]
         assert page.locator("#detail .tok.target").count() == n_examples

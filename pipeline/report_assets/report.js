@@ -15,10 +15,12 @@
   function visible(s) {
     return s.replace(/ /g, "\u00b7").replace(/\t/g, "\u2192").replace(/\r/g, "\u240d").replace(/\n/g, "\u21b5");
   }
-  function fmt(x, d) {
+  function fixed(x, d) { return x === null || x === undefined ? "\u2013" : Number(x).toFixed(d); }
+  // Losses span many decades (1e-6 nats for a saturated answer): small ones in exponent form.
+  function loss(x) {
     if (x === null || x === undefined) return "\u2013";
     var v = Number(x);
-    return v !== 0 && Math.abs(v) < Math.pow(10, -d + 1) ? v.toExponential(1) : v.toFixed(d);
+    return v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(1) : v.toFixed(4);
   }
   function chip(text, count) {
     var c = el("span", "chip", visible(text));
@@ -43,8 +45,8 @@
     var top = el("td");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
     tr.appendChild(top);
-    tr.appendChild(el("td", "num", fmt(c.mean_loss, 4)));
-    if (data.planted) tr.appendChild(el("td", "num", fmt(c.purity, 2) + (c.quantum === null ? "" : " (q" + c.quantum + ")")));
+    tr.appendChild(el("td", "num", loss(c.mean_loss)));
+    if (data.planted) tr.appendChild(el("td", "num", fixed(c.purity, 2) + (c.quantum === null ? "" : " (q" + c.quantum + ")")));
     tr.addEventListener("click", function () { select(c.id); });
     c.tr = tr;
   });
@@ -104,9 +106,9 @@
       var s = S[i];
       var cls = "tok" + (/^\s+$/.test(s) ? " ws" : "") + (j === last ? " target" : "");
       var span = el("span", cls, visible(s));
-      span.title = JSON.stringify(s) + (j === last ? "  target, loss " + fmt(ex.l, 4) + " nats" : "");
+      span.title = JSON.stringify(s) + (j === last ? "  target, loss " + loss(ex.l) + " nats" : "");
       ctx.appendChild(span);
-      if (j === last) ctx.appendChild(el("span", "loss", fmt(ex.l, 4) + " nats"));
+      if (j === last) ctx.appendChild(el("span", "loss", loss(ex.l) + " nats"));
       else if (s.indexOf("\n") >= 0) ctx.appendChild(el("br"));
     });
     box.appendChild(ctx);
@@ -121,8 +123,8 @@
     c.tr.classList.add("selected");
     detail.textContent = "";
     detail.appendChild(el("h3", null, "Cluster #" + c.id));
-    var m = c.size + " samples \u00b7 mean loss " + fmt(c.mean_loss, 4) + " nats";
-    if (data.planted) m += " \u00b7 purity " + fmt(c.purity, 2) + (c.quantum === null ? "" : " (majority planted quantum " + c.quantum + ")");
+    var m = c.size + " samples \u00b7 mean loss " + loss(c.mean_loss) + " nats";
+    if (data.planted) m += " \u00b7 purity " + fixed(c.purity, 2) + (c.quantum === null ? "" : " (majority planted quantum " + c.quantum + ")");
     detail.appendChild(el("div", "meta", m));
     var top = el("div", "meta", "top answer tokens: ");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
