@@ -269,6 +269,11 @@ class ClusterConfig:
     # One k, or a sweep (the paper: 10 ... 1500). The first is the main k: it gets the
     # `cluster` column, the summary's order and the stability score.
     n_clusters: Union[int, tuple[int, ...]] = (400,)
+    # spectral (the paper's: SpectralClustering on the affinity) or agglomerative (average
+    # linkage on the distance 1 - affinity, one tree cut at every k; dense affinities only).
+    # Spectral clustering favours clusters of balanced size and splits the largest quanta
+    # when their sizes follow a Zipf law; average linkage does not (see pipeline/cluster.py).
+    method: Literal["spectral", "agglomerative"] = "spectral"
     n_init: int = 10  # k-means restarts in the spectral embedding (the paper: 30)
     eigen_solver: Literal["arpack", "lobpcg", "amg"] = "arpack"
     # kmeans (the paper's), discretize, or cluster_qr (no restarts; fast for large N)

@@ -167,3 +167,53 @@ def test_stability_rerun_reuses_only_a_seed_free_embedding():
     first = cluster.spectral(aff, [5], cfg)[5]
     again = cluster.spectral(aff, [5], cfg, seed=1)[5]
     assert metrics["stability_ari"] == round(adjusted_rand_score(first, again), 4)
+
+
+# --------------------------------------------------------------------------- agglomerative
+
+
+def test_agglomerative_recovers_zipf_sized_blocks_and_matches_sklearn():
+    from sklearn.cluster import AgglomerativeClustering
+
+    x, truth = blobs(sizes=(120, 40, 20, 10, 6, 3, 2), seed=4)
+    aff = sim.dense_affinity(x)
+    ours = cluster.agglomerative(aff, [7])[7]
+    assert adjusted_rand_score(truth, ours) == 1.0
+    assert np.bincount(ours)[0] == 120  # canonical: cluster 0 is the largest
+    theirs = AgglomerativeClustering(n_clusters=7, metric="precomputed", linkage="average").fit_predict(1.0 - aff)
+    assert adjusted_rand_score(ours, theirs) == 1.0
+
+
+def test_agglomerative_sweep_is_one_tree_cut_at_every_k():
+    x, _ = blobs(sizes=(30, 20, 20, 12, 8, 6), seed=5)
+    labels = cluster.agglomerative(sim.dense_affinity(x), [2, 4, 6])
+    for coarse, fine in ((2, 4), (4, 6)):
+        # nested: every fine cluster lies inside one coarse cluster
+        pairs = {(int(f), int(c)) for f, c in zip(labels[fine], labels[coarse])}
+        assert len({f for f, _ in pairs}) == len(pairs)
+        assert len(np.unique(labels[fine])) == fine
+
+
+def test_agglomerative_run_clustering_metrics_and_bad_input():
+    x, truth = blobs(sizes=(60, 30, 15, 8), seed=6)
+    aff = sim.dense_affinity(x)
+    cfg = ClusterConfig(n_clusters=(4, 2), method="agglomerative")
+    table, metrics = cluster.run_clustering(aff, np.arange(len(x)), len(x), cfg)
+    assert adjusted_rand_score(truth, table.column("cluster").to_numpy()) == 1.0
+    assert metrics["method"] == "agglomerative" and metrics["stability_ari"] == 1.0
+    assert "subsample" in metrics["stability"]
+    knn = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")
+    with pytest.raises(QuantaError, match="dense affinity"):
+        cluster.run_clustering(knn, np.arange(len(x)), len(x), cfg)
+    with pytest.raises(QuantaError, match="k must be < N"):
+        cluster.agglomerative(aff, [len(x)])
+    with pytest.raises(ConfigError):
+        build(ClusterConfig, {"method": "ward"}, "cluster")
+
+
+def test_subsample_stability_falls_when_there_is_no_structure():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((200, 32)).astype(np.float32)
+    aff = sim.dense_affinity(x)
+    labels = cluster.agglomerative(aff, [10])[10]
+    assert cluster.subsample_stability(aff, labels, 10, seed=1) < 0.9
