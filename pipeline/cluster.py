@@ -30,6 +30,7 @@ Bad input: fewer usable samples than clusters (k >= N) is an error that names bo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from typing import Optional, Sequence
@@ -364,7 +365,8 @@ def validate(
     k = the number of classes present (or takes the cluster stage's labels when its sweep
     has that k: the same computation), and scores it (ARI, NMI) on those samples, with
     the "answer token" baseline (cluster by target token id) and the "context" baseline
-    (cluster by previous token and target token), and every k of the cluster stage.
+    (cluster by previous token and target token), and every k of the cluster stage. On a
+    dense affinity the other clustering method is scored too (``other_method``).
     """
     truth = np.asarray(quanta)[ids]
     k_true = int(len(np.unique(truth)))
@@ -381,6 +383,11 @@ def validate(
         labels = cluster_at(affinity, [k_true], cfg)[k_true]
         out["qdg_from"] = "clustered here at k"
     out["qdg"] = scores(truth, labels)
+    out["method"] = cfg.method
+    if not sp.issparse(affinity):  # the other clustering of the same affinity, for comparison
+        other = "agglomerative" if cfg.method == "spectral" else "spectral"
+        alt = cluster_at(affinity, [k_true], dataclasses.replace(cfg, method=other))[k_true]
+        out["other_method"] = {"method": other, **scores(truth, alt)}
     token = samples["token_id"].to_numpy()[ids]
     out["baseline_answer"] = scores(truth, token)
     prev = np.asarray(prev_tokens)[ids]

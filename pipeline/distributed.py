@@ -18,7 +18,10 @@ This module is the only place that knows about Dask:
   task carries the model's *name* and the worker loads it from its own disk/cache).
 
 Tasks write their outputs themselves (to a file system shared with the driver), so
-only small summaries come back through Dask.
+only small summaries come back through Dask. Every path a task carries is absolute
+(:func:`for_workers`): a worker of an existing cluster starts in its own directory, and a
+queued ``dvc exp run`` runs in a temporary copy of the repository, so a path relative to
+the driver's directory would point elsewhere on the worker.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import logging
 import os
 import threading
 import time
+import dataclasses
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
@@ -203,3 +208,25 @@ def worker_device(device: str) -> str:
     if n_gpus <= 1 or not isinstance(name, int):
         return device
     return f"cuda:{name % n_gpus}"
+
+
+def absolute(path: str) -> str:
+    """`path` made absolute against this (the driver's) working directory."""
+    return str(Path(path).resolve())
+
+
+def for_workers(spec: Any, load_kwargs: dict) -> tuple[Any, dict]:
+    """The model spec and load arguments a task carries, with local paths made absolute.
+
+    A spec's source that exists here (a local model directory or GGUF file) and the Hugging
+    Face cache_dir are resolved; a hub id stays as it is. Only the task's copy changes: the
+    stage's identity and outputs keep the paths as written in params.yaml, so outputs do
+    not depend on where the repository is checked out.
+    """
+    kwargs = dict(load_kwargs)
+    if kwargs.get("cache_dir"):
+        kwargs["cache_dir"] = absolute(kwargs["cache_dir"])
+    source = getattr(spec, "source", None)
+    if isinstance(source, str) and dataclasses.is_dataclass(spec) and Path(source).exists():
+        spec = dataclasses.replace(spec, source=absolute(source))
+    return spec, kwargs

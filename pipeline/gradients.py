@@ -877,6 +877,7 @@ def run_gradients(
     address = distributed.scheduler_address(cfg.scheduler)
     todo: list[GradientShardTask] = []
     results: list[dict] = []
+    task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
     for index, (a, b) in enumerate(shard_bounds):
         digest = hashlib.sha256(np.stack([doc[a:b], pos[a:b], tok[a:b]]).tobytes()).hexdigest()
         identity = dict(identity_base, part={"index": index, "start": a, "stop": b, "sha256": digest})
@@ -888,15 +889,15 @@ def run_gradients(
         docs = {int(d): tokens.token_ids[tokens.offsets[i] : tokens.offsets[i + 1]] for d, i in zip(needed, r)}
         todo.append(
             GradientShardTask(
-                spec=spec,
-                load_kwargs=load_kwargs,
+                spec=task_spec,
+                load_kwargs=task_kwargs,
                 cfg=cfg,
                 max_len=max_len,
                 torch_threads=0,
                 index=index,
                 samples={"doc_id": doc[a:b], "pos": pos[a:b], "token_id": tok[a:b]},
                 docs=docs,
-                path=str(path),
+                path=distributed.absolute(path),
                 identity=identity,
             )
         )

@@ -801,11 +801,13 @@ def run_losses(
     else:
         mode = address
 
+    task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
+
     def task_of(item: tuple[Shard, list[np.ndarray], dict], threads: int) -> ShardTask:
         shard, pieces, cfg = item
         return ShardTask(
-            spec=spec,
-            load_kwargs=load_kwargs,
+            spec=task_spec,
+            load_kwargs=task_kwargs,
             corpus=corpus,
             batch_tokens=losses.batch_tokens,
             logits_chunk=losses.logits_chunk,
@@ -814,7 +816,7 @@ def run_losses(
             index=shard.index,
             windows=shard.windows,
             tokens=tuple(pieces),
-            path=str(part_path(out_dir, shard.index)),
+            path=distributed.absolute(part_path(out_dir, shard.index)),
             config=cfg,
         )
 

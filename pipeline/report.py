@@ -287,7 +287,8 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
     items = [(f"{data.n_samples:,}", "clustered samples"), (str(len(data.clusters)), f"clusters (k = {data.k})")]
     qdg = metrics.get("qdg") or {}
     if "stability_ari" in qdg:
-        items.append((_num(qdg["stability_ari"]), "stability (ARI between seeds)"))
+        how = "ARI between seeds" if qdg.get("method", "spectral") == "spectral" else "ARI on a 90% subsample"
+        items.append((_num(qdg["stability_ari"]), f"stability ({how})"))
     val = metrics.get("validate") or {}
     if val.get("planted") and "qdg" in val:
         items.append((_num(val["qdg"]["ari"]), f"ARI vs planted quanta (k = {val.get('k')})"))

@@ -103,6 +103,9 @@ def test_validate_scores_against_truth_and_baselines():
     assert out["baseline_answer"]["ari"] < 0.5
     assert out["baseline_context"]["ari"] == 1.0  # here the previous token names the block
     assert out["qdg_from"] == "clustered here at k"
+    assert out["method"] == "spectral" and out["other_method"] == {"method": "agglomerative", "ari": 1.0, "nmi": 1.0}
+    knn = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")  # sparse: no agglomerative comparison
+    assert "other_method" not in cluster.validate(knn, ids, samples, truth, truth + 50, None, CFG)
     # when the cluster stage's sweep has that k, its labels are scored (not recomputed)
     table, _ = cluster.run_clustering(aff, ids, len(ids), ClusterConfig(n_clusters=(3, 5), n_init=4))
     again = cluster.validate(aff, ids, samples, truth, truth + 50, table.to_pandas(), CFG)

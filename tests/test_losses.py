@@ -419,3 +419,19 @@ def test_vocab_tiled_cross_entropy_equals_full_log_softmax(vocab_block):
             got = losses.next_token_losses(hidden, targets, head, 13, transform, vocab_block)
         assert got.dtype == torch.float32
         np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-5, rtol=0)
+
+
+def test_tasks_carry_absolute_paths(tmp_path, monkeypatch):
+    """Dask workers start in their own directory: a task's model source and cache are absolute."""
+    from pipeline import distributed
+    from pipeline.models import ModelSpec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    local = ModelSpec(name="m", source="models/m", revision="step1")
+    spec, kwargs = distributed.for_workers(local, {"cache_dir": "cache/hf", "dtype": "auto"})
+    assert spec.source == str(tmp_path / "models" / "m") and spec.revision == "step1"
+    assert kwargs == {"cache_dir": str(tmp_path / "cache" / "hf"), "dtype": "auto"}
+    hub = ModelSpec(name="p", source="EleutherAI/pythia-70m")
+    assert distributed.for_workers(hub, {"cache_dir": None})[0] == hub  # a hub id is not a path
+    assert local.source == "models/m"  # the stage's own spec (its identity) is untouched

@@ -1,0 +1,219 @@
+"""Can QDG recover planted quanta at all, and which clustering gets them? (issue 3, §5)
+
+The default planted language scores QDG ARI 0.13 against the target 0.9 (metrics/validate.json):
+its quanta are tables of (argument -> answer) facts, and a token's gradient follows its
+fact (its answer word), not its quantum. This benchmark asks the question on a language
+built so that the gradients *can* carry the quantum, and compares the two clusterings of
+`pipeline.cluster` on the same gradients.
+
+The key-pair language (defined here, not in the pipeline: it fails the planted suite's own
+criteria, see below). Quantum k owns two words u_k, v_k; an instance slot of a document
+holds, with equal odds,
+
+    u_k v_k !        (label k on "!": the key, answer noise 1%)
+    u_k v_j w        (a decoy: j uniform over the other quanta, w random filler)
+    u_j v_k w        (the other decoy)
+
+so neither word alone tells "!" (the pair must be recognised, a capacity-limited skill),
+and every quantum answers the same word, so the answer-token baseline is 0 by construction.
+Quanta follow the planted Zipf law (p_k ∝ k^-1.5). Models are the planted suite's
+GPT-NeoX (`planted.train_model`), one layer: with two, about half of the gradient norm sits
+in layer-1 attention, which varies with the context, and within-quantum cosines fall
+from 0.97 to 0.73.
+
+What it reports, for the largest width: the mean gradient cosine within and between
+quanta, and ARI at k = the number of quanta present for spectral clustering (the paper's,
+`cluster.spectral`, angular affinity) and average linkage (`cluster.agglomerative`). For
+every width: quanta learned (>= 90% of its answers under 0.1 nats), and the Spearman
+correlation of frequency rank with the smallest width that learns a quantum. With
+`--default-run`, both clusterings also run on the default pipeline's own affinity.
+
+    python bench/bench_qdg_language.py                      # widths 4..32, ~4 min on 2 cores
+    python bench/bench_qdg_language.py --widths 32 --json /tmp/qdg_lang.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import cluster, gradients, planted  # noqa: E402
+from pipeline import similarity as sim  # noqa: E402
+from pipeline.config import ClusterConfig, GradientsConfig, PlantedConfig  # noqa: E402
+
+
+@dataclasses.dataclass
+class KeyPairLanguage:
+    """Quantum k = the word pair (u_k, v_k), followed by '!'; decoys share one word of a pair."""
+
+    n_quanta: int = 200
+    n_filler: int = 64
+    doc_len: int = 32
+    slots: int = 6  # instance slots (3 tokens each) per document
+    alpha: float = 0.5
+    noise: float = 0.01  # a key followed by filler instead of "!": a loss floor of ~0.01 nats
+
+    def __post_init__(self):
+        k, f = self.n_quanta, self.n_filler
+        self.vocab = ["<|endoftext|>", "<|padding|>"] + [f"w{i}" for i in range(f)]
+        self.vocab += [f"u{i}" for i in range(k)] + [f"v{i}" for i in range(k)] + ["!"]
+        self.filler = np.arange(2, 2 + f)
+        self.u, self.v = 2 + f + np.arange(k), 2 + f + k + np.arange(k)
+        self.bang = len(self.vocab) - 1
+        self.freqs = planted.zipf_frequencies(k, self.alpha)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def sample(self, n_docs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, quanta), both (n_docs, doc_len); quanta is k on the '!' of a key of k, else -1."""
+        T, m, K = self.doc_len, self.slots, self.n_quanta
+        tokens = rng.choice(self.filler, size=(n_docs, T))
+        quanta = np.full((n_docs, T), -1, dtype=np.int32)
+        slots = rng.random((n_docs, T - 2 * m)).argsort(axis=1)[:, :m]
+        starts = np.sort(slots, axis=1) + 2 * np.arange(m)  # non-overlapping 3-token blocks
+        k = rng.choice(K, size=(n_docs, m), p=self.freqs)
+        kind = rng.integers(3, size=(n_docs, m))  # 0 key, 1 left decoy, 2 right decoy
+        other = (k + rng.integers(1, K, size=(n_docs, m))) % K  # uniform over the other quanta
+        a = np.where(kind == 2, other, k)
+        b = np.where(kind == 1, other, k)
+        key = (kind == 0) & (rng.random((n_docs, m)) >= self.noise)
+        rows = np.arange(n_docs)[:, None]
+        tokens[rows, starts] = self.u[a]
+        tokens[rows, starts + 1] = self.v[b]
+        tokens[rows, starts + 2] = np.where(key, self.bang, rng.choice(self.filler, size=(n_docs, m)))
+        quanta[rows, starts + 2] = np.where(key, k, -1)
+        return tokens, quanta
+
+
+def token_losses(model, tokens: np.ndarray) -> np.ndarray:
+    """(n_docs, doc_len) losses in nats; NaN at pos 0 (no context)."""
+    import torch
+    import torch.nn.functional as F
+
+    out = np.full(tokens.shape, np.nan, dtype=np.float32)
+    with torch.no_grad():
+        for i in range(0, len(tokens), 256):
+            x = torch.from_numpy(tokens[i : i + 256])
+            logits = model(input_ids=x).logits[:, :-1]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+            out[i : i + len(x), 1:] = nll.reshape(len(x), -1).numpy()
+    return out
+
+
+def learned(losses: np.ndarray, quanta: np.ndarray, n_quanta: int) -> np.ndarray:
+    """(n_quanta,) bool: >= 90% of the quantum's answers under 0.1 nats (the planted definition)."""
+    ok = np.zeros(n_quanta, dtype=bool)
+    for k in range(n_quanta):
+        x = losses[quanta == k]
+        ok[k] = len(x) > 0 and (x < planted.LEARNED_LOSS).mean() >= planted.LEARNED_FRACTION
+    return ok
+
+
+def compare_clusterings(affinity: np.ndarray, truth: np.ndarray) -> dict:
+    from sklearn.metrics import adjusted_rand_score
+
+    k = int(len(np.unique(truth)))
+    out = {"k": k}
+    for method in ("spectral", "agglomerative"):
+        t = time.perf_counter()
+        labels = cluster.cluster_at(affinity, [k], ClusterConfig(n_clusters=(k,), method=method))[k]
+        big = np.flatnonzero(truth == np.bincount(truth[truth >= 0]).argmax())
+        out[method] = {
+            "ari": round(float(adjusted_rand_score(truth, labels)), 4),
+            "largest_quantum_split_into": int(len(np.unique(labels[big]))),
+            "seconds": round(time.perf_counter() - t, 1),
+        }
+    return out
+
+
+def qdg(lang: KeyPairLanguage, model, tokens, quanta, losses, n: int, seed: int) -> dict:
+    cand = np.argwhere(np.nan_to_num(losses, nan=np.inf) < planted.LEARNED_LOSS)
+    rng = np.random.default_rng(seed)
+    if len(cand) > n:
+        cand = cand[np.sort(rng.choice(len(cand), n, replace=False))]
+    truth = quanta[cand[:, 0], cand[:, 1]]
+    samples = {"doc_id": cand[:, 0], "pos": cand[:, 1]}
+    docs = {int(d): tokens[d] for d in np.unique(cand[:, 0])}
+    res = gradients.compute_gradients(model, samples, docs, GradientsConfig(projection="none", verify=False))
+    x = sim.normalise(res.grads.astype(np.float32))
+    c = x @ x.T
+    iu = np.triu_indices(len(x), 1)
+    same = (truth[:, None] == truth[None, :])[iu]
+    out = {
+        "n_samples": int(len(x)),
+        "unlabelled": int((truth < 0).sum()),
+        "largest_quantum_share": round(float(np.bincount(truth[truth >= 0]).max() / len(truth)), 3),
+        "cos_within": round(float(c[iu][same].mean()), 4),
+        "cos_between": round(float(c[iu][~same].mean()), 4),
+    }
+    out.update(compare_clusterings(sim.to_affinity(c, "angular"), truth))
+    return out
+
+
+def default_run(root: Path) -> dict:
+    """Both clusterings on the default pipeline's own (dense) affinity, at k = quanta present."""
+    import pandas as pd
+
+    aff, ids, meta = sim.read(root / "cache/qdg/similarity", mmap=False)
+    samples = pd.read_parquet(root / "cache/qdg/samples.parquet")
+    labels = pd.read_parquet(root / "cache/planted/labels.parquet")
+    truth = samples.merge(labels, on=["doc_id", "pos"], how="left")["quantum"].fillna(-1).to_numpy(np.int64)[ids]
+    return {"n_samples": int(len(ids)), **compare_clusterings(np.asarray(aff), truth)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", default="4,8,12,16,24,32")
+    ap.add_argument("--n-quanta", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--n-samples", type=int, default=3000, help="QDG samples (answers under 0.1 nats)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--default-run", type=Path, default=None, help="a repo whose `dvc repro` outputs to cluster too")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    import torch
+    from scipy import stats
+
+    torch.set_num_threads(1)
+    lang = KeyPairLanguage(n_quanta=args.n_quanta)
+    cfg = PlantedConfig(n_layers=1, steps=args.steps, seed=args.seed)
+    batches = lang.sample(cfg.steps * cfg.batch_size, np.random.default_rng([args.seed, 1]))[0]
+    batches = batches.reshape(cfg.steps, cfg.batch_size, lang.doc_len)
+    tokens, quanta = lang.sample(2500, np.random.default_rng([args.seed, 2]))
+    widths = sorted(int(w) for w in args.widths.split(","))
+    result = {"language": dataclasses.asdict(lang) | {"n_layers": 1, "steps": args.steps}, "widths": {}}
+    result["language"].pop("vocab", None)
+    result["language"].pop("freqs", None)
+    ok = []
+    for w in widths:
+        t = time.perf_counter()
+        model = planted.train_model(lang, cfg, w, batches, desc=f"width {w}")
+        losses = token_losses(model, tokens)
+        ok.append(learned(losses, quanta, lang.n_quanta))
+        result["widths"][w] = {"n_learned": int(ok[-1].sum()), "train_s": round(time.perf_counter() - t, 1)}
+        print(json.dumps({"width": w, **result["widths"][w]}), flush=True)
+    first = np.array([next((i for i, o in enumerate(ok) if o[k]), len(ok)) for k in range(lang.n_quanta)])
+    result["n_learned_by_width"] = [int(o.sum()) for o in ok]
+    result["spearman_rank_vs_first_width"] = round(float(stats.spearmanr(np.arange(lang.n_quanta), first).statistic), 3)
+    result["qdg"] = qdg(lang, model, tokens, quanta, losses, args.n_samples, args.seed)
+    if args.default_run is not None:
+        result["default_run"] = default_run(args.default_run)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
