@@ -61,6 +61,14 @@ answers. What it found, for whoever takes this up:
   examples and are learned at random across widths (Spearman 0.20-0.37 against >= 0.8).
 Best QDG ARI found: 0.23 (K=50, answer noise, which learned 14..48 quanta, Spearman 0.37).
 
+A third search (issue 3, session 4) found that the clustering was half the problem. In a
+one-layer key-pair language where quantum k owns its two key words (bench/bench_qdg_language.py),
+gradients separate the quanta (cosine 0.993 within, 0.255 between) and average linkage
+recovers them (ARI 0.9999), but spectral clustering at k = the quanta present cuts the
+largest quantum into 17 (ARI 0.150): hence cluster.method agglomerative. That language still
+fails this suite's criteria (quanta learned by width: 1, 41, 116, 85, 92, 143), so it is not
+the default; on this default language average linkage scores 0.18 (facts, not quanta, again).
+
 Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
 predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
 """
