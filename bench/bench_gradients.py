@@ -33,6 +33,8 @@ samples, contexts and parameter set, in one run:
   ``N^2 P`` matmul FLOPs as the reference's block pairs).
 - ``ours-sjlt``: the same with the stage default, a sparse JL projection to k = 8192;
   rows normalised by their projected norms, so C holds the estimated cosines.
+- ``ours-logra`` (optional, ``--methods ...,ours-logra``): the same with the per-layer
+  factored projection (``projection: logra``, at most k dimensions).
 
 Every method runs in its own child process (``--method``), which builds the model,
 warms up on a few samples (excluded from the time), then times only the computation:
@@ -95,7 +97,8 @@ SHAPES = {
     "pythia-14m": dict(hidden=128, layers=6, heads=4, intermediate=512, vocab=50304, max_pos=2048, context=128),
     "pythia-70m": dict(hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304, max_pos=2048, context=1024),
 }
-METHODS = ("reference", "ours-exact", "ours-sjlt")
+METHODS = ("reference", "ours-exact", "ours-sjlt")  # the default run
+PROJECTED = {"ours-sjlt": "sjlt", "ours-logra": "logra"}  # method -> gradients.projection
 
 
 # --------------------------------------------------------------------------- inputs
@@ -325,7 +328,7 @@ def run_method(method: str, args, out_dir: Path, isolated: bool) -> dict:
     def go(d, p, stats=None):
         if method == "reference":
             return paper_similarity(model, docs, d, p, args.block, args.ref_input, stats)
-        return our_similarity(model, docs, d, p, "none" if method == "ours-exact" else "sjlt", args.k, stats)
+        return our_similarity(model, docs, d, p, PROJECTED.get(method, "none"), args.k, stats)
 
     # warm-up (not timed): first-call allocations, kernel choice, the projector's tables
     w = min(len(doc_ids), 8 if method == "reference" else 64)
@@ -380,20 +383,22 @@ def agreement(out_dir: Path, methods: list[str], n: int, rows: int = 512) -> dic
             np.abs(C["ours-exact"][a : a + rows] - C["reference"][a : a + rows]).max() for a in range(0, n, rows)
         ))
     exact = "ours-exact" if "ours-exact" in C else "reference" if "reference" in C else None
-    if "ours-sjlt" in C and exact is not None and n > 1:
-        diffs = np.empty(n * (n - 1) // 2, dtype=np.float32)  # |C_sjlt - C_exact| over pairs i < j
+    for method, kind in PROJECTED.items():
+        if method not in C or exact is None or n < 2:
+            continue
+        diffs = np.empty(n * (n - 1) // 2, dtype=np.float32)  # |C_projected - C_exact| over pairs i < j
         at = 0
         for a in range(0, n, rows):
             b = min(n, a + rows)
-            d = np.abs(C["ours-sjlt"][a:b] - C[exact][a:b])  # (b - a, n)
+            d = np.abs(C[method][a:b] - C[exact][a:b])  # (b - a, n)
             for r in range(b - a):
                 i = a + r
                 diffs[at : at + n - i - 1] = d[r, i + 1 :]
                 at += n - i - 1
-        res["sjlt_vs"] = exact
-        res["sjlt_mae"] = float(diffs.mean(dtype=np.float64))
-        res["sjlt_p999"] = float(np.quantile(diffs, 0.999))
-        res["sjlt_max"] = float(diffs.max())
+        res[f"{kind}_vs"] = exact
+        res[f"{kind}_mae"] = float(diffs.mean(dtype=np.float64))
+        res[f"{kind}_p999"] = float(np.quantile(diffs, 0.999))
+        res[f"{kind}_max"] = float(diffs.max())
     return res
 
 
@@ -455,7 +460,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=8192, help="sjlt projection dimension (the stage default)")
     ap.add_argument("--ref-input", default="context", choices=["context", "document"],
                     help="reference forward on the context up to the target (default) or the whole document (the script)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)} (and optional ours-logra)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per method (0: torch's default)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for fp32 work, TFLOP/s")
@@ -479,8 +484,8 @@ def main(argv=None) -> dict:
 
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"unknown method {m!r}; use {', '.join(METHODS)}")
+        if m not in METHODS + tuple(PROJECTED):
+            raise SystemExit(f"unknown method {m!r}; use {', '.join(dict.fromkeys(METHODS + tuple(PROJECTED)))}")
     notes = []
     if "ours-exact" in methods:
         fits, why = exact_fits(args)
@@ -533,7 +538,7 @@ def main(argv=None) -> dict:
 
     ms = result["methods"]
     if "reference" in ms:
-        for m in ("ours-exact", "ours-sjlt"):
+        for m in ("ours-exact", *PROJECTED):
             if m in ms:
                 result[f"speedup_{m}"] = ms[m]["samples_per_s"] / ms["reference"]["samples_per_s"]
     print()
@@ -552,9 +557,10 @@ def main(argv=None) -> dict:
     a = result["agreement"]
     if "max_abs_diff_exact_vs_reference" in a:
         print(f"max |C_ours-exact - C_reference| = {a['max_abs_diff_exact_vs_reference']:.2e}")
-    if "sjlt_mae" in a:
-        print(f"sjlt (k = {args.k}) vs {a['sjlt_vs']}, off-diagonal pairs: mean |dC| = {a['sjlt_mae']:.4f}, "
-              f"99.9th percentile = {a['sjlt_p999']:.4f}, max = {a['sjlt_max']:.4f}")
+    for kind in PROJECTED.values():
+        if f"{kind}_mae" in a:
+            print(f"{kind} (k = {args.k}) vs {a[f'{kind}_vs']}, off-diagonal pairs: mean |dC| = {a[f'{kind}_mae']:.4f}, "
+                  f"99.9th percentile = {a[f'{kind}_p999']:.4f}, max = {a[f'{kind}_max']:.4f}")
     print("(model build and warm-up are not timed; each method ran in "
           + ("this process)" if args.inprocess else "its own process, peak RSS = its ru_maxrss)"))
     if args.json:

@@ -149,7 +149,7 @@ class LossesConfig:
 
 # Parameter groups that gradients.include / exclude may name besides regular expressions.
 GRADIENT_GROUPS = ("@embeddings", "@norms")
-PROJECTIONS = ("none", "sjlt")
+PROJECTIONS = ("none", "sjlt", "logra")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +199,8 @@ class GradientsConfig:
     # Several targets of one document window in one row: auto = when it saves work
     # (see plan_rows), always, never. Never changes results beyond fp32 rounding.
     share_context: Literal["auto", "always", "never"] = "auto"
-    projection: Literal["none", "sjlt"] = "sjlt"
-    k: int = 8192  # projection dimension
+    projection: Literal["none", "sjlt", "logra"] = "sjlt"
+    k: int = 8192  # projection dimension (logra: at most k, a square r x r per weight)
     nnz: int = 1  # sjlt: outputs per gradient coordinate (Kane-Nelson s)
     seed: int = 0  # of the projection
     out_dtype: Literal["float32", "float16"] = "float32"
@@ -237,6 +237,8 @@ class GradientsConfig:
             raise ConfigError(f"gradients.projection must be one of {list(PROJECTIONS)}, got {self.projection!r}")
         if self.projection == "sjlt" and (self.k < 1 or self.nnz < 1 or self.k % self.nnz):
             raise ConfigError(f"gradients.k ({self.k}) must be a positive multiple of gradients.nnz ({self.nnz})")
+        if self.projection == "logra" and self.k < 1:
+            raise ConfigError(f"gradients.k must be >= 1 for logra, got {self.k}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -541,7 +541,8 @@ def resolve_max_len(model: torch.nn.Module, max_len: Optional[int]) -> int:
 def build_projector(model_params: Sequence[tuple[str, torch.nn.Parameter]], cfg: GradientsConfig) -> Projector:
     """The projector cfg asks for, over the selected parameters."""
     sizes = [(n, p.numel()) for n, p in model_params]
-    return make_projector(cfg.projection, sizes, k=cfg.k, seed=cfg.seed, nnz=cfg.nnz)
+    shapes = [(n, tuple(p.shape)) for n, p in model_params]
+    return make_projector(cfg.projection, sizes, k=cfg.k, seed=cfg.seed, nnz=cfg.nnz, shapes=shapes)
 
 
 def _iter_batches(

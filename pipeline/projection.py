@@ -29,6 +29,18 @@ on any worker, whatever other parameters or samples a shard holds. Applying a ch
 a gather, a sign flip and a fixed-order sum: no atomic scatter-adds, so results are
 reproducible run to run on GPUs too.
 
+``logra`` is a per-layer factored projection in the manner of LoGra (Choe et al., "What is
+Your Data Worth to GPT? LLM-Scale Data Valuation with Influence Functions", 2024): a weight
+block's exact gradient G (a x b) becomes ``P_a G P_b^T`` (r_a x r_b), with seeded Rademacher
+matrices P_a (r_a x a) and P_b (r_b x b) scaled to keep squared norms in expectation; a side
+of at most r numbers is kept exactly (P = I). It is the Kronecker product P_a (x) P_b applied
+to vec(G), so it stores two small matrices per block instead of a hash table over all of its
+coordinates, and it reads the gradient's layer structure. The price: a Kronecker JL has a
+larger variance than an unstructured one of the same dimension (bench/RESULTS.md measures
+it), so ``sjlt`` stays the default. Here it is applied to the exact per-target gradient, as
+every projection in this module is; LoGra's own speed-up (projecting inputs and output
+gradients before their outer product) is not taken.
+
 ``none`` keeps the exact gradient (P columns, in :func:`pipeline.gradients.select_params`
 order): for tiny models and for tests.
 """
@@ -43,7 +55,7 @@ import torch
 from pipeline.config import PROJECTIONS  # noqa: F401  (the list lives in the config)
 from pipeline.errors import QuantaError
 
-ProjectionKind = Literal["none", "sjlt"]
+ProjectionKind = Literal["none", "sjlt", "logra"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -239,6 +251,87 @@ class SparseJLProjector(Projector):
         return {"projection": "sjlt", "dim": self.k, "seed": self.seed, "nnz": self.nnz, "hash": "fmix32x2-sha256"}
 
 
+class LoGraProjector(Projector):
+    """Per-block factored projection (module docstring, ``logra``) to at most `k` dims.
+
+    `shapes`: [(name, shape)]. A block of shape (a, b) (more dims fold into b) gets
+    r_a x r_b outputs with r_a = min(a, r), r_b = min(b, r); a 1-D block of d gets min(d, r).
+    `rank` = r; None: the largest r whose total dimension fits in `k`.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[str, Sequence[int]]], k: int = 8192, seed: int = 0, rank: Optional[int] = None):
+        if k < 1:
+            raise ProjectionError(f"logra needs k >= 1; got k={k}")
+        self.shapes = {name: self._matrix_shape(shape) for name, shape in shapes}
+        self.sizes = {name: a * b for name, (a, b) in self.shapes.items()}
+        if not self.shapes:
+            raise ProjectionError("logra got no parameter blocks")
+        self.seed = seed
+        self.k = k
+        if rank is None:
+            rank = 1
+            while rank < 1 << 16 and self._total(rank + 1) <= k:
+                rank += 1
+        if rank < 1:
+            raise ProjectionError(f"logra needs rank >= 1; got {rank}")
+        self.rank = rank
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        for name, (a, b) in self.shapes.items():
+            n_out = self._dims(a, b, rank)
+            self.slices[name] = slice(offset, offset + n_out[0] * n_out[1])
+            offset += n_out[0] * n_out[1]
+        self.dim = offset
+        self._cache: dict[tuple[str, int, str], Optional[torch.Tensor]] = {}
+
+    @staticmethod
+    def _matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+        shape = tuple(int(x) for x in shape)
+        if len(shape) <= 1:
+            return 1, (shape[0] if shape else 1)  # a vector: one row, projected along its length
+        rest = 1
+        for x in shape[1:]:
+            rest *= x
+        return shape[0], rest
+
+    @staticmethod
+    def _dims(a: int, b: int, r: int) -> tuple[int, int]:
+        return min(a, r), min(b, r)
+
+    def _total(self, r: int) -> int:
+        return sum(x * y for x, y in (self._dims(a, b, r) for a, b in self.shapes.values()))
+
+    def matrix(self, name: str, side: int, device: torch.device) -> Optional[torch.Tensor]:
+        """P for `side` 0 (rows, a) or 1 (columns, b) of block `name`: (r_side, n_side)
+        float32 of +-1/sqrt(r_side), or None where the side is kept exactly."""
+        key = (name, side, str(device))
+        if key in self._cache:
+            return self._cache[key]
+        n = self.shapes[name][side]
+        r = min(n, self.rank)
+        mat = None
+        if r < n:
+            idx = torch.arange(r * n, dtype=torch.int64, device=device)
+            bits = hash_index(idx, block_key(self.seed, name, side, 2)) & 1
+            mat = (1.0 - 2.0 * bits.to(torch.float32)).view(r, n) * r**-0.5
+        self._cache[key] = mat
+        return mat
+
+    def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        self._size(name, grad)
+        a, b = self.shapes[name]
+        g = grad.reshape(grad.shape[0], a, b).to(torch.float32)  # (n, a, b)
+        left, right = self.matrix(name, 0, grad.device), self.matrix(name, 1, grad.device)
+        if right is not None:
+            g = g @ right.T  # (n, a, r_b)
+        if left is not None:
+            g = left @ g  # (n, r_a, r_b)
+        out[:, self.slices[name]] += g.reshape(g.shape[0], -1)
+
+    def describe(self) -> dict:
+        return {"projection": "logra", "dim": self.dim, "rank": self.rank, "seed": self.seed, "hash": "fmix32x2-sha256"}
+
+
 def make_projector(
     kind: str,
     sizes: Sequence[tuple[str, int]],
@@ -246,8 +339,14 @@ def make_projector(
     k: int = 8192,
     seed: int = 0,
     nnz: int = 1,
+    shapes: Optional[Sequence[tuple[str, Sequence[int]]]] = None,
 ) -> Projector:
-    """The projector `kind` ("none" or "sjlt") for parameter blocks `sizes` = [(name, numel)]."""
+    """The projector `kind` ("none", "sjlt" or "logra") for parameter blocks `sizes` =
+    [(name, numel)]; logra also needs their `shapes` = [(name, shape)]."""
+    if kind == "logra":
+        if shapes is None:
+            raise ProjectionError("logra needs the parameters' shapes (make_projector(..., shapes=...))")
+        return LoGraProjector(shapes, k=k, seed=seed)
     if kind == "none":
         return NoProjection(sizes)
     if kind == "sjlt":

@@ -177,6 +177,27 @@ def test_projected_cosines_match_exact_at_default_k(model):
     assert p999 <= 0.05
 
 
+def test_logra_projection_of_exact_gradients(model):
+    """The factored projection, on the same exact gradients as the sjlt test above.
+
+    A Kronecker JL has far more variance than sjlt at the same k: a one-token gradient
+    d x^T projects to (P d)(P x)^T, a product of two rank-r estimates. Measured here (dim
+    7936, r = 16 per side): MAE 0.049, p99.9 0.20 against sjlt's 0.006 / 0.026. So it misses
+    the issue's accuracy bar and is not the default; this test bounds it at what it is,
+    a coarser but unbiased sketch, and checks that it still orders pairs like the exact one."""
+    docs = random_docs(60, 10, 120, seed=4)
+    samples = random_samples(docs, 300, seed=4)
+    exact = compute_gradients(model, samples, docs, EXACT)
+    proj = compute_gradients(model, samples, docs, GradientsConfig(projection="logra"))
+    assert proj.projection["projection"] == "logra" and proj.grads.shape[1] == proj.projection["dim"] <= 8192
+    np.testing.assert_allclose(proj.norms, exact.norms, rtol=1e-5)
+    diff = np.abs(cosines(proj.grads) - cosines(exact.grads))
+    mae, p999 = float(diff.mean()), float(np.quantile(diff, 0.999))
+    print(f"logra cosines (dim {proj.grads.shape[1]}): MAE {mae:.4f}, p99.9 {p999:.4f}")
+    assert mae <= 0.1 and p999 <= 0.4
+    assert np.corrcoef(cosines(proj.grads).ravel(), cosines(exact.grads).ravel())[0, 1] >= 0.9
+
+
 def test_batch_composition_and_determinism(model):
     docs = random_docs(10, 10, 80, seed=6)
     samples = random_samples(docs, 20, seed=6)

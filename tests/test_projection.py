@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline import projection
-from pipeline.projection import NoProjection, ProjectionError, SparseJLProjector, make_projector
+from pipeline.projection import LoGraProjector, NoProjection, ProjectionError, SparseJLProjector, make_projector
 
 
 def fmix32_reference(x: int) -> int:
@@ -130,6 +130,69 @@ def test_errors():
         make_projector("gauss", [("a", 3)])
     with pytest.raises(ProjectionError, match="no gradient blocks"):
         p.project({})
+
+
+# --------------------------------------------------------------------------- logra
+
+
+def test_logra_is_the_kronecker_projection_of_each_block():
+    shapes = [("w", (6, 10)), ("b", (6,)), ("small", (3, 2))]
+    p = LoGraProjector(shapes, k=1000, rank=4)
+    assert p.rank == 4 and p.dim == 4 * 4 + 4 + 3 * 2  # w: 4x4; b: 4; small: kept whole
+    gen = torch.Generator().manual_seed(0)
+    g = {name: torch.randn(2, *shape, generator=gen) for name, shape in shapes}
+    out = p.project(g)
+    L, R = p.matrix("w", 0, torch.device("cpu")), p.matrix("w", 1, torch.device("cpu"))
+    assert L.shape == (4, 6) and R.shape == (4, 10)
+    assert set(L.abs().unique().tolist()) == {0.5}  # Rademacher / sqrt(r)
+    want_w = torch.einsum("ia,nab,jb->nij", L, g["w"], R).reshape(2, -1)
+    np.testing.assert_allclose(out[:, p.slices["w"]], want_w, rtol=1e-5, atol=1e-6)
+    # a vector is one row: only its length is projected
+    Rb = p.matrix("b", 1, torch.device("cpu"))
+    assert p.matrix("b", 0, torch.device("cpu")) is None
+    np.testing.assert_allclose(out[:, p.slices["b"]], g["b"] @ Rb.T, rtol=1e-5, atol=1e-6)
+    # a side no longer than the rank is kept exactly
+    assert p.matrix("small", 0, torch.device("cpu")) is None and p.matrix("small", 1, torch.device("cpu")) is None
+    np.testing.assert_array_equal(out[:, p.slices["small"]], g["small"].reshape(2, -1))
+
+
+def test_logra_picks_the_largest_rank_within_k_and_is_deterministic():
+    shapes = [("a", (64, 32)), ("b", (32, 64)), ("c", (64,))]
+    p = LoGraProjector(shapes, k=600)
+    r = p.rank  # 2 r^2 + r <= 600 < 2 (r+1)^2 + (r+1)
+    assert 2 * r * r + r <= 600 < 2 * (r + 1) ** 2 + (r + 1) and p.dim == 2 * r * r + r
+    g = {name: torch.randn(3, *shape) for name, shape in shapes}
+    again = LoGraProjector(list(reversed(shapes)), k=600)  # another worker, other block order
+    np.testing.assert_array_equal(
+        p.project(g)[:, p.slices["a"]], again.project(g)[:, again.slices["a"]]
+    )
+    other = LoGraProjector(shapes, k=600, seed=1)
+    assert not torch.equal(p.matrix("a", 0, torch.device("cpu")), other.matrix("a", 0, torch.device("cpu")))
+
+
+def test_logra_inner_products_are_unbiased():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(24, 40, generator=gen)
+    y = 0.5 * x + torch.randn(24, 40, generator=gen)
+    est = []
+    for seed in range(300):
+        p = LoGraProjector([("w", (24, 40))], k=64, seed=seed)
+        s = p.project({"w": torch.stack([x, y])})
+        est.append(float(s[0] @ s[1]))
+    est = np.array(est)
+    true = float((x * y).sum())
+    assert abs(est.mean() - true) < 4 * est.std() / np.sqrt(len(est))
+    assert est.std() < abs(true)  # and informative: the estimate's spread is below the value
+
+
+def test_logra_errors():
+    with pytest.raises(ProjectionError, match="needs the parameters' shapes"):
+        make_projector("logra", [("a", 3)])
+    p = make_projector("logra", [("a", 6)], shapes=[("a", (2, 3))], k=4)
+    with pytest.raises(ProjectionError, match="expected 6 numbers"):
+        p.add_(torch.zeros(1, p.dim), "a", torch.zeros(1, 5))
+    with pytest.raises(ProjectionError, match="k >= 1"):
+        LoGraProjector([("a", (2, 3))], k=0)
 
 
 @pytest.mark.gpu
