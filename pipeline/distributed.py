@@ -35,7 +35,7 @@ import time
 import dataclasses
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable, Iterator
+from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,56 @@ def map_unordered(
         for fut in futures:
             if not fut.done():
                 fut.cancel()
+
+
+def choose_mode(address: str, n_todo: int, n_workers: int) -> str:
+    """Where a stage's tasks run: in this process when asked, or when a LocalCluster could
+    run at most one of them at a time (it would add only its start-up, ~10 s per stage on 2
+    cores: bench/RESULTS.md); else on the cluster at `address`."""
+    if address == INPROCESS or (address == LOCAL and min(n_todo, n_workers) <= 1):
+        return INPROCESS
+    return address
+
+
+def run_tasks(
+    fn: Callable[..., dict],
+    items: Sequence[Any],
+    make_task: Callable[[Any, int], Any],
+    *,
+    mode: str,
+    n_workers: int,
+    threads_per_worker: int,
+    key_prefix: str,
+    on_result: Optional[Callable[[dict], None]] = None,
+    inprocess_kwargs: Optional[dict] = None,
+) -> list[dict]:
+    """``fn(make_task(item, threads))`` for every item; the results in completion order.
+
+    mode: :func:`choose_mode`'s answer. In this process, tasks get ``threads_per_worker``
+    torch threads (0: leave torch's setting alone) and ``fn`` also gets `inprocess_kwargs`
+    (e.g. a per-batch progress callback). On a cluster, a LocalCluster's workers split the
+    cores (:func:`local_threads`) and an external one's use ``threads_per_worker``; at most
+    two tasks per worker are in flight (:func:`map_unordered`). `on_result` sees each result
+    as it arrives (progress bars).
+    """
+    results: list[dict] = []
+    if mode == INPROCESS:
+        for item in items:
+            results.append(fn(make_task(item, threads_per_worker), **(inprocess_kwargs or {})))
+            if on_result is not None:
+                on_result(results[-1])
+        return results
+    if not items:
+        return results
+    with client(mode, n_workers) as c:
+        workers = n_workers if mode == LOCAL else n_workers_of(c)
+        threads = local_threads(threads_per_worker, workers) if mode == LOCAL else threads_per_worker
+        tasks = (make_task(item, threads) for item in items)
+        for res in map_unordered(c, fn, tasks, max_in_flight=2 * workers, key_prefix=key_prefix):
+            results.append(res)
+            if on_result is not None:
+                on_result(res)
+    return results
 
 
 # --------------------------------------------------------------------------- per-process cache

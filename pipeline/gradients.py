@@ -877,7 +877,6 @@ def run_gradients(
 
     address = distributed.scheduler_address(cfg.scheduler)
     todo: list[GradientShardTask] = []
-    results: list[dict] = []
     task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
     for index, (a, b) in enumerate(shard_bounds):
         digest = hashlib.sha256(np.stack([doc[a:b], pos[a:b], tok[a:b]]).tobytes()).hexdigest()
@@ -910,25 +909,15 @@ def run_gradients(
 
         bar = tqdm(total=sum(len(t.samples["pos"]) for t in todo), desc="gradients", unit="sample")
     t_compute = time.perf_counter()
-    single = address == distributed.INPROCESS or (address == distributed.LOCAL and min(len(todo), cfg.n_workers) <= 1)
+    mode = distributed.choose_mode(address, len(todo), cfg.n_workers)
+    # in this process, 0 threads means all the cores (a shard is one big job)
+    threads = distributed.local_threads(cfg.threads_per_worker, 1) if mode == distributed.INPROCESS else cfg.threads_per_worker
     try:
-        if single:
-            threads = distributed.local_threads(cfg.threads_per_worker, 1)
-            for task in todo:
-                results.append(compute_part(dataclasses.replace(task, torch_threads=threads)))
-                if bar is not None:
-                    bar.update(results[-1]["n"])
-            mode = distributed.INPROCESS
-        else:
-            with distributed.client(address, cfg.n_workers) as c:
-                workers = distributed.n_workers_of(c)
-                threads = distributed.local_threads(cfg.threads_per_worker, workers) if address == distributed.LOCAL else cfg.threads_per_worker
-                tasks = [dataclasses.replace(t, torch_threads=threads) for t in todo]
-                for res in distributed.map_unordered(c, compute_part, tasks, max_in_flight=2 * workers, key_prefix="gradients"):
-                    results.append(res)
-                    if bar is not None:
-                        bar.update(res["n"])
-            mode = address
+        results = distributed.run_tasks(
+            compute_part, todo, lambda t, th: dataclasses.replace(t, torch_threads=th),
+            mode=mode, n_workers=cfg.n_workers, threads_per_worker=threads, key_prefix="gradients",
+            on_result=None if bar is None else (lambda r: bar.update(r["n"])),
+        )
     finally:
         if bar is not None:
             bar.close()

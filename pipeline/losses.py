@@ -786,20 +786,12 @@ def run_losses(
     if reused_tokens:
         log.info("reusing %d of %d finished parts (%d tokens)", len(shards) - len(todo), len(shards), reused_tokens)
 
-    if address == distributed.INPROCESS:
-        mode = distributed.INPROCESS
-    elif address == distributed.LOCAL and min(len(todo), losses.n_workers) <= 1:
-        # A LocalCluster costs ~10 s per stage on 2 cores (start + each worker importing
-        # torch/transformers + shutdown; bench/RESULTS.md) and buys nothing when it could
-        # run at most one shard at a time; the default suite has ~36 one-shard stages.
-        mode = distributed.INPROCESS
-        if todo:
-            log.info(
-                "%d shard(s) to compute with n_workers=%d: running in-process (a LocalCluster would "
-                "only add its start-up time)", len(todo), losses.n_workers,
-            )
-    else:
-        mode = address
+    mode = distributed.choose_mode(address, len(todo), losses.n_workers)
+    if mode == distributed.INPROCESS and address == distributed.LOCAL and todo:
+        log.info(
+            "%d shard(s) to compute with n_workers=%d: running in-process (a LocalCluster would "
+            "only add its start-up time)", len(todo), losses.n_workers,
+        )
 
     task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
 
@@ -820,7 +812,6 @@ def run_losses(
             config=cfg,
         )
 
-    results: list[dict] = []
     t_compute = time.perf_counter()
     with tqdm(
         total=total_tokens,
@@ -831,23 +822,13 @@ def run_losses(
         disable=not losses.progress,
         mininterval=1.0,
     ) as bar:
-        if mode == distributed.INPROCESS:
-            for item in todo:
-                results.append(compute_part(task_of(item, losses.threads_per_worker), on_batch=bar.update))
-        elif todo:
-            n_workers = losses.n_workers
-            with distributed.client(mode, n_workers) as c:
-                if mode == distributed.LOCAL:
-                    threads = distributed.local_threads(losses.threads_per_worker, n_workers)
-                else:
-                    n_workers = distributed.n_workers_of(c)
-                    threads = losses.threads_per_worker  # 0: the worker's own torch default
-                tasks = (task_of(item, threads) for item in todo)
-                for result in distributed.map_unordered(
-                    c, compute_part, tasks, max_in_flight=2 * n_workers, key_prefix=f"losses-{spec.name}-{spec.revision}"
-                ):
-                    bar.update(result["rows"])
-                    results.append(result)
+        inprocess = mode == distributed.INPROCESS  # then progress comes per batch, not per part
+        results = distributed.run_tasks(
+            compute_part, todo, task_of, mode=mode, n_workers=losses.n_workers,
+            threads_per_worker=losses.threads_per_worker, key_prefix=f"losses-{spec.name}-{spec.revision}",
+            on_result=None if inprocess else (lambda r: bar.update(r["rows"])),
+            inprocess_kwargs={"on_batch": bar.update} if inprocess else None,
+        )
     compute_seconds = time.perf_counter() - t_compute
 
     compute = check_compute_consistent(out_dir, len(shards))

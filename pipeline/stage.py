@@ -9,9 +9,13 @@ from typing import Callable, Optional, Sequence
 from pipeline.errors import QuantaError
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *paths: str) -> argparse.ArgumentParser:
+    """A stage's argument parser: --params, and a required --<name> for each of `paths`
+    (the inputs and outputs dvc.yaml passes it)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for name in paths:
+        ap.add_argument(f"--{name}", required=True)
     return ap
 
 

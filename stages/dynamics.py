@@ -16,9 +16,7 @@ from pipeline import config, dynamics, io, plots, stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("per-token training dynamics")
-    for name in ("losses", "planted", "out", "metrics", "plots"):
-        ap.add_argument(f"--{name}", required=True)
+    ap = stage.parser("per-token training dynamics", "losses", "planted", "out", "metrics", "plots")
     args = ap.parse_args(argv)
 
     params = config.load_params(args.params)

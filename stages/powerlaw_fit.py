@@ -24,9 +24,7 @@ from pipeline.select import read_samples
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("cluster-size power laws")
-    for name in ("clusters", "samples", "planted", "metrics", "plots"):
-        ap.add_argument(f"--{name}", required=True)
+    ap = stage.parser("cluster-size power laws", "clusters", "samples", "planted", "metrics", "plots")
     args = ap.parse_args(argv)
 
     cfg = config.load("powerlaw", args.params)

@@ -35,9 +35,7 @@ METRICS = ("qdg", "validate", "powerlaw", "scaling", "dynamics", "theory", "plan
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("clusters -> HTML report")
-    for name in ("clusters", "summary", "samples", "tokens", "similarity", "planted", "metrics", "plots", "out"):
-        ap.add_argument(f"--{name}", required=True)
+    ap = stage.parser("clusters -> HTML report", "clusters", "summary", "samples", "tokens", "similarity", "planted", "metrics", "plots", "out")
     args = ap.parse_args(argv)
     cfg = config.load("report", args.params)
 

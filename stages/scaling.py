@@ -19,9 +19,7 @@ from pipeline import config, io, models, plots, scaling, stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("per-token scaling curves, L(N) and L(S)")
-    for name in ("losses", "out", "metrics", "plots"):
-        ap.add_argument(f"--{name}", required=True)
+    ap = stage.parser("per-token scaling curves, L(N) and L(S)", "losses", "out", "metrics", "plots")
     args = ap.parse_args(argv)
 
     params = config.load_params(args.params)

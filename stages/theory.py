@@ -17,9 +17,7 @@ from pipeline import config, io, stage, theory
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("theory check")
-    for name in ("planted", "scaling", "powerlaw", "out"):
-        ap.add_argument(f"--{name}", required=True)
+    ap = stage.parser("theory check", "planted", "scaling", "powerlaw", "out")
     args = ap.parse_args(argv)
 
     params = config.load_params(args.params)

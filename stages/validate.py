@@ -27,9 +27,7 @@ TARGET_BASELINE_ARI = 0.3
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("clusters vs planted quanta")
-    for name in ("planted", "samples", "similarity", "clusters", "tokens", "out"):
-        ap.add_argument(f"--{name}", required=True)
+    ap = stage.parser("clusters vs planted quanta", "planted", "samples", "similarity", "clusters", "tokens", "out")
     args = ap.parse_args(argv)
 
     labels_path = Path(args.planted) / "labels.parquet"

@@ -404,6 +404,22 @@ def test_scheduler_address_and_per_process_cache(monkeypatch):
     distributed.clear_cache()
 
 
+def test_choose_mode_and_run_tasks_in_process():
+    L, I = distributed.LOCAL, distributed.INPROCESS
+    assert distributed.choose_mode(I, 5, 4) == I
+    assert distributed.choose_mode(L, 1, 4) == I  # one task: a LocalCluster only adds start-up
+    assert distributed.choose_mode(L, 5, 1) == I
+    assert distributed.choose_mode(L, 5, 2) == L
+    assert distributed.choose_mode("tcp://h:1", 1, 1) == "tcp://h:1"  # an external cluster is always used
+    seen = []
+    out = distributed.run_tasks(
+        lambda task, scale=1: {"v": task[0] * scale, "threads": task[1]}, [1, 2, 3], lambda item, th: (item, th),
+        mode=I, n_workers=2, threads_per_worker=3, key_prefix="t", on_result=seen.append,
+        inprocess_kwargs={"scale": 10},
+    )
+    assert out == seen == [{"v": 10, "threads": 3}, {"v": 20, "threads": 3}, {"v": 30, "threads": 3}]
+
+
 @pytest.mark.parametrize("vocab_block", [None, 7, 64, 299])
 def test_vocab_tiled_cross_entropy_equals_full_log_softmax(vocab_block):
     # the tiled path runs on CPU with real vocabularies (50k); the tiny models' 320 never
