@@ -33,6 +33,12 @@ class PlantedConfig:
     n_quanta: int = 100
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
     alpha: float = 0.5
+    # table: quantum k maps each argument to an answer (a permutation); gate: quantum k
+    # answers its one word on n_active of the arguments, filler follows on the others
+    # (pipeline/planted.py explains both).
+    rule: str = "table"
+    n_active: int = 4  # gate: arguments on which a quantum answers
+    answer_noise: float = 0.0  # an instance's answer replaced by filler with this probability
     n_args: int = 8  # argument words; quantum k's table maps them onto the answers
     n_answers: int = 8  # answer words shared by all quanta (= n_args: tables are permutations)
     # no table shares an answer (on any argument) with those of this many most frequent quanta

@@ -105,6 +105,8 @@ FORMAT_VERSION = 2
 
 _STEP = re.compile(r"^step(\d+)$")
 
+RULES = ("table", "gate")
+
 
 class PlantedError(QuantaError, ValueError):
     """A planted-suite problem (bad revision name, inconsistent params), in one line."""
@@ -122,10 +124,12 @@ class Language:
     arg_ids: np.ndarray  # (n_args,)
     trigger_ids: np.ndarray  # (n_quanta,) trigger_ids[k] is quantum k's own word
     answer_ids: np.ndarray  # (n_answers,)
-    table: np.ndarray  # (n_quanta, n_args) answer index of quantum k on argument j
+    table: np.ndarray  # (n_quanta, n_args) answer index of quantum k on argument j; -1: filler follows
     freqs: np.ndarray  # (n_quanta,) p_k, sums to 1, decreasing in k
     doc_len: int
     quanta_per_doc: int
+    rule: str = "table"
+    answer_noise: float = 0.0  # an answer replaced by filler with this probability
 
     @property
     def n_quanta(self) -> int:
@@ -152,11 +156,17 @@ def check_config(cfg: PlantedConfig) -> None:
         problems.append("planted.alpha must be > 0 (p_k ∝ k^-(alpha+1) must fall with k)")
     if cfg.n_filler < 1 or cfg.n_answers < 2:
         problems.append("planted.n_filler must be >= 1 and n_answers >= 2")
-    if cfg.n_args != cfg.n_answers:
+    if cfg.rule not in RULES:
+        problems.append(f"planted.rule must be one of {list(RULES)}, got {cfg.rule!r}")
+    if cfg.rule == "table" and cfg.n_args != cfg.n_answers:
         problems.append(
             "planted.n_args must equal n_answers (each quantum's table is a permutation of the answers, "
             "so neither the trigger nor the argument alone tells the answer)"
         )
+    if cfg.rule == "gate" and not 1 <= cfg.n_active < cfg.n_args:
+        problems.append("planted.n_active must be in 1..n_args - 1 (a gate quantum answers on some arguments, not all)")
+    if not 0 <= cfg.answer_noise < 1:
+        problems.append("planted.answer_noise must be in [0, 1)")
     if not 0 <= cfg.distinct_from_top <= cfg.n_answers // 2:
         problems.append("planted.distinct_from_top must be in 0..n_answers // 2 (tables avoid that many others per argument)")
     if not 1 <= cfg.quanta_per_doc <= cfg.n_args:
@@ -199,14 +209,17 @@ def make_language(cfg: PlantedConfig) -> Language:
     # `distinct_from_top` most frequent quanta on any argument. Those dominate the
     # argument-only guess (quantum 1 alone is 42% of instances by default), so a table that
     # agreed with them would be partly known for free, and quanta would not be independent.
-    top = min(cfg.distinct_from_top, cfg.n_quanta)
-    table = np.empty((cfg.n_quanta, cfg.n_args), dtype=np.int64)  # (quantum, arg) -> answer index
-    for k in range(cfg.n_quanta):
-        while True:
-            perm = rng.permutation(cfg.n_answers)
-            if not (perm == table[: min(k, top)]).any():
-                break
-        table[k] = perm
+    if cfg.rule == "gate":
+        table = gate_table(cfg, rng)
+    else:
+        top = min(cfg.distinct_from_top, cfg.n_quanta)
+        table = np.empty((cfg.n_quanta, cfg.n_args), dtype=np.int64)  # (quantum, arg) -> answer index
+        for k in range(cfg.n_quanta):
+            while True:
+                perm = rng.permutation(cfg.n_answers)
+                if not (perm == table[: min(k, top)]).any():
+                    break
+            table[k] = perm
     return Language(
         vocab=tuple(vocab),
         filler_ids=ids[0],
@@ -217,7 +230,24 @@ def make_language(cfg: PlantedConfig) -> Language:
         freqs=zipf_frequencies(cfg.n_quanta, cfg.alpha),
         doc_len=cfg.doc_len,
         quanta_per_doc=cfg.quanta_per_doc,
+        rule=cfg.rule,
+        answer_noise=cfg.answer_noise,
     )
+
+
+def gate_table(cfg: PlantedConfig, rng: np.random.Generator) -> np.ndarray:
+    """The gate rule's (n_quanta, n_args) table: quantum k answers a(k) on its n_active
+    arguments (a seeded random set) and -1 (filler follows) on the others.
+
+    a(k) = k * n_answers // n_quanta: the quanta share the answers in blocks of frequency
+    rank, so the most frequent ones share one answer and the answer token says little
+    about the quantum (the issue's answer-token baseline).
+    """
+    answer = np.arange(cfg.n_quanta) * cfg.n_answers // cfg.n_quanta
+    table = np.full((cfg.n_quanta, cfg.n_args), -1, dtype=np.int64)
+    for k in range(cfg.n_quanta):
+        table[k, rng.permutation(cfg.n_args)[: cfg.n_active]] = answer[k]
+    return table
 
 
 def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -249,8 +279,12 @@ def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[
     rows = np.arange(n_docs)[:, None]
     tokens[rows, starts] = lang.arg_ids[arg]
     tokens[rows, starts + 1] = lang.trigger_ids[k]
-    tokens[rows, starts + 2] = lang.answer_ids[lang.table[k, arg]]
-    quanta[rows, starts + 2] = k
+    answer = lang.table[k, arg]  # (doc, instance); -1: the gate is closed, filler stays
+    if lang.answer_noise > 0:
+        answer = np.where(rng.random(answer.shape) < lang.answer_noise, -1, answer)
+    fires = answer >= 0
+    tokens[rows, starts + 2] = np.where(fires, lang.answer_ids[np.maximum(answer, 0)], tokens[rows, starts + 2])
+    quanta[rows, starts + 2] = np.where(fires, k, -1)
     return tokens, quanta
 
 
@@ -290,7 +324,8 @@ def quanta_table(lang: Language, eval_quanta: Optional[np.ndarray] = None) -> pd
             "rank": np.arange(1, lang.n_quanta + 1, dtype=np.int32),
             "trigger": [v[t] for t in lang.trigger_ids],
             "rule": [
-                " ".join(f"{v[x]}->{v[lang.answer_ids[a]]}" for x, a in zip(lang.arg_ids, row)) for row in lang.table
+                " ".join(f"{v[x]}->{v[lang.answer_ids[a]] if a >= 0 else '·'}" for x, a in zip(lang.arg_ids, row))
+                for row in lang.table
             ],
         }
     )
@@ -306,13 +341,17 @@ def language_json(lang: Language) -> dict:
     return {
         "doc_len": lang.doc_len,
         "quanta_per_doc": lang.quanta_per_doc,
-        "instance": "x<j> Q<k> =y<table[k][j]>",
+        "rule": lang.rule,
+        "instance": "x<j> Q<k> =y<table[k][j]>" + (" (filler where table[k][j] is null)" if lang.rule == "gate" else ""),
+        "answer_noise": lang.answer_noise,
         "vocab": list(v),
         "filler": [v[i] for i in lang.filler_ids],
         "args": [v[i] for i in lang.arg_ids],
         "triggers": [v[i] for i in lang.trigger_ids],
         "answers": [v[i] for i in lang.answer_ids],
-        "tables": [{v[x]: v[lang.answer_ids[a]] for x, a in zip(lang.arg_ids, row)} for row in lang.table],
+        "tables": [
+            {v[x]: (v[lang.answer_ids[a]] if a >= 0 else None) for x, a in zip(lang.arg_ids, row)} for row in lang.table
+        ],
         "frequencies": lang.freqs.tolist(),
     }
 

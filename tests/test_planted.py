@@ -115,6 +115,46 @@ def test_answer_vocabulary_is_shared_so_the_answer_does_not_reveal_the_quantum()
     assert abs(adjusted_rand_score(k, y)) < 0.05
 
 
+def test_gate_rule_answers_on_active_arguments_only():
+    from sklearn.metrics import adjusted_rand_score
+
+    cfg = PlantedConfig(rule="gate", n_active=4, answer_noise=0.05)
+    lang = planted.make_language(cfg)
+    # each quantum: one answer, in blocks of frequency rank, on exactly n_active arguments
+    assert ((lang.table >= 0).sum(axis=1) == 4).all()
+    answers = np.array([row[row >= 0][0] for row in lang.table])
+    assert all((row[row >= 0] == a).all() for row, a in zip(lang.table, answers))
+    assert answers.tolist() == (np.arange(cfg.n_quanta) * cfg.n_answers // cfg.n_quanta).tolist()
+    tokens, quanta = planted.sample_docs(lang, 4000, np.random.default_rng(2))
+    trig = {int(t): k for k, t in enumerate(lang.trigger_ids)}
+    args = {int(t): j for j, t in enumerate(lang.arg_ids)}
+    fired = closed = noisy = 0
+    for doc, lab in zip(tokens, quanta):
+        for pos in np.flatnonzero(np.isin(doc, lang.trigger_ids)):  # every instance
+            k, j = trig[int(doc[pos])], args[int(doc[pos - 1])]
+            if lang.table[k, j] < 0:  # closed gate: filler follows, unlabelled
+                assert doc[pos + 1] in lang.filler_ids and lab[pos + 1] == -1
+                closed += 1
+            elif lab[pos + 1] == k:
+                assert doc[pos + 1] == lang.answer_ids[lang.table[k, j]]
+                fired += 1
+            else:  # open gate, answer replaced by filler (answer_noise)
+                assert lab[pos + 1] == -1 and doc[pos + 1] in lang.filler_ids
+                noisy += 1
+        assert (lab >= 0).sum() <= cfg.quanta_per_doc
+    assert abs(closed / (fired + closed + noisy) - 0.5) < 0.02  # n_active / n_args
+    assert abs(noisy / (fired + noisy) - 0.05) < 0.01
+    # the top quanta share one answer, so the answer token barely tells the quantum
+    k, y = quanta[quanta >= 0], tokens[quanta >= 0]
+    assert adjusted_rand_score(k, y) < 0.3
+    with pytest.raises(planted.PlantedError, match="n_active"):
+        planted.make_language(dataclasses.replace(cfg, n_active=8))
+    with pytest.raises(planted.PlantedError, match="planted.rule"):
+        planted.make_language(dataclasses.replace(cfg, rule="lookup"))
+    with pytest.raises(planted.PlantedError, match="answer_noise"):
+        planted.make_language(dataclasses.replace(cfg, answer_noise=1.0))
+
+
 def test_config_errors_are_one_line_and_name_the_key():
     with pytest.raises(planted.PlantedError, match="n_args must equal n_answers"):
         planted.make_language(dataclasses.replace(TINY, n_args=3))
