@@ -30,6 +30,8 @@ correlation of frequency rank with the smallest width that learns a quantum. Wit
 
     python bench/bench_qdg_language.py                      # widths 4..32, ~4 min on 2 cores
     python bench/bench_qdg_language.py --widths 32 --json /tmp/qdg_lang.json
+    python bench/bench_qdg_language.py --language gate --widths 8,12,16,24,32,48 \
+        --include '.*' --include mlp.dense_h_to_4h            # the planted gate rule, two parameter sets
 """
 
 from __future__ import annotations
@@ -136,7 +138,12 @@ def compare_clusterings(affinity: np.ndarray, truth: np.ndarray) -> dict:
     return out
 
 
-def qdg(lang: KeyPairLanguage, model, tokens, quanta, losses, n: int, seed: int) -> dict:
+def qdg(lang, model, tokens, quanta, losses, n: int, seed: int, include: tuple[str, ...] = (".*",)) -> dict:
+    """Exact gradients (w.r.t. the parameters `include` selects, less embeddings and norms)
+    of n answers under 0.1 nats; both clusterings at k = the quanta present, and the
+    answer-token baseline."""
+    from sklearn.metrics import adjusted_rand_score
+
     cand = np.argwhere(np.nan_to_num(losses, nan=np.inf) < planted.LEARNED_LOSS)
     rng = np.random.default_rng(seed)
     if len(cand) > n:
@@ -144,14 +151,16 @@ def qdg(lang: KeyPairLanguage, model, tokens, quanta, losses, n: int, seed: int)
     truth = quanta[cand[:, 0], cand[:, 1]]
     samples = {"doc_id": cand[:, 0], "pos": cand[:, 1]}
     docs = {int(d): tokens[d] for d in np.unique(cand[:, 0])}
-    res = gradients.compute_gradients(model, samples, docs, GradientsConfig(projection="none", verify=False))
+    res = gradients.compute_gradients(model, samples, docs, GradientsConfig(projection="none", verify=False, include=include))
     x = sim.normalise(res.grads.astype(np.float32))
     c = x @ x.T
     iu = np.triu_indices(len(x), 1)
     same = (truth[:, None] == truth[None, :])[iu]
     out = {
+        "include": list(include),
         "n_samples": int(len(x)),
         "unlabelled": int((truth < 0).sum()),
+        "answer_baseline_ari": round(float(adjusted_rand_score(truth, tokens[cand[:, 0], cand[:, 1]])), 4),
         "largest_quantum_share": round(float(np.bincount(truth[truth >= 0]).max() / len(truth)), 3),
         "cos_within": round(float(c[iu][same].mean()), 4),
         "cos_between": round(float(c[iu][~same].mean()), 4),
@@ -173,6 +182,11 @@ def default_run(root: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--language", choices=("keypair", "gate"), default="keypair",
+                    help="keypair (defined here) or the pipeline's planted rule gate (planted.rule: gate, one layer)")
+    ap.add_argument("--answer-noise", type=float, default=0.03, help="gate: planted.answer_noise")
+    ap.add_argument("--include", action="append", default=None,
+                    help="gradients.include regex (repeat to compare parameter sets; default: the paper's, all)")
     ap.add_argument("--widths", default="4,8,12,16,24,32")
     ap.add_argument("--n-quanta", type=int, default=200)
     ap.add_argument("--steps", type=int, default=3000)
@@ -186,15 +200,23 @@ def main() -> None:
     from scipy import stats
 
     torch.set_num_threads(1)
-    lang = KeyPairLanguage(n_quanta=args.n_quanta)
-    cfg = PlantedConfig(n_layers=1, steps=args.steps, seed=args.seed)
-    batches = lang.sample(cfg.steps * cfg.batch_size, np.random.default_rng([args.seed, 1]))[0]
-    batches = batches.reshape(cfg.steps, cfg.batch_size, lang.doc_len)
-    tokens, quanta = lang.sample(2500, np.random.default_rng([args.seed, 2]))
+    if args.language == "gate":
+        cfg = PlantedConfig(rule="gate", answer_noise=args.answer_noise, n_layers=1, steps=args.steps, seed=args.seed)
+        lang = planted.make_language(cfg)
+        batches = planted.training_batches(lang, cfg)
+        tokens, quanta = planted.eval_docs(lang, cfg)
+        about = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("widths", "threads")}
+    else:
+        lang = KeyPairLanguage(n_quanta=args.n_quanta)
+        cfg = PlantedConfig(n_layers=1, steps=args.steps, seed=args.seed)
+        batches = lang.sample(cfg.steps * cfg.batch_size, np.random.default_rng([args.seed, 1]))[0]
+        batches = batches.reshape(cfg.steps, cfg.batch_size, lang.doc_len)
+        tokens, quanta = lang.sample(2500, np.random.default_rng([args.seed, 2]))
+        about = dataclasses.asdict(lang) | {"n_layers": 1, "steps": args.steps}
+        about.pop("vocab", None)
+        about.pop("freqs", None)
     widths = sorted(int(w) for w in args.widths.split(","))
-    result = {"language": dataclasses.asdict(lang) | {"n_layers": 1, "steps": args.steps}, "widths": {}}
-    result["language"].pop("vocab", None)
-    result["language"].pop("freqs", None)
+    result = {"language": {"name": args.language, **about}, "widths": {}}
     ok = []
     for w in widths:
         t = time.perf_counter()
@@ -206,7 +228,8 @@ def main() -> None:
     first = np.array([next((i for i, o in enumerate(ok) if o[k]), len(ok)) for k in range(lang.n_quanta)])
     result["n_learned_by_width"] = [int(o.sum()) for o in ok]
     result["spearman_rank_vs_first_width"] = round(float(stats.spearmanr(np.arange(lang.n_quanta), first).statistic), 3)
-    result["qdg"] = qdg(lang, model, tokens, quanta, losses, args.n_samples, args.seed)
+    includes = [(inc,) for inc in args.include] if args.include else [(".*",)]
+    result["qdg"] = [qdg(lang, model, tokens, quanta, losses, args.n_samples, args.seed, inc) for inc in includes]
     if args.default_run is not None:
         result["default_run"] = default_run(args.default_run)
     text = json.dumps(result, indent=2)

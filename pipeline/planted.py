@@ -69,6 +69,28 @@ largest quantum into 17 (ARI 0.150): hence cluster.method agglomerative. That la
 fails this suite's criteria (quanta learned by width: 1, 41, 116, 85, 92, 143), so it is not
 the default; on this default language average linkage scores 0.18 (facts, not quanta, again).
 
+A fourth search (issue 3, session 5) is in the code as ``rule: gate``. Quantum k answers one
+word a(k) after ``x<j> Q<k>`` on n_active of the 8 arguments (a seeded set) and is followed by
+filler on the others; a(k) = k * n_answers // n_quanta, so the most frequent quanta share one
+answer (answer-token baseline ARI 0.16). A quantum is then one context pattern with one answer,
+as in the key-pair language, but learned like the table rule, from its gate's 8 facts. QDG
+on it (one layer; average linkage), from the pipeline's own stages (``dvc exp run -S
+planted.rule=gate ...``, README "Another planted language"):
+
+- the paper's parameter set: ARI ~0.44 (answer_noise 0.03, throwaway script); the MLP input
+  weights alone (``gradients.include: [mlp.dense_h_to_4h]``): 0.71 at answer_noise 0.03, 0.85
+  at 0.01, 0.956 at 0.003 (k = the quanta present; the issue's 0.9 is met there). The MLP input
+  gradient is (output gradient of the hidden units) x (residual input), and only the units
+  that recognise quantum k's gate carry it, so it is quantum-specific; attention and MLP
+  output gradients carry the shared answer direction. On the table rule the same restriction
+  does not help (0.25-0.41): its gradients still follow the answer of each fact.
+- but the suite fails the planted criteria. answer_noise 0.003: mean loss by size 3.426,
+  3.400, 3.398, 3.401, ...; quanta learned 5, 26, 25, 31, 71, 80; Spearman 0.69. answer_noise
+  0.01: 3.429, 3.404, 3.411, ...; Spearman 0.63 (quantum 7 first learned at width 32, quantum
+  53 at width 8). So ``table`` stays the default, and QDG's 0.9 on it is still open.
+- the context baseline (previous token, answer) scores 1.0 there: the trigger word names the
+  quantum in both rules, and a gate quantum has one answer.
+
 Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
 predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
 """
