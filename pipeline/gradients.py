@@ -754,7 +754,8 @@ def compute_part(task: GradientShardTask) -> dict:
 
     with torch_threads(task.torch_threads):
         kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
-        key = ("gradients", repr(task.spec), repr(sorted(kwargs.items())))
+        # the weights' fingerprint too: a long-lived worker must not serve a model retrained in place
+        key = ("gradients", repr(task.spec), repr(sorted(kwargs.items())), task.identity.get("weights"))
         model = distributed.cached(key, lambda: _load_for_gradients(task.spec, kwargs))
         cfg = dataclasses.replace(task.cfg, max_len=task.max_len)
         with warnings.catch_warnings(record=True) as caught:
@@ -865,6 +866,9 @@ def run_gradients(
         "stage": "gradients",
         "format": GRADIENTS_FORMAT,
         "model": dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else str(spec),
+        # a local model rewritten in place (a retrained planted suite) must not reuse parts
+        "weights": models_lib.weights_fingerprint(spec, cache_dir=load_kwargs.get("cache_dir"))
+        if isinstance(spec, models_lib.ModelSpec) else None,
         "dtype": cfg.dtype,
         "device": load_kwargs.get("device"),
         "max_len": max_len,

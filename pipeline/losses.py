@@ -512,7 +512,8 @@ def _load(spec: Any, load_kwargs: dict, autocast: str) -> LoadedModel:
 def loaded_model(task: ShardTask) -> LoadedModel:
     """The task's model, loaded at most once per process (pipeline.distributed.cached)."""
     kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
-    key = ("losses", _json(_spec_dict(task.spec)), _json(kwargs), task.autocast)
+    # the weights' fingerprint too: a long-lived worker must not serve a model retrained in place
+    key = ("losses", _json(_spec_dict(task.spec)), _json(kwargs), task.autocast, task.config.get("weights"))
     return distributed.cached(key, lambda: _load(task.spec, kwargs, task.autocast))
 
 
@@ -671,6 +672,8 @@ def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: 
         "stage": "losses",
         "format": FORMAT_VERSION,
         "model": _spec_dict(spec),
+        # a local model rewritten in place (a retrained planted suite) must not reuse parts
+        "weights": models_lib.weights_fingerprint(spec, cache_dir=suite.cache_dir) if isinstance(spec, models_lib.ModelSpec) else None,
         "suite": {"dtype": suite.dtype, "device": suite.device},
         "corpus": {"context": corpus.context, "max_len": corpus.max_len, "min_context": corpus.min_context},
         "losses": {

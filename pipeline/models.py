@@ -31,6 +31,7 @@ here at the edge: "auto" means CUDA with bfloat16 where available, else CPU with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -288,6 +289,35 @@ def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     return _Location(spec.source, kwargs, hub=True)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json")
+
+
+def weights_fingerprint(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Optional[str]:
+    """sha256 of a local model's files (weights and configs), or None for a hub model.
+
+    Resumable stages (losses, gradients) keep finished part files and reuse them when their
+    recorded identity matches. A local directory can be rewritten in place (the planted
+    suite retrains its models under the same path when its params change; so can a user's
+    own checkpoints), so its identity must include what it holds, not only its path. A
+    hub revision names its weights already. Reads every weight file once, about 1 s per GB.
+    """
+    kind = source_kind(spec)
+    if kind not in ("local", "local_revisions", "gguf"):
+        return None
+    loc = _locate(spec, cache_dir=cache_dir, local_files_only=True)
+    gguf = loc.kwargs.get("gguf_file")
+    files = [Path(gguf)] if gguf else sorted(
+        f for f in Path(loc.path).iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES)
+    )
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def _from_pretrained(loader, spec: ModelSpec, loc: _Location, cache_dir: Optional[str], **kwargs):

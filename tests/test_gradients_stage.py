@@ -92,6 +92,39 @@ def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, in
     assert stage(d, spec, tmp_path / "run", seed=1)["reused_parts"] == 0
 
 
+def test_a_model_rewritten_in_place_is_recomputed(tmp_path, inputs, tiny_tokenizer_dir, monkeypatch):
+    from conftest import make_neox
+
+    d, _, _, _ = inputs
+    model_dir = make_neox(tmp_path / "model", tiny_tokenizer_dir, seed=3)
+    spec = models.ModelSpec("tiny", str(model_dir))
+    real = gradients.compute_part
+    calls = []
+
+    def dies_on_the_second(task):
+        calls.append(task.index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(task)
+
+    monkeypatch.setattr(gradients, "compute_part", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, tmp_path / "run")
+    monkeypatch.setattr(gradients, "compute_part", real)
+    import shutil
+
+    shutil.rmtree(model_dir)
+    make_neox(model_dir, tiny_tokenizer_dir, seed=4)  # retrained under the same path
+    meta = stage(d, spec, tmp_path / "run")
+    assert meta["reused_parts"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "g.npy"), np.load(stage_and_path(d, spec, tmp_path / "clean")))
+
+
+def stage_and_path(d, spec, out):
+    stage(d, spec, out)
+    return out / "g.npy"
+
+
 @pytest.mark.slow
 def test_local_cluster_of_two_workers_gives_the_inprocess_array(tmp_path, inputs):
     d, spec, _, _ = inputs

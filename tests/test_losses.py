@@ -387,6 +387,29 @@ def test_local_cluster_of_two_workers_gives_the_inprocess_table(tmp_path, tiny_n
     np.testing.assert_allclose(a["loss"].to_numpy(), b["loss"].to_numpy(), atol=1e-5, rtol=0)
 
 
+def test_a_model_rewritten_in_place_is_rescored(tmp_path, tiny_tokenizer_dir):
+    """persist: true keeps part files across runs; a local model retrained under the same
+    path (as the planted stage does when its params change) must not reuse them."""
+    from conftest import make_neox
+
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(6, 40, seed=9))
+    model_dir = make_neox(tmp_path / "model", tiny_tokenizer_dir, seed=1)
+    first = run(model_dir, tokens, tmp_path / "out", shard_tokens=50)
+    assert first["reused_parts"] == 0
+    assert run(model_dir, tokens, tmp_path / "out", shard_tokens=50) == first  # same weights: all reused, meta untouched
+    shutil.rmtree(model_dir)
+    make_neox(model_dir, tiny_tokenizer_dir, seed=2)  # other weights, same path
+    again = run(model_dir, tokens, tmp_path / "out", shard_tokens=50)
+    assert again != first and again["reused_parts"] == 0 and again["computed_parts"] == first["computed_parts"]
+    fresh = run(model_dir, tokens, tmp_path / "fresh", shard_tokens=50)
+    got = read_dir(tmp_path / "out" / "model=tiny" / "revision=main")
+    assert got.equals(read_dir(tmp_path / "fresh" / "model=tiny" / "revision=main"))
+    assert fresh["reused_parts"] == 0
+    spec = models.ModelSpec("tiny", str(model_dir))
+    assert models.weights_fingerprint(spec) == models.weights_fingerprint(spec)  # deterministic
+    assert models.weights_fingerprint(models.ModelSpec("hub", "EleutherAI/pythia-70m", "step1000")) is None
+
+
 def test_scheduler_address_and_per_process_cache(monkeypatch):
     monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
     assert distributed.scheduler_address("local") == "local"
