@@ -60,17 +60,24 @@ def test_stage_output_equals_the_library_on_all_samples(tmp_path, inputs):
     assert not (tmp_path / ".g-parts").exists(), "parts are removed once assembled"
 
 
+def dies_on_call(n: int, calls: list):
+    """compute_part, killed (KeyboardInterrupt) on its n-th call; `calls` records the shards."""
+    real = gradients.compute_part
+
+    def part(task):
+        calls.append(task.index)
+        if len(calls) == n:
+            raise KeyboardInterrupt("killed")
+        return real(task)
+
+    return part
+
+
 def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, inputs, monkeypatch):
     d, spec, _, _ = inputs
     real = gradients.compute_part
     calls = []
-
-    def dies_on_the_fourth(task):
-        calls.append(task.index)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed")
-        return real(task)
-
+    dies_on_the_fourth = dies_on_call(4, calls)
     monkeypatch.setattr(gradients, "compute_part", dies_on_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         stage(d, spec, tmp_path / "run")
@@ -99,15 +106,7 @@ def test_a_model_rewritten_in_place_is_recomputed(tmp_path, inputs, tiny_tokeniz
     model_dir = make_neox(tmp_path / "model", tiny_tokenizer_dir, seed=3)
     spec = models.ModelSpec("tiny", str(model_dir))
     real = gradients.compute_part
-    calls = []
-
-    def dies_on_the_second(task):
-        calls.append(task.index)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        return real(task)
-
-    monkeypatch.setattr(gradients, "compute_part", dies_on_the_second)
+    monkeypatch.setattr(gradients, "compute_part", dies_on_call(2, []))
     with pytest.raises(KeyboardInterrupt):
         stage(d, spec, tmp_path / "run")
     monkeypatch.setattr(gradients, "compute_part", real)
