@@ -867,8 +867,7 @@ def run_gradients(
         "format": GRADIENTS_FORMAT,
         "model": dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else str(spec),
         # a local model rewritten in place (a retrained planted suite) must not reuse parts
-        "weights": models_lib.weights_fingerprint(spec, cache_dir=load_kwargs.get("cache_dir"))
-        if isinstance(spec, models_lib.ModelSpec) else None,
+        "weights": models_lib.weights_fingerprint(spec, cache_dir=load_kwargs.get("cache_dir")),
         "dtype": cfg.dtype,
         "device": load_kwargs.get("device"),
         "max_len": max_len,

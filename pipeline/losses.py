@@ -673,7 +673,7 @@ def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: 
         "format": FORMAT_VERSION,
         "model": _spec_dict(spec),
         # a local model rewritten in place (a retrained planted suite) must not reuse parts
-        "weights": models_lib.weights_fingerprint(spec, cache_dir=suite.cache_dir) if isinstance(spec, models_lib.ModelSpec) else None,
+        "weights": models_lib.weights_fingerprint(spec, cache_dir=suite.cache_dir),
         "suite": {"dtype": suite.dtype, "device": suite.device},
         "corpus": {"context": corpus.context, "max_len": corpus.max_len, "min_context": corpus.min_context},
         "losses": {

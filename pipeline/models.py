@@ -294,8 +294,9 @@ def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json")
 
 
-def weights_fingerprint(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Optional[str]:
-    """sha256 of a local model's files (weights and configs), or None for a hub model.
+def weights_fingerprint(spec: Any, *, cache_dir: Optional[str] = "cache/hf") -> Optional[str]:
+    """sha256 of a local model's files (weights and configs); None for a hub model, or for a
+    `spec` that is not a ModelSpec (a model object handed in directly names nothing on disk).
 
     Resumable stages (losses, gradients) keep finished part files and reuse them when their
     recorded identity matches. A local directory can be rewritten in place (the planted
@@ -303,8 +304,7 @@ def weights_fingerprint(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf
     own checkpoints), so its identity must include what it holds, not only its path. A
     hub revision names its weights already. Reads every weight file once, about 1 s per GB.
     """
-    kind = source_kind(spec)
-    if kind not in ("local", "local_revisions", "gguf"):
+    if not isinstance(spec, ModelSpec) or source_kind(spec) not in ("local", "local_revisions", "gguf"):
         return None
     loc = _locate(spec, cache_dir=cache_dir, local_files_only=True)
     gguf = loc.kwargs.get("gguf_file")

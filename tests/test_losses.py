@@ -408,6 +408,7 @@ def test_a_model_rewritten_in_place_is_rescored(tmp_path, tiny_tokenizer_dir):
     spec = models.ModelSpec("tiny", str(model_dir))
     assert models.weights_fingerprint(spec) == models.weights_fingerprint(spec)  # deterministic
     assert models.weights_fingerprint(models.ModelSpec("hub", "EleutherAI/pythia-70m", "step1000")) is None
+    assert models.weights_fingerprint(object()) is None  # a model object handed in directly
 
 
 def test_scheduler_address_and_per_process_cache(monkeypatch):
