@@ -79,15 +79,26 @@ planted.rule=gate ...``, README "Another planted language"):
 
 - the paper's parameter set: ARI ~0.44 (answer_noise 0.03, throwaway script); the MLP input
   weights alone (``gradients.include: [mlp.dense_h_to_4h]``): 0.71 at answer_noise 0.03, 0.85
-  at 0.01, 0.956 at 0.003 (k = the quanta present; the issue's 0.9 is met there). The MLP input
-  gradient is (output gradient of the hidden units) x (residual input), and only the units
-  that recognise quantum k's gate carry it, so it is quantum-specific; attention and MLP
-  output gradients carry the shared answer direction. On the table rule the same restriction
-  does not help (0.25-0.41): its gradients still follow the answer of each fact.
+  at 0.01, 0.956 at 0.003 (k = the quanta present; the issue's 0.9 is met there). Why, found in
+  session 6: with Pythia's parallel residual, a one-layer model's MLP reads only the current
+  token, so the MLP input gradient of an answer is exactly (hidden-unit gradient) x
+  LayerNorm(embedding of the trigger Q<k>), a rank-one product whose second factor *is* the
+  trigger. The hidden-unit gradient alone (the bias gradient) scores 0.69; the weight gradient
+  0.955. So this 0.956 is largely the context baseline (below) seen through the gradient. On
+  the table rule the same restriction does not help (0.25-0.41): there the first factor
+  follows each fact's answer.
 - but the suite fails the planted criteria. answer_noise 0.003: mean loss by size 3.426,
   3.400, 3.398, 3.401, ...; quanta learned 5, 26, 25, 31, 71, 80; Spearman 0.69. answer_noise
   0.01: 3.429, 3.404, 3.411, ...; Spearman 0.63 (quantum 7 first learned at width 32, quantum
   53 at width 8). So ``table`` stays the default, and QDG's 0.9 on it is still open.
+- session 6 (throwaway scripts, width 48, 5,000 samples, average linkage): with two layers
+  (the suite's default) the gate language passes the criteria (learned 21, 38, 49, 65, 77,
+  78; Spearman 0.84; abruptness 0.84), but QDG falls to 0.39 (MLP input weights; 0.36 or
+  0.48 for one layer's alone, 0.47 with weighted linkage): the second layer's MLP reads the
+  argument too, and one quantum's facts part (cosine 0.92 within a fact, 0.52 between the
+  facts of one quantum, 0.38 between quanta that share an answer). One-layer variants that
+  might mend the criteria all failed Spearman >= 0.8: lr 0.003 (0.73), n_active 6 (0.67),
+  6000 steps (0.67), no weight decay (0.63), alpha 1 (0.74), 10,000 eval documents (0.76).
 - the context baseline (previous token, answer) scores 1.0 there: the trigger word names the
   quantum in both rules, and a gate quantum has one answer.
 
