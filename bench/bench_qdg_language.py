@@ -32,6 +32,11 @@ correlation of frequency rank with the smallest width that learns a quantum. Wit
     python bench/bench_qdg_language.py --widths 32 --json /tmp/qdg_lang.json
     python bench/bench_qdg_language.py --language gate --widths 8,12,16,24,32,48 \
         --include '.*' --include mlp.dense_h_to_4h            # the planted gate rule, two parameter sets
+    python bench/bench_qdg_language.py --language gate --widths 8,12,16,24,32,48 --answer-noise 0.003 \
+        --planted n_layers=2 --include mlp.dense_h_to_4h --n-samples 5000   # session 6's two-layer row
+
+For the gate language it also reports the planted suite's own criteria (`planted_criteria`,
+from `planted.compute_metrics` at the final step), which the default suite must pass.
 """
 
 from __future__ import annotations
@@ -149,6 +154,8 @@ def qdg(lang, model, tokens, quanta, losses, n: int, seed: int, include: tuple[s
     if len(cand) > n:
         cand = cand[np.sort(rng.choice(len(cand), n, replace=False))]
     truth = quanta[cand[:, 0], cand[:, 1]]
+    if not (truth >= 0).any():
+        raise SystemExit("no planted answer has a loss under 0.1 nats: the model is untrained (raise --steps)")
     samples = {"doc_id": cand[:, 0], "pos": cand[:, 1]}
     docs = {int(d): tokens[d] for d in np.unique(cand[:, 0])}
     res = gradients.compute_gradients(model, samples, docs, GradientsConfig(projection="none", verify=False, include=include))
@@ -180,13 +187,34 @@ def default_run(root: Path) -> dict:
     return {"n_samples": int(len(ids)), **compare_clusterings(np.asarray(aff), truth)}
 
 
+def planted_criteria(lang, quanta: np.ndarray, losses: dict, sizes: dict) -> dict:
+    """The planted suite's own scorecard (`planted.compute_metrics`, as the planted_metrics
+    stage computes it) at the final step, for a language the pipeline can plant."""
+    import pandas as pd
+
+    n_docs, T = quanta.shape
+    labels = pd.DataFrame({"doc_id": np.repeat(np.arange(n_docs), T), "pos": np.tile(np.arange(T), n_docs),
+                           "quantum": quanta.reshape(-1)})
+    tables = {(name, "final"): planted.loss_table(x) for name, x in losses.items()}
+    m = planted.compute_metrics(labels, planted.quanta_table(lang, quanta), tables, sizes, ["final"])
+    return {
+        "mean_loss_by_size": [round(x, 4) for x in m["mean_loss_by_size"]],
+        "n_learned_by_size": m["n_learned_by_size"],
+        "spearman_rank_vs_first_size": m["spearman_rank_vs_first_size"],
+        "abruptness_median": m["abruptness"]["median"],
+        "failures": m["acceptance_failures"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--language", choices=("keypair", "gate"), default="keypair",
                     help="keypair (defined here) or the pipeline's planted rule gate (planted.rule: gate, one layer)")
     ap.add_argument("--answer-noise", type=float, default=0.03, help="gate: planted.answer_noise")
+    ap.add_argument("--planted", action="append", default=[], metavar="KEY=VALUE",
+                    help="gate: another planted param (repeat), e.g. n_layers=2 or lr=0.003; values are YAML")
     ap.add_argument("--include", action="append", default=None,
-                    help="gradients.include regex (repeat to compare parameter sets; default: the paper's, all)")
+                    help="gradients.include regexes, comma-separated (repeat to compare parameter sets; default: the paper's, all)")
     ap.add_argument("--widths", default="4,8,12,16,24,32")
     ap.add_argument("--n-quanta", type=int, default=200)
     ap.add_argument("--steps", type=int, default=3000)
@@ -201,7 +229,16 @@ def main() -> None:
 
     torch.set_num_threads(1)
     if args.language == "gate":
-        cfg = PlantedConfig(rule="gate", answer_noise=args.answer_noise, n_layers=1, steps=args.steps, seed=args.seed)
+        import yaml
+
+        extra = {}
+        for item in args.planted:
+            key, sep, value = item.partition("=")
+            if not sep or key not in {f.name for f in dataclasses.fields(PlantedConfig)}:
+                ap.error(f"--planted {item!r}: expected KEY=VALUE with KEY a planted param (see params.yaml)")
+            extra[key] = yaml.safe_load(value)
+        base = {"rule": "gate", "answer_noise": args.answer_noise, "n_layers": 1, "steps": args.steps, "seed": args.seed}
+        cfg = PlantedConfig(**(base | extra))
         lang = planted.make_language(cfg)
         batches = planted.training_batches(lang, cfg)
         tokens, quanta = planted.eval_docs(lang, cfg)
@@ -217,18 +254,21 @@ def main() -> None:
         about.pop("freqs", None)
     widths = sorted(int(w) for w in args.widths.split(","))
     result = {"language": {"name": args.language, **about}, "widths": {}}
-    ok = []
+    ok, by_width, sizes = [], {}, {}
     for w in widths:
         t = time.perf_counter()
         model = planted.train_model(lang, cfg, w, batches, desc=f"width {w}")
         losses = token_losses(model, tokens)
+        by_width[f"w{w}"], sizes[f"w{w}"] = losses, planted.non_embedding_params(model)
         ok.append(learned(losses, quanta, lang.n_quanta))
         result["widths"][w] = {"n_learned": int(ok[-1].sum()), "train_s": round(time.perf_counter() - t, 1)}
         print(json.dumps({"width": w, **result["widths"][w]}), flush=True)
     first = np.array([next((i for i, o in enumerate(ok) if o[k]), len(ok)) for k in range(lang.n_quanta)])
     result["n_learned_by_width"] = [int(o.sum()) for o in ok]
     result["spearman_rank_vs_first_width"] = round(float(stats.spearmanr(np.arange(lang.n_quanta), first).statistic), 3)
-    includes = [(inc,) for inc in args.include] if args.include else [(".*",)]
+    if args.language == "gate":
+        result["planted_criteria"] = planted_criteria(lang, quanta, by_width, sizes)
+    includes = [tuple(inc.split(",")) for inc in args.include] if args.include else [(".*",)]
     result["qdg"] = [qdg(lang, model, tokens, quanta, losses, args.n_samples, args.seed, inc) for inc in includes]
     if args.default_run is not None:
         result["default_run"] = default_run(args.default_run)
