@@ -44,6 +44,8 @@ import scipy.sparse as sp
 from pipeline.config import ClusterConfig
 from pipeline.errors import QuantaError
 
+METHODS = ("leiden", "spectral", "agglomerative")  # cluster.method; the first is the default
+
 
 def check_k(ks: Sequence[int], n: int) -> None:
     """k must be < the number of samples clustered (spectral clustering needs k < N)."""
@@ -215,10 +217,157 @@ def agglomerative(affinity, ks: Sequence[int]) -> dict[int, np.ndarray]:
     return {k: canonical(fcluster(tree, t=k, criterion="maxclust")) for k in ks}
 
 
+def knn_graph(affinity, n_neighbors: int) -> sp.csr_matrix:
+    """The symmetric kNN graph (N, N) of an affinity, weighted by the affinity.
+
+    A sparse affinity (similarity.mode: knn) is already such a graph and is returned as it
+    is (symmetrised). A dense one keeps each row's n_neighbors largest off-diagonal entries,
+    and an edge is kept when either end chose it.
+    """
+    if sp.issparse(affinity):
+        w = sp.csr_matrix(affinity, dtype=np.float64)
+    else:
+        a = np.asarray(affinity)
+        n = a.shape[0]
+        k = min(n_neighbors, n - 1)
+        rows = np.empty((n, k), dtype=np.int64)
+        vals = np.empty((n, k), dtype=np.float64)
+        for i in range(0, n, 2048):  # blocks of rows: argpartition copies the block
+            blk = np.array(a[i : i + 2048], dtype=np.float64)
+            blk[np.arange(len(blk)), np.arange(i, i + len(blk))] = -np.inf  # no self-loops
+            idx = np.argpartition(-blk, k - 1, axis=1)[:, :k]
+            rows[i : i + len(blk)] = idx
+            vals[i : i + len(blk)] = np.take_along_axis(blk, idx, axis=1)
+        w = sp.csr_matrix((vals.ravel(), rows.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+    w = w.maximum(w.T).tocsr()
+    w.setdiag(0)
+    w.eliminate_zeros()
+    return w
+
+
+def _leiden_labels(graph, weights: np.ndarray, resolution: float, seed: int) -> np.ndarray:
+    import leidenalg
+
+    part = leidenalg.find_partition(
+        graph, leidenalg.RBConfigurationVertexPartition, weights=weights,
+        resolution_parameter=resolution, n_iterations=2, seed=seed,
+    )
+    return np.asarray(part.membership, dtype=np.int64)
+
+
+def _igraph(w: sp.csr_matrix):
+    import igraph
+
+    up = sp.triu(w, k=1).tocoo()
+    return igraph.Graph(n=w.shape[0], edges=np.column_stack([up.row, up.col]).tolist(), directed=False), up.data
+
+
+def leiden_communities(w: sp.csr_matrix, resolution: float, seed: int, at_least: int = 0, steps: int = 6) -> np.ndarray:
+    """Leiden communities (modularity at resolution γ, seeded) of the graph `w`, (N,) int64.
+
+    With `at_least` > 0, γ is raised from `resolution` (doubling, then a bisection on log γ
+    of `steps` halvings) to the smallest value found that gives at least that many
+    communities: the least splitting that reaches them keeps each as coherent as it can be.
+    """
+    graph, weights = _igraph(w)
+    found = {resolution: _leiden_labels(graph, weights, resolution, seed)}
+    count = lambda r: len(np.unique(found[r]))  # noqa: E731
+    if count(resolution) >= at_least:
+        return found[resolution]
+    lo, hi = resolution, resolution
+    while count(hi) < at_least and hi < resolution * 2**20:
+        lo, hi = hi, hi * 2
+        found[hi] = _leiden_labels(graph, weights, hi, seed)
+    if count(hi) < at_least:  # every sample its own community is as far as it goes
+        return found[hi]
+    for _ in range(steps):
+        mid = float(np.sqrt(lo * hi))
+        found[mid] = _leiden_labels(graph, weights, mid, seed)
+        lo, hi = (lo, mid) if count(mid) >= at_least else (mid, hi)
+    return found[hi]
+
+
+def group_affinity(affinity, w: sp.csr_matrix, communities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(total affinity between every two communities (m, m), community sizes (m,)).
+
+    From the dense affinity when there is one (every pair of samples counts), else from
+    the kNN graph `w` (a missing edge counts 0).
+    """
+    m = int(communities.max()) + 1
+    n = len(communities)
+    a = sp.csr_matrix((np.ones(n), (np.arange(n), communities)), shape=(n, m))
+    if sp.issparse(affinity):
+        between = np.asarray((a.T @ w @ a).todense(), dtype=np.float64)
+    else:
+        between = np.asarray(a.T @ (a.T @ np.asarray(affinity, dtype=np.float64)).T, dtype=np.float64)
+    return between, np.bincount(communities, minlength=m).astype(np.float64)
+
+
+def merge_communities(between: np.ndarray, size: np.ndarray, communities: np.ndarray, k: int) -> np.ndarray:
+    """Labels (N,) after average linkage over the communities, from their count m down to k.
+
+    The similarity of two groups is the mean affinity over all their pairs (between / the
+    product of their sizes); a merge updates it as UPGMA does, weighting by size. Written
+    here rather than with scipy's linkage, which starts from singletons and cannot weigh
+    the communities by their sizes. O(m^2) per merge.
+    """
+    m = len(size)
+    sim = between / np.outer(size, size)
+    np.fill_diagonal(sim, -np.inf)
+    size = size.copy()
+    parent = np.arange(m)
+    for _ in range(m - k):
+        i, j = np.unravel_index(np.argmax(sim), sim.shape)
+        i, j = min(i, j), max(i, j)
+        sim[i] = (size[i] * sim[i] + size[j] * sim[j]) / (size[i] + size[j])
+        sim[:, i] = sim[i]
+        sim[i, i] = -np.inf
+        sim[j, :] = -np.inf
+        sim[:, j] = -np.inf
+        size[i] += size[j]
+        parent[parent == j] = i
+    return canonical(parent[communities])
+
+
+def leiden_natural(affinity, cfg: ClusterConfig, seed: Optional[int] = None) -> np.ndarray:
+    """Leiden's own partition of the kNN graph at cfg.resolution: the number of clusters is the data's."""
+    seed = cfg.seed if seed is None else seed
+    return canonical(leiden_communities(knn_graph(affinity, cfg.n_neighbors), cfg.resolution, seed))
+
+
+def leiden(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[int] = None) -> dict[int, np.ndarray]:
+    """{k: labels (N,) int32}: Leiden communities of the kNN graph, merged to exactly k.
+
+    Leiden (modularity at cfg.resolution, seeded) partitions the kNN graph into m
+    communities, its own choice of number. For k < m, average linkage over the
+    communities merges them down to k; for k > m, γ is raised until Leiden gives at
+    least k communities, which are then merged down to k. Why this, and not spectral or
+    average linkage alone: on Zipf-sized quanta a partition into parts of balanced weight
+    (the normalised cut; modularity at a high γ) splits the largest quanta, while
+    Leiden at its own resolution keeps them whole; on real gradients, average linkage
+    over single samples leaves outliers as singletons and merges the bulk into one
+    cluster, while Leiden places every outlier in its neighbours' community.
+    """
+    n = affinity.shape[0]
+    check_k(ks, n)
+    seed = cfg.seed if seed is None else seed
+    w = knn_graph(affinity, cfg.n_neighbors)
+    out = {}
+    for k in ks:
+        comm = leiden_communities(w, cfg.resolution, seed, at_least=k)
+        between, size = group_affinity(affinity, w, comm)
+        out[k] = merge_communities(between, size, comm, k) if len(size) > k else canonical(comm)
+    return out
+
+
 def cluster_at(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[int] = None) -> dict[int, np.ndarray]:
-    """{k: labels} by cfg.method: :func:`spectral` or :func:`agglomerative`."""
+    """{k: labels} by cfg.method: :func:`leiden`, :func:`spectral` or :func:`agglomerative`."""
     if cfg.method == "agglomerative":
         return agglomerative(affinity, ks)
+    if cfg.method == "leiden":
+        return leiden(affinity, ks, cfg, seed=seed)
+    if cfg.method != "spectral":
+        raise QuantaError(f"cluster.method must be one of {list(METHODS)}, got {cfg.method!r}")
     return spectral(affinity, ks, cfg, seed=seed)
 
 
@@ -254,7 +403,16 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
     ks = list(cfg.n_clusters)
     main = ks[0]
     check_k(ks, affinity.shape[0])
-    if cfg.method == "agglomerative":
+    if cfg.method == "leiden":
+        natural = leiden_natural(affinity, cfg)
+        main = int(natural.max()) + 1  # the main clustering is Leiden's own; its k is the data's
+        labels = leiden(affinity, [k for k in ks if k != main], cfg)
+        labels[main] = natural
+        ks = [main] + [k for k in ks if k != main]
+        t1 = time.perf_counter()
+        stability = float(adjusted_rand_score(natural, leiden_natural(affinity, cfg, seed=cfg.stability_seed)))
+        how = "seeds"
+    elif cfg.method == "agglomerative":
         labels = agglomerative(affinity, ks)
         t1 = time.perf_counter()
         # No seed enters the tree: stability is that of a seeded subsample clustered alone.
@@ -271,7 +429,7 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         how = "seeds"
 
     cols = {"sample": pa.array(np.arange(n_samples, dtype=np.int32))}
-    for k in [main] + ks:
+    for k in [main] + sorted(set(ks), key=ks.index):
         full = np.full(n_samples, -1, dtype=np.int32)
         full[ids] = labels[k]
         cols["cluster" if "cluster" not in cols else f"k{k}"] = pa.array(full)
@@ -280,6 +438,7 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         "n_samples": int(n_samples),
         "n_clustered": int(len(ids)),
         "k": int(main),
+        "k_from": "Leiden's own partition at cluster.resolution" if cfg.method == "leiden" else "cluster.n_clusters[0]",
         "sweep": ks,
         "stability_ari": round(stability, 4),
         "method": cfg.method,
@@ -359,44 +518,55 @@ def validate(
     ids: np.ndarray,
     samples: pd.DataFrame,
     quanta: np.ndarray,
-    prev_tokens: np.ndarray,
+    context: np.ndarray,
     clusters: Optional[pd.DataFrame],
     cfg: ClusterConfig,
 ) -> dict:
-    """QDG clusters against planted quanta, beside the baselines that need no gradients.
+    """QDG clusters against planted quanta, beside every other clustering method and the
+    baselines that need no gradients.
 
     quanta (N,): the planted quantum of each sample (-1: none, scored as one more class);
-    prev_tokens (N,): the token before each target. Clusters the affinity rows `ids` at
-    k = the number of classes present (or takes the cluster stage's labels when its sweep
-    has that k: the same computation), and scores it (ARI, NMI) on those samples, with
-    the "answer token" baseline (cluster by target token id) and the "context" baseline
-    (cluster by previous token and target token), and every k of the cluster stage. On a
-    dense affinity the other clustering method is scored too (``other_method``).
+    context (N, 2): the two tokens before each target. ``qdg`` scores the cluster stage's
+    main clustering (cfg.method at its main k). ``methods`` scores every method of
+    :data:`METHODS` on the same affinity: Leiden's own partition, and spectral and average
+    linkage at k = the number of classes present (average linkage on a dense affinity
+    only). Baselines: the answer token; (previous token, answer); and, for information,
+    the oracle (the two tokens before the answer, answer), which names the cue pair of a
+    planted instance. ``cluster_stage`` scores every k of the stage's sweep.
     """
     truth = np.asarray(quanta)[ids]
     k_true = int(len(np.unique(truth)))
-    out: dict = {"n_samples": int(len(samples)), "n_scored": int(len(ids)), "k": k_true}
+    out: dict = {"n_samples": int(len(samples)), "n_scored": int(len(ids)), "k_present": k_true}
     out["n_unlabelled"] = int((truth < 0).sum())
     if k_true < 2:
         out["skipped"] = f"the selected samples hold {k_true} planted class; nothing to separate"
         return out
-    col = f"k{k_true}"
-    if clusters is not None and col in clusters.columns:  # the cluster stage already ran this k
-        labels = clusters[col].to_numpy()[ids]
-        out["qdg_from"] = "cluster stage"
-    else:
-        labels = cluster_at(affinity, [k_true], cfg)[k_true]
-        out["qdg_from"] = "clustered here at k"
-    out["qdg"] = scores(truth, labels)
+    methods = {}
+    for method in METHODS:
+        if method == "agglomerative" and sp.issparse(affinity):
+            continue
+        c = dataclasses.replace(cfg, method=method)
+        if method == "leiden":
+            labels = leiden_natural(affinity, c)
+        else:
+            labels = cluster_at(affinity, [k_true], c)[k_true]
+        methods[method] = {**scores(truth, labels), "k": int(labels.max()) + 1,
+                           "largest_cluster_share": round(float(np.bincount(labels).max() / len(labels)), 4)}
+    out["methods"] = methods
     out["method"] = cfg.method
-    if not sp.issparse(affinity):  # the other clustering of the same affinity, for comparison
-        other = "agglomerative" if cfg.method == "spectral" else "spectral"
-        alt = cluster_at(affinity, [k_true], dataclasses.replace(cfg, method=other))[k_true]
-        out["other_method"] = {"method": other, **scores(truth, alt)}
-    token = samples["token_id"].to_numpy()[ids]
+    if clusters is not None and "cluster" in clusters.columns:
+        main = clusters["cluster"].to_numpy()[ids]
+        out["qdg"] = {**scores(truth, main), "k": int(len(np.unique(main)))}
+        out["qdg_from"] = "cluster stage (main clustering)"
+    else:
+        out["qdg"] = {k: v for k, v in methods[cfg.method].items() if k != "largest_cluster_share"}
+        out["qdg_from"] = "clustered here"
+    token = samples["token_id"].to_numpy()[ids].astype(np.int64)
+    ctx = np.asarray(context, dtype=np.int64)[ids]
+    width = int(max(token.max(), ctx.max())) + 2
     out["baseline_answer"] = scores(truth, token)
-    prev = np.asarray(prev_tokens)[ids]
-    out["baseline_context"] = scores(truth, prev.astype(np.int64) * (int(token.max()) + 1) + token)
+    out["baseline_context"] = scores(truth, (ctx[:, 1] + 1) * width + token)
+    out["baseline_oracle_cue_pair"] = scores(truth, ((ctx[:, 0] + 1) * width + ctx[:, 1] + 1) * width + token)
     if clusters is not None:
         by_k = {}
         for col in [c for c in clusters.columns if c.startswith("k") and c[1:].isdigit()]:

@@ -33,28 +33,36 @@ class PlantedConfig:
     n_quanta: int = 100
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
     alpha: float = 0.5
+    # pair: quantum k is the cue pair u_k v_k, answered by one word "!" shared by all quanta;
     # table: quantum k maps each argument to an answer (a permutation); gate: quantum k
     # answers its one word on n_active of the arguments, filler follows on the others
-    # (pipeline/planted.py explains both).
-    rule: str = "table"
+    # (pipeline/planted.py explains all three; docs/planted-languages.md compares them).
+    rule: str = "pair"
     n_active: int = 4  # gate: arguments on which a quantum answers
-    answer_noise: float = 0.0  # an instance's answer replaced by filler with this probability
-    n_args: int = 8  # argument words; quantum k's table maps them onto the answers
-    n_answers: int = 8  # answer words shared by all quanta (= n_args: tables are permutations)
-    # no table shares an answer (on any argument) with those of this many most frequent quanta
+    answer_noise: float = 0.01  # an instance's answer replaced by filler with this probability
+    n_args: int = 8  # table/gate: argument words; quantum k's table maps them onto the answers
+    n_answers: int = 8  # table/gate: answer words shared by all quanta (= n_args: tables are permutations)
+    # table: no table shares an answer (on any argument) with those of this many most frequent quanta
     distinct_from_top: int = 1
     n_filler: int = 64  # unpredictable (uniform) filler words
     doc_len: int = 32  # tokens per document
     quanta_per_doc: int = 6  # rule instances (3 tokens each) per document
     n_eval_docs: int = 2500
-    widths: tuple[int, ...] = (8, 12, 16, 24, 32, 48)  # one per suite.models name, in order
-    n_layers: int = 2
+    # The probe set: held-out documents with n_probe key instances of every quantum, on
+    # which "learned" is decided (as the paper's per-subtask test sets).
+    n_probe: int = 32
+    widths: tuple[int, ...] = (4, 8, 12, 20, 32, 48)  # one per suite.models name, in order
+    n_layers: int = 1
     n_heads: int = 2
     mlp_ratio: int = 4  # intermediate size / width, as Pythia
     steps: int = 3000
     batch_size: int = 32
+    # Peak learning rate of width w: lr * (lr_base_width / w) ** lr_width_exponent (wider
+    # models take smaller steps, as in muP-style width scaling; 0 = one lr for all).
     lr: float = 6e-3
-    min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr, as Pythia
+    lr_base_width: int = 8
+    lr_width_exponent: float = 0.5
+    min_lr_ratio: float = 0.0  # cosine decay to this fraction of the peak lr
     weight_decay: float = 0.1  # AdamW, on matrices only
     warmup_steps: int = 100
     seed: int = 0
@@ -272,16 +280,23 @@ class SimilarityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    """Spectral clustering of the affinity (pipeline/cluster.py)."""
+    """Clustering of the affinity (pipeline/cluster.py)."""
 
     # One k, or a sweep (the paper: 10 ... 1500). The first is the main k: it gets the
     # `cluster` column, the summary's order and the stability score.
     n_clusters: Union[int, tuple[int, ...]] = (400,)
-    # spectral (the paper's: SpectralClustering on the affinity) or agglomerative (average
+    # leiden: Leiden communities of the kNN graph; the main clustering is Leiden's own
+    # partition (its number of clusters is the data's), and each k of the sweep merges
+    # (or refines, then merges) communities by average linkage to exactly k. Right on
+    # Zipf-sized planted quanta and on real gradients alike;
+    # spectral (the paper's: SpectralClustering on the affinity); agglomerative (average
     # linkage on the distance 1 - affinity, one tree cut at every k; dense affinities only).
-    # Spectral clustering favours clusters of balanced size and splits the largest quanta
-    # when their sizes follow a Zipf law; average linkage does not (see pipeline/cluster.py).
-    method: Literal["spectral", "agglomerative"] = "spectral"
+    # pipeline/cluster.py and README "Which clustering" compare them.
+    method: Literal["leiden", "spectral", "agglomerative"] = "leiden"
+    # leiden: neighbours per sample of the graph built from a dense affinity (a sparse kNN
+    # affinity is used as it is), and the modularity resolution γ of the main clustering.
+    n_neighbors: int = 30
+    resolution: float = 1.0
     n_init: int = 10  # k-means restarts in the spectral embedding (the paper: 30)
     eigen_solver: Literal["arpack", "lobpcg", "amg"] = "arpack"
     # kmeans (the paper's), discretize, or cluster_qr (no restarts; fast for large N)
@@ -300,6 +315,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.n_clusters has repeats: {list(self.n_clusters)}")
         if self.n_init < 1:
             raise ConfigError("cluster.n_init must be >= 1")
+        if self.n_neighbors < 1 or not self.resolution > 0:
+            raise ConfigError("cluster.n_neighbors must be >= 1 and cluster.resolution > 0")
         if self.seed == self.stability_seed:
             raise ConfigError("cluster.stability_seed must differ from cluster.seed (their ARI is the stability score)")
 

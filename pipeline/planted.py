@@ -2,105 +2,38 @@
 
 Why it exists: the pipeline's claims (losses fall with size, skills are acquired one by one in
 frequency order, gradient clusters are the skills) cannot be checked on Pythia, whose quanta
-nobody knows. Here we plant them. The language has K rules ("quanta"); rule k is used on a
-fraction p_k ∝ k^-(alpha+1) of rule instances, as the quantization model assumes. A family of
-GPT-NeoX models of log-spaced width is trained on it and saved in Hugging Face format with
+nobody knows. Here we plant them. The language has K quanta; quantum k is used on a fraction
+p_k ∝ k^-(alpha+1) of instances, as the quantization model assumes. A family of GPT-NeoX
+models of log-spaced width is trained on it and saved in Hugging Face format with
 Pythia-style ``stepN`` revisions, so every later stage runs exactly the code path a Pythia run
 uses, and the ground truth (which token is governed by which quantum) lets us score it.
 
-The language. A document is ``doc_len`` tokens: ``quanta_per_doc`` rule instances at random
-places, uniform filler everywhere else. An instance of quantum k is three tokens
+The default language (``rule: pair``). Quantum k owns two cue words u_k, v_k. A document is
+``doc_len`` tokens of uniform filler with ``quanta_per_doc`` three-token blocks, each with
+equal odds
 
-    x<j> Q<k> =y<table[k, j]>          (label k on the answer =y)
+    u_k v_k !        a key of quantum k (label k on "!"; filler instead with prob. answer_noise)
+    u_k v_j w        a decoy: j another quantum, w filler
+    u_j v_k w        the other decoy
 
-an argument x<j> (shared by all quanta, drawn at random), quantum k's own trigger word Q<k>,
-and the answer: table[k] is a random permutation of the ``n_answers`` answer words, so
+so neither cue alone predicts "!": a quantum is one two-word pattern to recognise, worth p_k
+of the loss, and a model of limited width holds a limited number of them. Every quantum
+answers the same word, so the answer token says nothing about the quantum (answer-token
+baseline ARI 0), and one quantum's answers share one context pattern, so their gradients
+agree (cosine 0.99 within a quantum, 0.25 between). The answer noise keeps a learned "!"
+near 0.01 nats, above float32's resolution, so its gradient is signal, not rounding.
+One layer by default: a second layer spreads the gradient over context-dependent attention.
 
-- the answer needs the trigger AND the argument: knowing only that quantum k is at work leaves
-  every answer equally likely (ln n_answers nats), and so does knowing only the argument;
-- all quanta use every answer, so the answer token says nothing about the quantum;
-- a quantum is n_args facts (its table), all used equally often, so they are learned together;
-  no table agrees with those of the ``distinct_from_top`` most frequent quanta on any argument
-  (those dominate the argument-only guess), so no quantum is partly known for free: quanta
-  are independent skills, each worth p_k of the loss, as the quantization model assumes. A
-  model of limited width holds a limited number of tables, and the gradient signal of a
-  table is ∝ p_k, so the frequent ones come first.
+Two more rules are options (``table``, ``gate``): there quantum k is a trigger word Q_k
+after an argument x_j, answered by a per-quantum table (``table``) or one word on some
+arguments (``gate``). On ``table`` a quantum is n_args facts with different answers, and
+QDG separates the facts, not the quanta. docs/planted-languages.md has the measurements of
+every language tried.
 
-Filler words and arguments are uniform and triggers follow the Zipf law, with no structure
-beyond that: the only skills to acquire are the K tables. Within a document no (quantum,
-argument) pair repeats, so an instance is never solvable by copying an earlier one (induction)
-rather than by the quantum.
-
-A design note for gradient clustering (QDG): the unit of memory here is the (quantum,
-argument) fact, and the per-token gradient of an answer carries its answer word's direction.
-Measured on the default language (width 48, 800 answers under 0.1 nats, non-embedding
-gradients): mean cosine 0.99 within one fact, -0.02 between two arguments of one quantum, 0.08
-between two quanta with one answer; spectral clustering with k = number of quanta gives ARI
-0.17 against the quantum and ~0 for the answer token. So the paper's QDG recovers facts, not
-quanta, here. A variant whose answer map is shared by all quanta (a quantum being a two-word key
-to recognise) leaned more to the quantum (0.20 vs 0.14 on a width-48 model), but the width at
-which its models acquired quanta was erratic (learned counts not monotone in width, Spearman
-~0.5), so this one is the default.
-
-A second search (issue 3, Nov 2026) tried languages where a quantum is one context pattern with
-one answer, so that its gradients could agree: a "membership" language (quantum k = a key pair
-``u_k v_k`` followed by one answer ``!`` shared by all quanta, with decoy pairs followed by
-filler; the answer-token baseline is then 0 by construction), and key pairs mapped to a few
-answers. What it found, for whoever takes this up:
-
-- Saturated answers make noisy gradients: a learned ``!`` reaches ~1e-7 nats, float32's
-  resolution, so the output-error direction is rounding noise. Following 3% of keys with
-  filler instead (a loss floor of ~0.03 nats) raised the within-quantum cosine from 0.52 to 0.94.
-- Position and context split a quantum: one key at a fixed position in filler-only context
-  gives cosine 0.99, at varying positions 0.54-0.66; about half the gradient norm sits in
-  layer-0 attention.
-- At k = the number of quanta present, most of those quanta (Zipf tail) have 1-5 tokens, so
-  spectral clustering spends the spare clusters splitting the largest quantum along position
-  and context: clusters 96% pure but the top quantum cut in 14 (ARI 0.14; 0.83 at k = 5).
-- Membership languages failed the planted criteria themselves: rare keys see 20-80 training
-  examples and are learned at random across widths (Spearman 0.20-0.37 against >= 0.8).
-Best QDG ARI found: 0.23 (K=50, answer noise, which learned 14..48 quanta, Spearman 0.37).
-
-A third search (issue 3, session 4) found that the clustering was half the problem. In a
-one-layer key-pair language where quantum k owns its two key words (bench/bench_qdg_language.py),
-gradients separate the quanta (cosine 0.993 within, 0.255 between) and average linkage
-recovers them (ARI 0.9999), but spectral clustering at k = the quanta present cuts the
-largest quantum into 17 (ARI 0.150): hence cluster.method agglomerative. That language still
-fails this suite's criteria (quanta learned by width: 1, 41, 116, 85, 92, 143), so it is not
-the default; on this default language average linkage scores 0.18 (facts, not quanta, again).
-
-A fourth search (issue 3, session 5) is in the code as ``rule: gate``. Quantum k answers one
-word a(k) after ``x<j> Q<k>`` on n_active of the 8 arguments (a seeded set) and is followed by
-filler on the others; a(k) = k * n_answers // n_quanta, so the most frequent quanta share one
-answer (answer-token baseline ARI 0.16). A quantum is then one context pattern with one answer,
-as in the key-pair language, but learned like the table rule, from its gate's 8 facts. QDG
-on it (one layer; average linkage), from the pipeline's own stages (``dvc exp run -S
-planted.rule=gate ...``, README "Another planted language"):
-
-- the paper's parameter set: ARI ~0.44 (answer_noise 0.03, throwaway script); the MLP input
-  weights alone (``gradients.include: [mlp.dense_h_to_4h]``): 0.71 at answer_noise 0.03, 0.85
-  at 0.01, 0.956 at 0.003 (k = the quanta present; the issue's 0.9 is met there). Why, found in
-  session 6: with Pythia's parallel residual, a one-layer model's MLP reads only the current
-  token, so the MLP input gradient of an answer is exactly (hidden-unit gradient) x
-  LayerNorm(embedding of the trigger Q<k>), a rank-one product whose second factor *is* the
-  trigger. The hidden-unit gradient alone (the bias gradient) scores 0.69; the weight gradient
-  0.955. So this 0.956 is largely the context baseline (below) seen through the gradient. On
-  the table rule the same restriction does not help (0.25-0.41): there the first factor
-  follows each fact's answer.
-- but the suite fails the planted criteria. answer_noise 0.003: mean loss by size 3.426,
-  3.400, 3.398, 3.401, ...; quanta learned 5, 26, 25, 31, 71, 80; Spearman 0.69. answer_noise
-  0.01: 3.429, 3.404, 3.411, ...; Spearman 0.63 (quantum 7 first learned at width 32, quantum
-  53 at width 8). So ``table`` stays the default, and QDG's 0.9 on it is still open.
-- session 6 (throwaway scripts, width 48, 5,000 samples, average linkage): with two layers
-  (the suite's default) the gate language passes the criteria (learned 21, 38, 49, 65, 77,
-  78; Spearman 0.84; abruptness 0.84), but QDG falls to 0.39 (MLP input weights; 0.36 or
-  0.48 for one layer's alone, 0.47 with weighted linkage): the second layer's MLP reads the
-  argument too, and one quantum's facts part (cosine 0.92 within a fact, 0.52 between the
-  facts of one quantum, 0.38 between quanta that share an answer). One-layer variants that
-  might mend the criteria all failed Spearman >= 0.8: lr 0.003 (0.73), n_active 6 (0.67),
-  6000 steps (0.67), no weight decay (0.63), alpha 1 (0.74), 10,000 eval documents (0.76).
-- the context baseline (previous token, answer) scores 1.0 there: the trigger word names the
-  quantum in both rules, and a gate quantum has one answer.
+"Learned" (>= 90% of a quantum's answers under 0.1 nats) is decided on the probe set
+(:func:`probe_docs`): held-out documents with ``n_probe`` instances of every quantum, as the
+paper measured each sparse-parity subtask on its own test set. In the Zipf corpus most
+quanta have 1-3 answers, and "learned" there is noise.
 
 Positions follow the losses tables: the label at ``pos`` belongs to token ``pos``, whose loss is
 predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label (-1 elsewhere).
@@ -134,11 +67,11 @@ LEARNED_FRACTION = 0.9
 
 # Bump when the language or the training loop changes meaning, so that a resumed run never
 # reuses a model trained by older code (models/<name>/train.json records it).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 _STEP = re.compile(r"^step(\d+)$")
 
-RULES = ("table", "gate")
+RULES = ("pair", "table", "gate")
 
 
 class PlantedError(QuantaError, ValueError):
@@ -154,15 +87,17 @@ class Language:
 
     vocab: tuple[str, ...]  # token id -> string
     filler_ids: np.ndarray  # (n_filler,)
-    arg_ids: np.ndarray  # (n_args,)
-    trigger_ids: np.ndarray  # (n_quanta,) trigger_ids[k] is quantum k's own word
-    answer_ids: np.ndarray  # (n_answers,)
+    arg_ids: np.ndarray  # (n_args,) table/gate; (0,) for pair
+    trigger_ids: np.ndarray  # (n_quanta,) trigger_ids[k] is quantum k's own word (pair: its first cue u_k)
+    answer_ids: np.ndarray  # (n_answers,); pair: (1,), the shared answer "!"
     table: np.ndarray  # (n_quanta, n_args) answer index of quantum k on argument j; -1: filler follows
     freqs: np.ndarray  # (n_quanta,) p_k, sums to 1, decreasing in k
     doc_len: int
     quanta_per_doc: int
     rule: str = "table"
     answer_noise: float = 0.0  # an answer replaced by filler with this probability
+    partner_ids: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # pair: (n_quanta,) partner_ids[k] is quantum k's second cue v_k
 
     @property
     def n_quanta(self) -> int:
@@ -191,6 +126,8 @@ def check_config(cfg: PlantedConfig) -> None:
         problems.append("planted.n_filler must be >= 1 and n_answers >= 2")
     if cfg.rule not in RULES:
         problems.append(f"planted.rule must be one of {list(RULES)}, got {cfg.rule!r}")
+    if cfg.rule == "pair" and cfg.n_quanta < 2:
+        problems.append("planted.n_quanta must be >= 2 for rule pair (a decoy pairs one quantum's cue with another's)")
     if cfg.rule == "table" and cfg.n_args != cfg.n_answers:
         problems.append(
             "planted.n_args must equal n_answers (each quantum's table is a permutation of the answers, "
@@ -202,7 +139,7 @@ def check_config(cfg: PlantedConfig) -> None:
         problems.append("planted.answer_noise must be in [0, 1)")
     if not 0 <= cfg.distinct_from_top <= cfg.n_answers // 2:
         problems.append("planted.distinct_from_top must be in 0..n_answers // 2 (tables avoid that many others per argument)")
-    if not 1 <= cfg.quanta_per_doc <= cfg.n_args:
+    if cfg.rule != "pair" and not 1 <= cfg.quanta_per_doc <= cfg.n_args:
         problems.append("planted.quanta_per_doc must be in 1..n_args (no (quantum, argument) pair repeats in a document)")
     if cfg.doc_len < 3 * cfg.quanta_per_doc:
         problems.append("planted.doc_len must be >= 3 * quanta_per_doc (an instance is 3 tokens)")
@@ -213,10 +150,12 @@ def check_config(cfg: PlantedConfig) -> None:
             problems.append(f"planted.widths: {w} is not a positive multiple of 2 * n_heads (rotary needs an even head size)")
     if len(set(cfg.widths)) != len(cfg.widths):
         problems.append("planted.widths has repeats; one width per model")
-    if min(cfg.steps, cfg.batch_size, cfg.n_eval_docs, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio) < 1:
-        problems.append("planted.steps, batch_size, n_eval_docs, n_layers, n_heads and mlp_ratio must be >= 1")
-    if not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0:
-        problems.append("planted.lr must be > 0 and min_lr_ratio in [0, 1]")
+    if min(cfg.steps, cfg.batch_size, cfg.n_eval_docs, cfg.n_probe, cfg.n_layers, cfg.n_heads, cfg.mlp_ratio) < 1:
+        problems.append("planted.steps, batch_size, n_eval_docs, n_probe, n_layers, n_heads and mlp_ratio must be >= 1")
+    if cfg.quanta_per_doc < 1:
+        problems.append("planted.quanta_per_doc must be >= 1")
+    if not 0 <= cfg.min_lr_ratio <= 1 or cfg.lr <= 0 or cfg.lr_base_width < 1:
+        problems.append("planted.lr must be > 0, lr_base_width >= 1 and min_lr_ratio in [0, 1]")
     if problems:
         raise PlantedError("; ".join(problems))
 
@@ -224,7 +163,9 @@ def check_config(cfg: PlantedConfig) -> None:
 def make_language(cfg: PlantedConfig) -> Language:
     """The planted language of `cfg`: a pure function of its fields (seeded by cfg.seed)."""
     check_config(cfg)
-    rng = np.random.default_rng([cfg.seed, 0])  # stream 0: the rules; 1: training data; 2: eval corpus
+    rng = np.random.default_rng([cfg.seed, 0])  # streams 0: rules; 1: training data; 2: eval corpus; 3: probe
+    if cfg.rule == "pair":
+        return _pair_language(cfg)
     # Ids: Pythia's two specials first, then filler, arguments, triggers, answers. The names
     # say what a token is, so the report's highlighted contexts read easily.
     groups = [
@@ -268,6 +209,27 @@ def make_language(cfg: PlantedConfig) -> Language:
     )
 
 
+def _pair_language(cfg: PlantedConfig) -> Language:
+    """The pair rule's language: filler, cues u_k and v_k of every quantum, and the answer "!"."""
+    K, f = cfg.n_quanta, cfg.n_filler
+    vocab = [EOS, PAD] + [f"w{i:03d}" for i in range(f)] + [f"u{k:03d}" for k in range(K)]
+    vocab += [f"v{k:03d}" for k in range(K)] + ["!"]
+    return Language(
+        vocab=tuple(vocab),
+        filler_ids=np.arange(2, 2 + f),
+        arg_ids=np.zeros(0, dtype=np.int64),
+        trigger_ids=2 + f + np.arange(K),
+        answer_ids=np.array([len(vocab) - 1]),
+        table=np.zeros((K, 1), dtype=np.int64),
+        freqs=zipf_frequencies(K, cfg.alpha),
+        doc_len=cfg.doc_len,
+        quanta_per_doc=cfg.quanta_per_doc,
+        rule="pair",
+        answer_noise=cfg.answer_noise,
+        partner_ids=2 + f + K + np.arange(K),
+    )
+
+
 def gate_table(cfg: PlantedConfig, rng: np.random.Generator) -> np.ndarray:
     """The gate rule's (n_quanta, n_args) table: quantum k answers a(k) on its n_active
     arguments (a seeded random set) and -1 (filler follows) on the others.
@@ -283,16 +245,35 @@ def gate_table(cfg: PlantedConfig, rng: np.random.Generator) -> np.ndarray:
     return table
 
 
-def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _instance_starts(n_docs: int, T: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_docs, m) sorted start positions of m non-overlapping 3-token blocks among T tokens.
+
+    Stars and bars: choose m of T - 2m places, then shift the i-th by 2i for the blocks before it.
+    """
+    slots = rng.random((n_docs, T - 2 * m)).argsort(axis=1)[:, :m]
+    return np.sort(slots, axis=1) + 2 * np.arange(m)
+
+
+def sample_docs(
+    lang: Language, n_docs: int, rng: np.random.Generator, keys: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw `n_docs` documents.
 
     Returns (tokens, quanta), both (n_docs, doc_len): tokens int64 ids; quanta int32, the
     quantum governing each token (answer tokens only), -1 elsewhere.
+
+    keys (n_docs, n_keys), optional: force the quanta of the first n_keys instances of each
+    document (the probe set). For the pair rule those instances are keys and the others
+    decoys; for table/gate they are the first n_keys of quanta_per_doc instances.
     """
+    if lang.rule == "pair":
+        return _sample_pair_docs(lang, n_docs, rng, keys)
     T, m, n_args = lang.doc_len, lang.quanta_per_doc, len(lang.arg_ids)
     tokens = rng.choice(lang.filler_ids, size=(n_docs, T))  # (doc, pos): filler everywhere first
     quanta = np.full((n_docs, T), -1, dtype=np.int32)
     k = rng.choice(lang.n_quanta, size=(n_docs, m), p=lang.freqs)  # (doc, instance)
+    if keys is not None:
+        k[:, : keys.shape[1]] = keys
     # Arguments: within a doc, the instances of one quantum take distinct arguments. A random
     # candidate order per instance, then the first candidate that no earlier instance of the
     # same quantum took: a uniform draw without replacement within each quantum.
@@ -305,10 +286,9 @@ def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[
             taken[same, arg[same, i2]] = True
         first_free = np.take_along_axis(taken, order[:, i], axis=1).argmin(axis=1)  # exists: m <= n_args
         arg[:, i] = order[np.arange(n_docs), i, first_free]
-    # Places: m non-overlapping 3-token blocks uniformly among doc_len slots (stars and bars:
-    # choose m of doc_len - 2m places, then shift the i-th by 2i for the blocks before it).
-    slots = rng.random((n_docs, T - 2 * m)).argsort(axis=1)[:, :m]
-    starts = np.sort(slots, axis=1) + 2 * np.arange(m)  # (doc, instance)
+    starts = _instance_starts(n_docs, T, m, rng)  # (doc, instance)
+    if keys is not None:  # forced instances at random places among the document's blocks
+        starts = np.take_along_axis(starts, rng.random((n_docs, m)).argsort(axis=1), axis=1)
     rows = np.arange(n_docs)[:, None]
     tokens[rows, starts] = lang.arg_ids[arg]
     tokens[rows, starts + 1] = lang.trigger_ids[k]
@@ -318,6 +298,44 @@ def sample_docs(lang: Language, n_docs: int, rng: np.random.Generator) -> tuple[
     fires = answer >= 0
     tokens[rows, starts + 2] = np.where(fires, lang.answer_ids[np.maximum(answer, 0)], tokens[rows, starts + 2])
     quanta[rows, starts + 2] = np.where(fires, k, -1)
+    return tokens, quanta
+
+
+def _sample_pair_docs(
+    lang: Language, n_docs: int, rng: np.random.Generator, keys: Optional[np.ndarray] = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pair rule's documents: each instance block is, with equal odds, a key or a decoy.
+
+        u_k v_k !    key of quantum k (label k on "!"; filler instead with prob. answer_noise)
+        u_k v_j w    left decoy, j uniform over the other quanta, w filler
+        u_j v_k w    right decoy
+
+    k follows the Zipf law; so does the quantum whose cue a decoy carries. Neither cue alone
+    tells "!", so a quantum is one two-word pattern to recognise, a capacity-limited skill.
+    keys (n_docs, n_keys): the first n_keys blocks (at random places) are keys of these quanta
+    and the others decoys (the probe set).
+    """
+    T, m, K = lang.doc_len, lang.quanta_per_doc, lang.n_quanta
+    tokens = rng.choice(lang.filler_ids, size=(n_docs, T))  # (doc, pos)
+    quanta = np.full((n_docs, T), -1, dtype=np.int32)
+    starts = _instance_starts(n_docs, T, m, rng)  # (doc, block)
+    k = rng.choice(K, size=(n_docs, m), p=lang.freqs)  # (doc, block)
+    kind = rng.integers(3, size=(n_docs, m))  # 0 key, 1 left decoy, 2 right decoy
+    if keys is not None:
+        n_key = keys.shape[1]
+        starts = np.take_along_axis(starts, rng.random((n_docs, m)).argsort(axis=1), axis=1)
+        kind = np.where(kind == 0, 1 + rng.integers(2, size=(n_docs, m)), kind)
+        kind[:, :n_key] = 0
+        k[:, :n_key] = keys
+    other = (k + rng.integers(1, K, size=(n_docs, m))) % K  # uniform over the other quanta
+    u = np.where(kind == 2, other, k)
+    v = np.where(kind == 1, other, k)
+    key = (kind == 0) & (rng.random((n_docs, m)) >= lang.answer_noise)
+    rows = np.arange(n_docs)[:, None]
+    tokens[rows, starts] = lang.trigger_ids[u]
+    tokens[rows, starts + 1] = lang.partner_ids[v]
+    tokens[rows, starts + 2] = np.where(key, lang.answer_ids[0], rng.choice(lang.filler_ids, size=(n_docs, m)))
+    quanta[rows, starts + 2] = np.where(key, k, -1)
     return tokens, quanta
 
 
@@ -356,10 +374,7 @@ def quanta_table(lang: Language, eval_quanta: Optional[np.ndarray] = None) -> pd
             "frequency": lang.freqs,
             "rank": np.arange(1, lang.n_quanta + 1, dtype=np.int32),
             "trigger": [v[t] for t in lang.trigger_ids],
-            "rule": [
-                " ".join(f"{v[x]}->{v[lang.answer_ids[a]] if a >= 0 else '·'}" for x, a in zip(lang.arg_ids, row))
-                for row in lang.table
-            ],
+            "rule": _rule_strings(lang),
         }
     )
     if eval_quanta is not None:
@@ -368,9 +383,33 @@ def quanta_table(lang: Language, eval_quanta: Optional[np.ndarray] = None) -> pd
     return df
 
 
+def _rule_strings(lang: Language) -> list[str]:
+    """One readable string per quantum: its cue pair and answer, or its table."""
+    v = lang.vocab
+    if lang.rule == "pair":
+        return [f"{v[a]} {v[b]} -> {v[lang.answer_ids[0]]}" for a, b in zip(lang.trigger_ids, lang.partner_ids)]
+    return [
+        " ".join(f"{v[x]}->{v[lang.answer_ids[a]] if a >= 0 else '·'}" for x, a in zip(lang.arg_ids, row))
+        for row in lang.table
+    ]
+
+
 def language_json(lang: Language) -> dict:
     """The whole language as JSON: vocabulary groups and every quantum's table."""
     v = lang.vocab
+    if lang.rule == "pair":
+        return {
+            "doc_len": lang.doc_len,
+            "quanta_per_doc": lang.quanta_per_doc,
+            "rule": "pair",
+            "instance": "u<k> v<k> ! (key; decoys u<k> v<j> and u<j> v<k> are followed by filler)",
+            "answer_noise": lang.answer_noise,
+            "vocab": list(v),
+            "filler": [v[i] for i in lang.filler_ids],
+            "cues": [[v[a], v[b]] for a, b in zip(lang.trigger_ids, lang.partner_ids)],
+            "answers": [v[i] for i in lang.answer_ids],
+            "frequencies": lang.freqs.tolist(),
+        }
     return {
         "doc_len": lang.doc_len,
         "quanta_per_doc": lang.quanta_per_doc,
@@ -442,12 +481,23 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
-def _lr_at(step: int, cfg: PlantedConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio * lr at the last step (Pythia's shape)."""
+def peak_lr(cfg: PlantedConfig, width: int) -> float:
+    """The peak learning rate of the model of `width`: lr * (lr_base_width / width) ** lr_width_exponent.
+
+    Wider models take smaller steps (as in width-scaled recipes such as muP): with one lr for
+    all widths, the widest models of the suite train least stably and the width at which a
+    quantum is acquired becomes erratic (docs/planted-languages.md).
+    """
+    return cfg.lr * (cfg.lr_base_width / width) ** cfg.lr_width_exponent
+
+
+def _lr_at(step: int, cfg: PlantedConfig, width: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * peak at the last step (Pythia's shape)."""
+    peak = peak_lr(cfg, width)
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def training_batches(lang: Language, cfg: PlantedConfig) -> np.ndarray:
@@ -460,6 +510,23 @@ def training_batches(lang: Language, cfg: PlantedConfig) -> np.ndarray:
 def eval_docs(lang: Language, cfg: PlantedConfig) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation corpus (tokens, quanta), (n_eval_docs, doc_len): disjoint stream from training."""
     return sample_docs(lang, cfg.n_eval_docs, np.random.default_rng([cfg.seed, 2]))
+
+
+def probe_docs(lang: Language, cfg: PlantedConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The probe set (tokens, quanta), (n_docs, doc_len): cfg.n_probe instances of every quantum.
+
+    Held-out documents of the corpus's form, in which the forced instances (two per
+    document, a seeded random order over quanta) carry each quantum equally often. A
+    quantum's "learned" is decided here, on ~n_probe answers, instead of on its few answers
+    in the Zipf corpus (a rare quantum has 1-3 there, and "learned" would be noise): the
+    paper measured each sparse-parity subtask on its own held-out set the same way.
+    """
+    rng = np.random.default_rng([cfg.seed, 3])
+    per_doc = min(2, lang.quanta_per_doc)
+    order = rng.permutation(np.repeat(np.arange(lang.n_quanta), cfg.n_probe))
+    n_docs = -(-len(order) // per_doc)
+    order = np.concatenate([order, rng.choice(lang.n_quanta, n_docs * per_doc - len(order))])
+    return sample_docs(lang, n_docs, rng, keys=order.reshape(n_docs, per_doc))
 
 
 def train_model(
@@ -490,7 +557,7 @@ def train_model(
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=cfg.lr,
+        lr=peak_lr(cfg, width),
         betas=(0.9, 0.95),
     )
     save_steps = set(save_steps)
@@ -500,7 +567,7 @@ def train_model(
     data = torch.from_numpy(batches)  # (steps, batch, pos)
     for step in tqdm(range(cfg.steps), desc=desc or f"width {width}", disable=not progress, mininterval=2):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = _lr_at(step, cfg, width)
         x = data[step]  # (batch, pos)
         logits = model(input_ids=x).logits  # (batch, pos, vocab)
         # next-token shift: the logits at pos predict token pos + 1
@@ -576,6 +643,18 @@ def _train_stamp(cfg: PlantedConfig, name: str, width: int, steps: Mapping[str, 
     return json.loads(json.dumps(stamp))
 
 
+def label_table(quanta: np.ndarray) -> pd.DataFrame:
+    """(doc, pos) quantum labels -> the labels table: doc_id int64, pos int32, quantum int32, every token."""
+    n_docs, T = quanta.shape
+    return pd.DataFrame(
+        {
+            "doc_id": np.repeat(np.arange(n_docs, dtype=np.int64), T),
+            "pos": np.tile(np.arange(T, dtype=np.int32), n_docs),
+            "quantum": quanta.reshape(-1).astype(np.int32),
+        }
+    )
+
+
 def build_suite(
     cfg: PlantedConfig,
     suite: SuiteConfig,
@@ -621,16 +700,12 @@ def build_suite(
         with tmp.open("w") as f:
             for text in docs_text(lang, tokens):
                 f.write(json.dumps({"text": text}) + "\n")
-    n_docs, T = tokens.shape
-    labels = pd.DataFrame(
-        {
-            "doc_id": np.repeat(np.arange(n_docs, dtype=np.int64), T),
-            "pos": np.tile(np.arange(T, dtype=np.int32), n_docs),
-            "quantum": quanta.reshape(-1).astype(np.int32),
-        }
-    )
-    write_parquet(labels, root / "labels.parquet", config=stage_config)
+    write_parquet(label_table(quanta), root / "labels.parquet", config=stage_config)
     write_parquet(quanta_table(lang, quanta), root / "quanta.parquet", config=stage_config)
+    probe_tokens, probe_quanta = probe_docs(lang, cfg)
+    probe = label_table(probe_quanta)
+    probe = probe[probe["quantum"] >= 0].reset_index(drop=True)
+    write_parquet(probe, root / "probe.parquet", config=stage_config)
 
     # Models: the same data order for all; each directory built aside and renamed into place.
     tokenizer = make_tokenizer(lang)
@@ -646,12 +721,15 @@ def build_suite(
                 summary["models"][name] = json.loads(stamp_path.read_text())["summary"]
                 continue  # finished by an earlier, interrupted run with these params
             by_step = {n: rev for rev, n in steps.items()}
+            probe_losses = []
             with atomic_path(model_dir) as tmp:
 
                 def save(step: int, model) -> None:
                     out = tmp / by_step[step]
                     model.save_pretrained(out)
                     tokenizer.save_pretrained(out)
+                    loss = token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
+                    probe_losses.append(probe.assign(revision=by_step[step], loss=loss.astype(np.float32)))
 
                 t0 = time.perf_counter()
                 model = train_model(lang, cfg, width, batches, by_step, save, desc=name, progress=progress)
@@ -662,6 +740,7 @@ def build_suite(
                     "total_params": sum(p.numel() for p in model.parameters()),
                     "train_seconds": round(seconds, 2),
                 }
+                write_parquet(pd.concat(probe_losses, ignore_index=True), tmp / "probe_losses.parquet")
                 (tmp / "train.json").write_text(json.dumps({"stamp": stamp, "summary": info}, indent=2) + "\n")
             summary["models"][name] = info
     write_json(summary, root / "suite.json")
@@ -759,7 +838,11 @@ def saved_param_counts(model_dir: str | Path) -> dict[str, int]:
 
 def quantum_scores(labels: pd.DataFrame, losses: pd.DataFrame, n_quanta: int) -> pd.DataFrame:
     """Per quantum: n answer tokens scored, mean loss (nats), fraction under LEARNED_LOSS, learned."""
-    ans = labels[labels["quantum"] >= 0].merge(losses, on=["doc_id", "pos"], how="inner")
+    return answer_scores(labels[labels["quantum"] >= 0].merge(losses, on=["doc_id", "pos"], how="inner"), n_quanta)
+
+
+def answer_scores(ans: pd.DataFrame, n_quanta: int) -> pd.DataFrame:
+    """:func:`quantum_scores` of answers already joined to their losses (quantum, loss columns)."""
     if ans["loss"].isna().any():
         raise PlantedError("NaN losses on labelled answer tokens; rerun the losses stage (fp32) and check the model")
     g = ans.groupby("quantum")["loss"]
@@ -792,13 +875,19 @@ def compute_metrics(
     param_counts: Mapping[str, int],
     revisions: Sequence[str],
     alpha: Optional[float] = None,
+    probe: Optional[Mapping[tuple[str, str], pd.DataFrame]] = None,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """The planted-suite scorecard (metrics/planted.json) from labels and per-token losses.
 
-    `losses[(model, revision)]` has doc_id, pos, loss (nats); `param_counts[model]` is the
-    non-embedding count, which orders models by size; the last of `revisions` (in step order)
-    is the final checkpoint. Sizes are compared at the final checkpoint; emergence steps are
-    read over the checkpoints of the largest model.
+    `losses[(model, revision)]` has doc_id, pos, loss (nats) on the Zipf corpus;
+    `param_counts[model]` is the non-embedding count, which orders models by size; the last
+    of `revisions` (in step order) is the final checkpoint. Sizes are compared at the final
+    checkpoint; emergence steps are read over the checkpoints of the largest model.
+    `probe[(model, revision)]` (quantum, loss per probe answer), when given, decides which
+    quanta are learned (and their per-quantum losses); the corpus then gives only the mean
+    losses. The learned-count exponent's CI resamples quanta `n_boot` times.
     """
     models = sorted(param_counts, key=lambda m: param_counts[m])
     revs = sorted(revisions, key=lambda r: (_step_of(r) is None, _step_of(r) or 0))
@@ -807,14 +896,17 @@ def compute_metrics(
     freq = quanta.sort_values("quantum")["frequency"].to_numpy()
     rank = np.argsort(np.argsort(-freq, kind="stable"), kind="stable") + 1  # 1 = most frequent
 
-    scores = {(m, r): quantum_scores(labels, losses[(m, r)], K) for (m, r) in losses}
+    corpus_scores = {(m, r): quantum_scores(labels, losses[(m, r)], K) for (m, r) in losses}
+    scores = corpus_scores if probe is None else {key: answer_scores(df, K) for key, df in probe.items()}
     at_final = [scores[(m, final)] for m in models]
-    n_tok = at_final[0]["n_tokens"].to_numpy()
-    present = n_tok > 0  # quanta with at least one answer token in the scored corpus
+    n_tok = corpus_scores[(models[0], final)]["n_tokens"].to_numpy()  # answers in the corpus
+    # quanta scored: those with an answer in the probe set (all), or in the corpus
+    present = (at_final[0]["n_tokens"].to_numpy() if probe is not None else n_tok) > 0
     if not present.any():
         raise PlantedError("no labelled answer token has a loss; do the losses tables and labels.parquet share doc_ids?")
     learned = np.stack([s["learned"].to_numpy() for s in at_final])  # (size, quantum)
     qloss = np.stack([s["mean_loss"].to_numpy() for s in at_final])  # (size, quantum)
+    corpus_qloss = np.stack([corpus_scores[(m, final)]["mean_loss"].to_numpy() for m in models])
 
     per_model = {}
     for i, m in enumerate(models):
@@ -822,7 +914,7 @@ def compute_metrics(
         per_model[m] = {
             "non_embedding_params": int(param_counts[m]),
             "mean_loss": float(np.mean(lt)),
-            "answer_loss": float(np.nansum(qloss[i] * n_tok) / n_tok.sum()),
+            "answer_loss": float(np.nansum(corpus_qloss[i] * n_tok) / max(1, n_tok.sum())),
             "n_learned": int(learned[i, present].sum()),
         }
 
@@ -853,8 +945,11 @@ def compute_metrics(
         "sizes": models,
         "final_revision": final,
         "n_quanta": int(K),
-        "n_quanta_in_corpus": int(present.sum()),
-        "learned_definition": f">= {LEARNED_FRACTION:.0%} of a quantum's answer tokens under {LEARNED_LOSS} nats",
+        "n_quanta_in_corpus": int((n_tok > 0).sum()),
+        "n_quanta_scored": int(present.sum()),
+        "learned_on": "probe set" if probe is not None else "corpus",
+        "learned_definition": f">= {LEARNED_FRACTION:.0%} of a quantum's answer tokens under {LEARNED_LOSS} nats"
+        + (" on the probe set" if probe is not None else " in the corpus"),
         "mean_loss_by_size": [per_model[m]["mean_loss"] for m in models],
         "n_learned_by_size": [per_model[m]["n_learned"] for m in models],
         "spearman_rank_vs_first_size": float(rho),
@@ -872,6 +967,7 @@ def compute_metrics(
         },
         "answer_loss_alpha_N": alpha_n,
         "alpha_N_predicted": alpha,  # the quantization model: alpha_N = alpha
+        "learned_count_scaling": learned_count_scaling(n_params, learned[:, present], n_boot, seed),
         "per_quantum": {
             "rank": rank.tolist(),
             "frequency": freq.tolist(),
@@ -906,6 +1002,31 @@ def compute_metrics(
         }
     metrics["acceptance_failures"] = check_acceptance(metrics)
     return _nan_to_none(metrics)
+
+
+def learned_count_scaling(n_params: np.ndarray, learned: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+    """β of n(N) ∝ N^β, the number of learned quanta against non-embedding parameters.
+
+    n_params (size,), learned (size, quantum) bool. OLS of ln n on ln N over the sizes that
+    learn at least one quantum; the percentile CI (95%) resamples quanta with replacement.
+    The quantization model ties it to the loss exponent: L - L_inf ∝ n^-α gives
+    α_N = α·β, so α_N / β estimates α (theory.py).
+    """
+    def fit(lrn: np.ndarray) -> float:
+        n = lrn.sum(axis=1).astype(float)
+        ok = n > 0
+        if ok.sum() < 2:
+            return float("nan")
+        return float(np.polyfit(np.log(n_params[ok]), np.log(n[ok]), 1)[0])
+
+    beta = fit(learned)
+    rng = np.random.default_rng(seed)
+    q = learned.shape[1]
+    boots = np.array([fit(learned[:, rng.integers(q, size=q)]) for _ in range(n_boot)]) if q else np.array([])
+    boots = boots[np.isfinite(boots)]
+    ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))] if boots.size else None
+    return {"beta": beta, "beta_ci": ci, "n_learned": learned.sum(axis=1).astype(int).tolist(),
+            "fit": "OLS of ln n_learned on ln N; CI: 95% percentile bootstrap over quanta"}
 
 
 def _nan_to_none(x):
@@ -958,10 +1079,20 @@ def evaluate(
             if not parts:
                 raise PlantedError(f"no losses for model {m} at {r} under {d}; run `dvc repro` (the losses stage) first")
             losses[(m, r)] = pd.concat([pd.read_parquet(p, columns=["doc_id", "pos", "loss"]) for p in parts])
+    probe = None
+    if (root / "probe.parquet").exists():
+        probe = {}
+        for m in models:
+            path = root / "models" / m / "probe_losses.parquet"
+            if not path.exists():
+                raise PlantedError(f"model {m} has no probe losses ({path}); rerun `dvc repro planted`")
+            df = pd.read_parquet(path)
+            for r in revisions:
+                probe[(m, r)] = df[df["revision"] == r]
     counts = {}
     for m in models:
         model_dir = root / "models" / m / final
         if not (model_dir / "config.json").exists():
             raise PlantedError(f"model {m} has no saved revision {final} under {root / 'models' / m}; rerun `dvc repro planted`")
         counts[m] = saved_param_counts(model_dir)["non_embedding"]
-    return compute_metrics(labels, quanta, losses, counts, revisions, alpha=alpha)
+    return compute_metrics(labels, quanta, losses, counts, revisions, alpha=alpha, probe=probe)

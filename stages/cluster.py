@@ -1,4 +1,4 @@
-"""Stage `cluster`: spectral clustering of the affinity; each cluster is a candidate quantum.
+"""Stage `cluster`: clustering of the affinity (cluster.method); each cluster is a candidate quantum.
 
     python stages/cluster.py [--params params.yaml] --similarity cache/qdg/similarity \
         --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet \
@@ -38,8 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     samples = read_samples(args.samples)
     table, metrics = cluster.run_clustering(aff, ids, len(samples), cfg)
     summary = cluster.summarise(table.to_pandas(), samples, token_strings(args.tokens), cfg)
-    io.write_parquet(table, args.out, config=config.to_dict(cfg))
-    io.write_parquet(summary, args.summary, config=config.to_dict(cfg))
+    meta = {**config.to_dict(cfg), "main_k": metrics["k"]}  # leiden: the data's k, not n_clusters[0]
+    io.write_parquet(table, args.out, config=meta)
+    io.write_parquet(summary, args.summary, config=meta)
     metrics["similarity_mode"] = sim_meta["mode"]
     io.write_json(metrics, args.metrics)
     print(f"cluster: k={metrics['k']}, stability ARI {metrics['stability_ari']} -> {args.out}")

@@ -40,7 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = config.load("report", args.params)
 
     clusters = pd.read_parquet(args.clusters)
-    main_k = int((io.read_config(args.clusters) or {}).get("n_clusters", [0])[0]) or None
+    meta = io.read_config(args.clusters) or {}
+    main_k = int(meta.get("main_k") or meta.get("n_clusters", [0])[0]) or None
     if main_k is None:
         main_k = config.load("cluster", args.params).n_clusters[0]
     samples = read_samples(args.samples)

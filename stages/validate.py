@@ -42,10 +42,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     quanta = merged["quantum"].fillna(-1).to_numpy(np.int64)
     tokens = losses.read_tokens(args.tokens)
     flat = tokens.offsets[tokens.index_of(samples["doc_id"].to_numpy(np.int64))] + samples["pos"].to_numpy(np.int64)
-    prev = tokens.token_ids[flat - 1]
+    # the two tokens before each target (-1 where the target is at pos 1)
+    before = np.stack([np.where(flat - 2 >= tokens.offsets[tokens.index_of(samples["doc_id"].to_numpy(np.int64))],
+                                tokens.token_ids[np.maximum(flat - 2, 0)], -1), tokens.token_ids[flat - 1]], axis=1)
     aff, ids, _ = sim.read(args.similarity, mmap=False)
     clusters = pd.read_parquet(args.clusters)
-    out = {"planted": True, **cluster.validate(aff, ids, samples, quanta, prev, clusters, cfg)}
+    out = {"planted": True, **cluster.validate(aff, ids, samples, quanta, before, clusters, cfg)}
     if "qdg" in out:
         out["targets"] = {"qdg_ari_min": TARGET_QDG_ARI, "baseline_answer_ari_max": TARGET_BASELINE_ARI}
         out["pass"] = bool(

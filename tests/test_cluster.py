@@ -22,7 +22,7 @@ def blobs(sizes=(40, 25, 15, 10, 6), dim=64, noise=0.35, seed=0):
     return x.astype(np.float32), labels
 
 
-CFG = ClusterConfig(n_clusters=(5,), n_init=4)
+CFG = ClusterConfig(n_clusters=(5,), n_init=4, method="spectral")
 
 
 def test_recovers_blocks_dense_and_knn():
@@ -45,7 +45,7 @@ def test_same_partition_as_sklearn_spectral_clustering():
 def test_sweep_columns_equal_single_k_runs():
     x, _ = blobs(sizes=(30, 20, 20, 12, 8, 6), seed=2)
     aff = sim.dense_affinity(x)
-    cfg = ClusterConfig(n_clusters=(6, 3, 4), n_init=4)
+    cfg = ClusterConfig(n_clusters=(6, 3, 4), n_init=4, method="spectral")
     sweep = cluster.spectral(aff, [6, 3, 4], cfg)
     for k in (3, 4, 6):
         single = cluster.spectral(aff, [k], cfg)[k]
@@ -75,7 +75,7 @@ def test_run_clustering_table_metrics_and_summary():
     n = len(x) + 2  # two bad samples, left out of the affinity
     ids = np.arange(2, n)
     aff = sim.dense_affinity(x)
-    cfg = ClusterConfig(n_clusters=(5, 3), n_init=4, n_examples=3, top_tokens=2)
+    cfg = ClusterConfig(n_clusters=(5, 3), n_init=4, n_examples=3, top_tokens=2, method="spectral")
     table, metrics = cluster.run_clustering(aff, ids, n, cfg)
     df = table.to_pandas()
     assert list(df.columns) == ["sample", "cluster", "k5", "k3"]
@@ -92,25 +92,95 @@ def test_run_clustering_table_metrics_and_summary():
     assert first["top_tokens"][0] in ("ten", "eleven") and first["top_counts"][0] == 40
 
 
-def test_validate_scores_against_truth_and_baselines():
+def test_validate_scores_every_method_and_the_baselines():
     x, truth = blobs()
     aff = sim.dense_affinity(x)
     ids = np.arange(len(x))
     tokens = np.where(truth < 2, 100, 200)  # the answer token tells only two groups apart
     samples = pd.DataFrame({"sample": ids, "token_id": tokens})
-    out = cluster.validate(aff, ids, samples, truth, prev_tokens=truth + 50, clusters=None, cfg=CFG)
-    assert out["k"] == 5 and out["qdg"]["ari"] == 1.0
+    context = np.stack([np.full_like(truth, 7), truth + 50], axis=1)  # the previous token names the block
+    out = cluster.validate(aff, ids, samples, truth, context, clusters=None, cfg=CFG)
+    assert out["k_present"] == 5 and out["qdg"]["ari"] == 1.0 and out["qdg_from"] == "clustered here"
+    assert set(out["methods"]) == {"leiden", "spectral", "agglomerative"}
+    assert out["methods"]["spectral"]["ari"] == 1.0 and out["methods"]["agglomerative"]["ari"] == 1.0
     assert out["baseline_answer"]["ari"] < 0.5
-    assert out["baseline_context"]["ari"] == 1.0  # here the previous token names the block
-    assert out["qdg_from"] == "clustered here at k"
-    assert out["method"] == "spectral" and out["other_method"] == {"method": "agglomerative", "ari": 1.0, "nmi": 1.0}
-    knn = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")  # sparse: no agglomerative comparison
-    assert "other_method" not in cluster.validate(knn, ids, samples, truth, truth + 50, None, CFG)
-    # when the cluster stage's sweep has that k, its labels are scored (not recomputed)
-    table, _ = cluster.run_clustering(aff, ids, len(ids), ClusterConfig(n_clusters=(3, 5), n_init=4))
-    again = cluster.validate(aff, ids, samples, truth, truth + 50, table.to_pandas(), CFG)
-    assert again["qdg_from"] == "cluster stage" and again["qdg"] == out["qdg"]
-    assert again["cluster_stage"]["5"] == out["qdg"] and again["cluster_stage"]["3"]["ari"] < 1
+    assert out["baseline_context"]["ari"] == 1.0 and out["baseline_oracle_cue_pair"]["ari"] == 1.0
+    knn = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")  # sparse: no average linkage
+    assert "agglomerative" not in cluster.validate(knn, ids, samples, truth, context, None, CFG)["methods"]
+    # with the cluster stage's table, its main clustering is what QDG scores
+    table, _ = cluster.run_clustering(aff, ids, len(ids), ClusterConfig(n_clusters=(3, 5), n_init=4, method="spectral"))
+    again = cluster.validate(aff, ids, samples, truth, context, table.to_pandas(), CFG)
+    assert again["qdg_from"] == "cluster stage (main clustering)" and again["qdg"]["k"] == 3
+    assert again["cluster_stage"]["5"]["ari"] == 1.0 and again["cluster_stage"]["3"]["ari"] < 1
+
+
+def zipf_blobs(n=1500, n_blocks=30, dim=64, noise=0.3, seed=0):
+    """Unit vectors around random directions, block sizes Zipf (p_k ∝ k^-1.5), as planted quanta."""
+    rng = np.random.default_rng(seed)
+    p = np.arange(1, n_blocks + 1) ** -1.5
+    truth = rng.choice(n_blocks, size=n, p=p / p.sum())
+    centres = rng.standard_normal((n_blocks, dim))
+    x = centres[truth] + noise * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), truth
+
+
+def test_leiden_keeps_zipf_sized_blocks_whole_where_spectral_splits_them():
+    x, truth = zipf_blobs()
+    aff = sim.dense_affinity(x)
+    k = len(np.unique(truth))
+    natural = cluster.leiden_natural(aff, ClusterConfig())
+    spectral = cluster.spectral(aff, [k], CFG)[k]
+    assert adjusted_rand_score(truth, natural) >= 0.95
+    assert adjusted_rand_score(truth, spectral) < 0.6
+    # the same on the sparse kNN affinity (similarity.mode: knn)
+    knn = sim.knn_affinity(x, n_neighbors=30, backend="sklearn")
+    assert adjusted_rand_score(truth, cluster.leiden_natural(knn, ClusterConfig())) >= 0.95
+
+
+def test_leiden_sweep_gives_exactly_k_deterministically_and_up_to_renaming():
+    x, truth = blobs()
+    aff = sim.dense_affinity(x)
+    cfg = ClusterConfig(n_clusters=(2, 5, 9))
+    out = cluster.leiden(aff, [2, 5, 9], cfg)
+    assert {k: len(np.unique(v)) for k, v in out.items()} == {2: 2, 5: 5, 9: 9}
+    # below Leiden's own count the merge keeps each block whole: blocks are unions' parts
+    natural = cluster.leiden_natural(aff, cfg)
+    assert adjusted_rand_score(truth, natural) > 0.7
+    assert all(len(np.unique(out[2][natural == c])) == 1 for c in np.unique(natural))
+    again = cluster.leiden(aff, [2, 5, 9], cfg)
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+    perm = np.random.default_rng(3).permutation(len(x))  # permuting samples permutes the labels
+    shuffled = cluster.leiden(aff[np.ix_(perm, perm)], [5], cfg)[5]
+    assert adjusted_rand_score(out[5][perm], shuffled) == 1.0
+
+
+def test_merge_communities_of_singletons_is_scipys_average_linkage():
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    x, _ = blobs(sizes=(12, 9, 7, 5), noise=0.8, seed=4)
+    aff = np.asarray(sim.dense_affinity(x), dtype=np.float64)
+    n = len(x)
+    singletons = np.arange(n)
+    between, size = cluster.group_affinity(aff, cluster.knn_graph(aff, 5), singletons)
+    dist = 1.0 - aff
+    np.fill_diagonal(dist, 0.0)
+    tree = linkage(squareform(dist, checks=False), method="average")
+    for k in (2, 3, 6, 10):
+        ours = cluster.merge_communities(between, size, singletons, k)
+        ref = fcluster(tree, t=k, criterion="maxclust")
+        assert adjusted_rand_score(ref, ours) == 1.0
+
+
+def test_run_clustering_leiden_main_is_its_own_partition():
+    x, truth = zipf_blobs(n=600, n_blocks=12)
+    aff = sim.dense_affinity(x)
+    table, metrics = cluster.run_clustering(aff, np.arange(len(x)), len(x), ClusterConfig(n_clusters=(4, 20)))
+    df = table.to_pandas()
+    main = metrics["k"]
+    assert metrics["method"] == "leiden" and df["cluster"].nunique() == main
+    assert {f"k{main}", "k4", "k20"} <= set(df.columns) and df["k20"].nunique() == 20
+    assert metrics["stability_ari"] >= 0.9
 
 
 def test_bad_input():
@@ -161,7 +231,7 @@ def test_stability_rerun_reuses_only_a_seed_free_embedding():
     a = cluster.embedding(aff, 6, "arpack", seed=0)
     b = cluster.embedding(aff, 6, "arpack", seed=1)
     np.testing.assert_array_equal(a, b)
-    cfg = ClusterConfig(n_clusters=(5,), n_init=1, seed=0, stability_seed=1)
+    cfg = ClusterConfig(n_clusters=(5,), n_init=1, seed=0, stability_seed=1, method="spectral")
     assert cluster.seed_free_embedding(aff, cfg)
     assert not cluster.seed_free_embedding(sp.csr_matrix(aff), cfg)
     assert not cluster.seed_free_embedding(aff, ClusterConfig(n_clusters=(5,), eigen_solver="lobpcg"))
