@@ -34,14 +34,14 @@ def margins(m: dict) -> dict:
     """Each acceptance criterion's margin: > 0 passes, the smallest step is the one at risk."""
     ml, nl = m["mean_loss_by_size"], m["n_learned_by_size"]
     return {
-        "mean_loss_smallest_drop": round(min(a - b for a, b in zip(ml, ml[1:])), 4),
-        "n_learned_smallest_rise": int(min(b - a for a, b in zip(nl, nl[1:]))),
-        "spearman_minus_0.8": round(m["spearman_rank_vs_first_size"] - 0.8, 3),
-        "abruptness_median_minus_0.5": round(m["abruptness"]["median"] - 0.5, 3),
+        "mean_loss_smallest_drop": round(min((a - b for a, b in zip(ml, ml[1:])), default=float("nan")), 4),
+        "n_learned_smallest_rise": min((b - a for a, b in zip(nl, nl[1:])), default=None),
+        "spearman_minus_0.8": None if m["spearman_rank_vs_first_size"] is None else round(m["spearman_rank_vs_first_size"] - 0.8, 3),
+        "abruptness_median_minus_0.5": None if m["abruptness"]["median"] is None else round(m["abruptness"]["median"] - 0.5, 3),
     }
 
 
-def qdg(model, tokens, quanta, losses, n: int, seed: int, methods) -> dict:
+def qdg(model, tokens, quanta, losses, n: int, seed: int, methods, save=None) -> dict:
     """Exact non-embedding gradients of n corpus tokens under 0.1 nats; ARI of each method at k present."""
     from sklearn.metrics import adjusted_rand_score
 
@@ -61,10 +61,15 @@ def qdg(model, tokens, quanta, losses, n: int, seed: int, methods) -> dict:
     out = {"n_samples": int(len(x)), "k": k, "unlabelled": int((truth < 0).sum()),
            "baseline_answer": round(float(adjusted_rand_score(truth, answer)), 4),
            "baseline_prev_answer": round(float(adjusted_rand_score(truth, prev * 100_000 + answer)), 4)}
+    if save is not None:
+        np.savez_compressed(save, affinity=aff.astype(np.float32), truth=truth, answer=answer, prev=prev)
     for method in methods:
         t = time.perf_counter()
-        labels = cluster.cluster_at(aff, [k], ClusterConfig(n_clusters=(k,), method=method))[k]
+        cfg = ClusterConfig(n_clusters=(k,), method=method)
+        # Leiden is scored by its own partition (its number of clusters is the data's), the others at k
+        labels = cluster.leiden_natural(aff, cfg) if method == "leiden" else cluster.cluster_at(aff, [k], cfg)[k]
         out[method] = {"ari": round(float(adjusted_rand_score(truth, labels)), 4),
+                       "n_clusters": int(labels.max()) + 1,
                        "largest_cluster_share": round(float(np.bincount(labels).max() / len(labels)), 3),
                        "seconds": round(time.perf_counter() - t, 1)}
     return out
@@ -78,6 +83,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=3000, help="QDG samples (0: skip QDG)")
     ap.add_argument("--methods", default=",".join(cluster.METHODS), help="clustering methods, comma-separated")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--save-affinity", type=Path, default=None, help="write the QDG affinity and labels (.npz)")
     args = ap.parse_args()
 
     import torch
@@ -119,8 +125,8 @@ def main() -> None:
         "train_seconds": round(time.perf_counter() - t0, 1),
         "n_learned_by_size": m["n_learned_by_size"],
         "mean_loss_by_size": [round(x, 4) for x in m["mean_loss_by_size"]],
-        "spearman": round(m["spearman_rank_vs_first_size"], 3),
-        "abruptness_median": round(m["abruptness"]["median"], 3),
+        "spearman": m["spearman_rank_vs_first_size"],
+        "abruptness_median": m["abruptness"]["median"],
         "beta": m["learned_count_scaling"]["beta"],
         "answer_loss_alpha_N": m["answer_loss_alpha_N"],
         "margins": margins(m),
@@ -129,7 +135,8 @@ def main() -> None:
     print(json.dumps(out), flush=True)
     if args.n_samples:
         methods = [x for x in args.methods.split(",") if x]
-        out["qdg"] = qdg(model, tokens, quanta, planted.token_losses(model, tokens), args.n_samples, args.seed, methods)
+        out["qdg"] = qdg(model, tokens, quanta, planted.token_losses(model, tokens), args.n_samples, args.seed, methods,
+                         save=args.save_affinity)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

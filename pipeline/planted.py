@@ -932,7 +932,10 @@ def compute_metrics(
     trans = present & ~learned[0] & learned[-1]
     drops = qloss[:-1] - qloss[1:]  # (size pair, quantum)
     spread = qloss.max(axis=0) - qloss.min(axis=0)
-    abrupt = np.where(trans & (spread > 0), drops.max(axis=0) / np.where(spread > 0, spread, 1), np.nan)[trans]
+    if len(models) > 1:
+        abrupt = np.where(trans & (spread > 0), drops.max(axis=0) / np.where(spread > 0, spread, 1), np.nan)[trans]
+    else:  # one size: nothing is acquired between sizes
+        abrupt = np.zeros(0)
 
     # Reducible-loss scaling: answer tokens are (nearly) 0 nats for a perfect model, so their
     # mean loss is L - L_inf; the quantization model predicts a power law in N with exponent alpha.

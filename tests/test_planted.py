@@ -36,6 +36,7 @@ TINY = PlantedConfig(
     threads=1,
 )
 REVISIONS = ("step0", "step2", "step6")
+TABLE = PlantedConfig(rule="table", answer_noise=0.0)  # the table rule, as it was the default
 
 
 def tiny_suite(root: Path, revisions=REVISIONS) -> SuiteConfig:
@@ -57,22 +58,64 @@ def built(tmp_path_factory):
 
 
 def test_quantum_frequencies_follow_zipf_within_sampling_error():
-    cfg = dataclasses.replace(PlantedConfig(), n_eval_docs=4000)
+    for cfg in (dataclasses.replace(PlantedConfig(), n_eval_docs=12000), dataclasses.replace(TABLE, n_eval_docs=4000)):
+        lang = planted.make_language(cfg)
+        p = planted.zipf_frequencies(cfg.n_quanta, cfg.alpha)
+        assert np.allclose(p[0] / p[1:], np.arange(2, cfg.n_quanta + 1) ** (cfg.alpha + 1))
+        _, quanta = planted.eval_docs(lang, cfg)
+        counts = np.bincount(quanta[quanta >= 0], minlength=cfg.n_quanta)
+        n = counts.sum()
+        if cfg.rule == "table":
+            assert n == cfg.n_eval_docs * cfg.quanta_per_doc
+        else:  # a third of the blocks are keys, less the answer noise
+            expect = cfg.n_eval_docs * cfg.quanta_per_doc / 3 * (1 - cfg.answer_noise)
+            assert abs(n - expect) < 4 * np.sqrt(expect)
+        z = (counts - n * p) / np.sqrt(n * p * (1 - p))  # binomial z-score of each quantum
+        assert np.abs(z).max() < 4.5, z
+        chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
+        assert chi2 < cfg.n_quanta + 5 * np.sqrt(2 * cfg.n_quanta)  # mean K-1, sd sqrt(2(K-1))
+
+
+def test_pair_documents_follow_the_rule():
+    cfg = dataclasses.replace(PlantedConfig(), answer_noise=0.05)
     lang = planted.make_language(cfg)
-    p = planted.zipf_frequencies(cfg.n_quanta, cfg.alpha)
-    assert np.allclose(p[0] / p[1:], np.arange(2, cfg.n_quanta + 1) ** (cfg.alpha + 1))
-    _, quanta = planted.eval_docs(lang, cfg)
-    counts = np.bincount(quanta[quanta >= 0], minlength=cfg.n_quanta)
-    n = counts.sum()
-    assert n == cfg.n_eval_docs * cfg.quanta_per_doc
-    z = (counts - n * p) / np.sqrt(n * p * (1 - p))  # binomial z-score of each quantum
-    assert np.abs(z).max() < 4.5, z
-    chi2 = ((counts - n * p) ** 2 / (n * p)).sum()
-    assert chi2 < cfg.n_quanta + 5 * np.sqrt(2 * cfg.n_quanta)  # mean K-1, sd sqrt(2(K-1))
+    tokens, quanta = planted.sample_docs(lang, 3000, np.random.default_rng(0))
+    u = {int(t): k for k, t in enumerate(lang.trigger_ids)}
+    v = {int(t): k for k, t in enumerate(lang.partner_ids)}
+    bang = int(lang.answer_ids[0])
+    for doc, lab in zip(tokens[:300], quanta[:300]):
+        for pos in np.flatnonzero(lab >= 0):  # every label is a "!" after its own cue pair
+            k = int(lab[pos])
+            assert doc[pos] == bang and u[int(doc[pos - 2])] == k and v[int(doc[pos - 1])] == k
+        assert ((doc == bang) == (lab >= 0)).all()  # "!" occurs only as a labelled answer
+    # keys, left and right decoys in equal shares; neither cue alone tells "!"
+    first = np.isin(tokens[:, :-2], lang.trigger_ids)
+    second = np.vectorize(lambda t: v.get(int(t), -1))(tokens[:, 1:-1])
+    cue = np.vectorize(lambda t: u.get(int(t), -2))(tokens[:, :-2])
+    key = first & (cue == second)
+    answered = tokens[:, 2:] == bang
+    assert abs(answered[key].mean() - (1 - cfg.answer_noise)) < 0.02
+    assert not answered[first & ~key].any()  # decoys are followed by filler
+    assert 0.25 < answered[first].mean() < 0.40  # "!" after a first cue: about 1/3
+    assert abs(key[first].mean() - 1 / 3) < 0.03
 
 
-def test_documents_follow_the_rules():
+def test_probe_set_holds_every_quantum_equally():
     cfg = PlantedConfig()
+    lang = planted.make_language(cfg)
+    tokens, quanta = planted.probe_docs(lang, cfg)
+    counts = np.bincount(quanta[quanta >= 0], minlength=cfg.n_quanta)
+    # n_probe keys of each quantum are forced (a few less by the answer noise, a few more
+    # from the padding of the last document and from the other blocks' own keys)
+    assert counts.min() >= 0.8 * cfg.n_probe and counts.max() <= 1.5 * cfg.n_probe
+    eval_tokens, _ = planted.eval_docs(lang, cfg)
+    assert not np.array_equal(tokens[: len(eval_tokens)], eval_tokens[: len(tokens)])  # held out
+    again, _ = planted.probe_docs(lang, cfg)
+    assert np.array_equal(tokens, again)  # seeded
+
+
+def test_table_documents_follow_the_rules():
+    cfg = TABLE
     lang = planted.make_language(cfg)
     tokens, quanta = planted.sample_docs(lang, 400, np.random.default_rng(0))
     assert tokens.shape == quanta.shape == (400, cfg.doc_len)
@@ -104,7 +147,7 @@ def test_documents_follow_the_rules():
 def test_answer_vocabulary_is_shared_so_the_answer_does_not_reveal_the_quantum():
     from sklearn.metrics import adjusted_rand_score
 
-    cfg = PlantedConfig()
+    cfg = TABLE
     lang = planted.make_language(cfg)
     tokens, quanta = planted.sample_docs(lang, 3000, np.random.default_rng(1))
     k, y = quanta[quanta >= 0], tokens[quanta >= 0]
@@ -157,11 +200,13 @@ def test_gate_rule_answers_on_active_arguments_only():
 
 def test_config_errors_are_one_line_and_name_the_key():
     with pytest.raises(planted.PlantedError, match="n_args must equal n_answers"):
-        planted.make_language(dataclasses.replace(TINY, n_args=3))
+        planted.make_language(dataclasses.replace(TINY, rule="table", n_args=3))
     with pytest.raises(planted.PlantedError, match="doc_len"):
         planted.make_language(dataclasses.replace(TINY, doc_len=8))
     with pytest.raises(planted.PlantedError, match="quanta_per_doc"):
-        planted.make_language(dataclasses.replace(TINY, quanta_per_doc=5))
+        planted.make_language(dataclasses.replace(TINY, rule="table", quanta_per_doc=5))
+    with pytest.raises(planted.PlantedError, match="n_quanta must be >= 2 for rule pair"):
+        planted.make_language(dataclasses.replace(TINY, n_quanta=1))
     with pytest.raises(planted.PlantedError, match="widths"):
         planted.make_language(dataclasses.replace(TINY, widths=(10,)))  # head size 5 is odd
 

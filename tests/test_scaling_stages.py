@@ -260,9 +260,21 @@ def test_theory_table_planted_pass_and_fail():
     assert out["routes"]["zipf"]["alpha"] == pytest.approx(0.8) and out["routes"]["zipf"]["alpha_ci"] is None
 
     # a fit that did not converge fails its target even when its value is close, and says so
-    s, p = _metrics(alpha_n=0.52, n_ok=False)
+    s, p = _metrics()
+    p["mle"]["fittable"] = False
+    p["mle"]["reason"] = "too few clusters"
     out = theory.theory_table(s, p, TheoryConfig(), planted_alpha=0.5)
-    assert not out["routes"]["alpha_N"]["pass"] and "did not converge" in out["failures"][0]
+    assert not out["routes"]["zipf"]["pass"] and "did not converge" in out["failures"][0]
+    # α_N is reported, not a target: with β < 1 the quantization model predicts α_N = α·β < α
+    s, p = _metrics(alpha_n=0.3)
+    learned = {"beta": 0.6, "beta_ci": [0.5, 0.75]}
+    out = theory.theory_table(s, p, TheoryConfig(), planted_alpha=0.5, learned=learned)
+    assert out["pass"] and not out["routes"]["alpha_N"]["target"] and not out["routes"]["alpha_N"]["pass"]
+    ratio = out["alpha_N_over_beta"]
+    assert ratio["alpha"] == pytest.approx(0.5) and ratio["within_tolerance"] and ratio["alpha_ci_covers_planted"]
+    assert ratio["alpha_ci"] == pytest.approx([0.25 / 0.75, 0.35 / 0.5])
+    out = theory.theory_table(s, p, TheoryConfig(), planted_alpha=0.5, learned={"beta": -0.1, "beta_ci": None})
+    assert out["alpha_N_over_beta"]["alpha"] is None and "does not grow" in out["alpha_N_over_beta"]["reason"]
 
 
 def test_theory_table_without_planted_or_measurements():
