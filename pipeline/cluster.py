@@ -44,7 +44,7 @@ import scipy.sparse as sp
 from pipeline.config import ClusterConfig
 from pipeline.errors import QuantaError
 
-METHODS = ("leiden", "spectral", "agglomerative")  # cluster.method; the first is the default
+METHODS = ("agglomerative", "leiden", "spectral")  # cluster.method; the first is the default
 
 
 def check_k(ks: Sequence[int], n: int) -> None:
@@ -192,29 +192,78 @@ def spectral(
     return {k: assign(maps, k, cfg.assign_labels, cfg.n_init, seed) for k in ks}
 
 
-def agglomerative(affinity, ks: Sequence[int]) -> dict[int, np.ndarray]:
-    """{k: labels (N,) int32}: average linkage on 1 - affinity, one tree cut at every k.
+def agglomerative(affinity, ks: Sequence[int], min_size: int = 1) -> dict[int, np.ndarray]:
+    """{k: labels (N,) int32}: average linkage on 1 - affinity, one tree cut for every k.
 
     scipy's hierarchy, not sklearn's AgglomerativeClustering: sklearn refits per k, scipy
     builds the tree once (nearest-neighbour chain, O(N^2) time) and cuts it for each k of
     the sweep. The condensed distance matrix takes N^2 / 2 float64 (400 MB at N = 10,000).
+
+    With `min_size` > 1 a cut counts only clusters of at least that many samples: the
+    tree is cut at the fewest clusters that hold k of that size, those k are the
+    clusters, and every sample of a smaller one joins the cluster it has the highest mean
+    affinity to. Why: on real gradients average linkage keeps outliers as singletons until
+    the last merges, so a plain cut at k = 20 is one cluster of 85% of the samples beside
+    outliers (SmolLM2-135M, README "Which clustering"); counting only clusters of
+    `min_size` cuts below the outliers. Where no cut holds k such clusters, the cut with
+    the most of them is taken and its k largest clusters are kept.
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
     if sp.issparse(affinity):
         raise QuantaError(
             "cluster.method 'agglomerative' needs a dense affinity; set similarity.mode: dense "
-            "(N <= similarity.dense_max) or use cluster.method: spectral for the sparse kNN graph"
+            "(N <= similarity.dense_max) or use cluster.method: leiden or spectral for the sparse kNN graph"
         )
-    n = affinity.shape[0]
+    a = np.asarray(affinity, dtype=np.float64)
+    n = a.shape[0]
     check_k(ks, n)
-    dist = 1.0 - np.asarray(affinity, dtype=np.float64)
+    dist = 1.0 - a
     np.fill_diagonal(dist, 0.0)
     np.clip(dist, 0.0, None, out=dist)  # rounding can leave -1e-16 where C = 1
     tree = linkage(squareform(dist, checks=False), method="average")
     del dist
-    return {k: canonical(fcluster(tree, t=k, criterion="maxclust")) for k in ks}
+    return {k: _cut(tree, a, k, min_size) for k in ks}
+
+
+def _n_big_by_cut(tree: np.ndarray, min_size: int) -> np.ndarray:
+    """big[m] = the number of clusters of >= min_size samples when the tree is cut into m clusters.
+
+    Undoing the merges from the last one down splits one cluster into two at every step,
+    so the count is updated in O(1) per cut instead of relabelling all N samples.
+    """
+    n = len(tree) + 1
+    size = np.concatenate([np.ones(n), tree[:, 3]])
+    big = np.zeros(n + 1, dtype=np.int64)
+    big[1] = int(n >= min_size)
+    for m in range(2, n + 1):
+        row = tree[n - m]  # the merge undone to go from m - 1 to m clusters
+        big[m] = big[m - 1] - (size[n + n - m] >= min_size) + (size[int(row[0])] >= min_size) + (size[int(row[1])] >= min_size)
+    return big
+
+
+def _cut(tree: np.ndarray, affinity: np.ndarray, k: int, min_size: int) -> np.ndarray:
+    """Labels (N,) of the tree cut into k clusters of >= min_size samples (see :func:`agglomerative`)."""
+    from scipy.cluster.hierarchy import fcluster
+
+    if min_size <= 1:
+        return canonical(fcluster(tree, t=k, criterion="maxclust"))
+    big = _n_big_by_cut(tree, min_size)
+    reach = np.flatnonzero(big >= k)
+    m = int(reach[0]) if len(reach) else int(np.argmax(big))
+    raw = fcluster(tree, t=m, criterion="maxclust") - 1
+    sizes = np.bincount(raw)
+    keep = np.argsort(-sizes, kind="stable")[:k]
+    out = np.full(len(raw), -1, dtype=np.int64)
+    out[np.isin(raw, keep)] = np.searchsorted(np.sort(keep), raw[np.isin(raw, keep)])
+    loose = np.flatnonzero(out < 0)
+    if len(loose):
+        members = sp.csr_matrix((np.ones(len(raw) - len(loose)), (np.flatnonzero(out >= 0), out[out >= 0])),
+                                shape=(len(raw), k))
+        mean = (affinity[loose] @ members) / np.asarray(members.sum(axis=0)).ravel()
+        out[loose] = np.argmax(np.asarray(mean), axis=1)
+    return canonical(out)
 
 
 def knn_graph(affinity, n_neighbors: int) -> sp.csr_matrix:
@@ -363,7 +412,7 @@ def leiden(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[int] 
 def cluster_at(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[int] = None) -> dict[int, np.ndarray]:
     """{k: labels} by cfg.method: :func:`leiden`, :func:`spectral` or :func:`agglomerative`."""
     if cfg.method == "agglomerative":
-        return agglomerative(affinity, ks)
+        return agglomerative(affinity, ks, cfg.min_cluster_size)
     if cfg.method == "leiden":
         return leiden(affinity, ks, cfg, seed=seed)
     if cfg.method != "spectral":
@@ -371,14 +420,14 @@ def cluster_at(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[i
     return spectral(affinity, ks, cfg, seed=seed)
 
 
-def subsample_stability(affinity, labels: np.ndarray, k: int, seed: int, fraction: float = 0.9) -> float:
+def subsample_stability(affinity, labels: np.ndarray, k: int, seed: int, fraction: float = 0.9, min_size: int = 1) -> float:
     """ARI of a seeded `fraction` subsample clustered alone (agglomerative) against `labels` on it."""
     from sklearn.metrics import adjusted_rand_score
 
     n = affinity.shape[0]
     keep = np.sort(np.random.default_rng(seed).choice(n, size=max(k + 1, int(round(fraction * n))), replace=False))
     sub = np.asarray(affinity)[np.ix_(keep, keep)]
-    return float(adjusted_rand_score(labels[keep], agglomerative(sub, [k])[k]))
+    return float(adjusted_rand_score(labels[keep], agglomerative(sub, [k], min_size)[k]))
 
 
 def seed_free_embedding(affinity, cfg: ClusterConfig) -> bool:
@@ -413,10 +462,10 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         stability = float(adjusted_rand_score(natural, leiden_natural(affinity, cfg, seed=cfg.stability_seed)))
         how = "seeds"
     elif cfg.method == "agglomerative":
-        labels = agglomerative(affinity, ks)
+        labels = agglomerative(affinity, ks, cfg.min_cluster_size)
         t1 = time.perf_counter()
         # No seed enters the tree: stability is that of a seeded subsample clustered alone.
-        stability = subsample_stability(affinity, labels[main], main, cfg.stability_seed)
+        stability = subsample_stability(affinity, labels[main], main, cfg.stability_seed, min_size=cfg.min_cluster_size)
         how = "subsample"
     else:
         maps = embedding(affinity, max(ks), cfg.eigen_solver, cfg.seed)

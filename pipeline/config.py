@@ -285,14 +285,15 @@ class ClusterConfig:
     # One k, or a sweep (the paper: 10 ... 1500). The first is the main k: it gets the
     # `cluster` column, the summary's order and the stability score.
     n_clusters: Union[int, tuple[int, ...]] = (400,)
-    # leiden: Leiden communities of the kNN graph; the main clustering is Leiden's own
-    # partition (its number of clusters is the data's), and each k of the sweep merges
-    # (or refines, then merges) communities by average linkage to exactly k. Right on
-    # Zipf-sized planted quanta and on real gradients alike;
-    # spectral (the paper's: SpectralClustering on the affinity); agglomerative (average
-    # linkage on the distance 1 - affinity, one tree cut at every k; dense affinities only).
-    # pipeline/cluster.py and README "Which clustering" compare them.
-    method: Literal["leiden", "spectral", "agglomerative"] = "leiden"
+    # agglomerative (the default): average linkage on the distance 1 - affinity, one tree
+    # cut at every k, counting only clusters of min_cluster_size (dense affinities only);
+    # leiden: Leiden communities of the kNN graph (its own number of clusters is the main
+    # one; each k of the sweep merges communities by average linkage); spectral (the
+    # paper's: SpectralClustering on the affinity). README "Which clustering" compares them.
+    method: Literal["agglomerative", "leiden", "spectral"] = "agglomerative"
+    # agglomerative: a cut counts only clusters of at least this many samples; smaller ones
+    # join the cluster they are most similar to (1: the plain cut).
+    min_cluster_size: int = 3
     # leiden: neighbours per sample of the graph built from a dense affinity (a sparse kNN
     # affinity is used as it is), and the modularity resolution γ of the main clustering.
     n_neighbors: int = 30
@@ -315,6 +316,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.n_clusters has repeats: {list(self.n_clusters)}")
         if self.n_init < 1:
             raise ConfigError("cluster.n_init must be >= 1")
+        if self.min_cluster_size < 1:
+            raise ConfigError(f"cluster.min_cluster_size must be >= 1, got {self.min_cluster_size}")
         if self.n_neighbors < 1 or not self.resolution > 0:
             raise ConfigError("cluster.n_neighbors must be >= 1 and cluster.resolution > 0")
         if self.seed == self.stability_seed:

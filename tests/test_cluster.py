@@ -175,7 +175,7 @@ def test_merge_communities_of_singletons_is_scipys_average_linkage():
 def test_run_clustering_leiden_main_is_its_own_partition():
     x, truth = zipf_blobs(n=600, n_blocks=12)
     aff = sim.dense_affinity(x)
-    table, metrics = cluster.run_clustering(aff, np.arange(len(x)), len(x), ClusterConfig(n_clusters=(4, 20)))
+    table, metrics = cluster.run_clustering(aff, np.arange(len(x)), len(x), ClusterConfig(n_clusters=(4, 20), method="leiden"))
     df = table.to_pandas()
     main = metrics["k"]
     assert metrics["method"] == "leiden" and df["cluster"].nunique() == main
@@ -290,3 +290,32 @@ def test_subsample_stability_falls_when_there_is_no_structure():
     aff = sim.dense_affinity(x)
     labels = cluster.agglomerative(aff, [10])[10]
     assert cluster.subsample_stability(aff, labels, 10, seed=1) < 0.9
+
+
+def test_min_size_cut_counts_are_those_of_every_plain_cut():
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    x = np.random.default_rng(3).normal(size=(60, 5))
+    tree = linkage(pdist(x), method="average")
+    big = cluster._n_big_by_cut(tree, 4)
+    for m in (1, 2, 7, 20, 59, 60):
+        assert big[m] == (np.bincount(fcluster(tree, t=m, criterion="maxclust")) >= 4).sum()
+
+
+def test_min_size_cut_attaches_outliers_instead_of_counting_them():
+    # Three blocks of 20 that share a direction, and six outliers orthogonal to everything:
+    # the plain cut at k = 3 keeps outliers as clusters and merges the blocks; counting
+    # only clusters of >= 3 gives the blocks, and each outlier joins its nearest block.
+    rng = np.random.default_rng(0)
+    centres = np.eye(12)[:3] * 4 + 3 * np.eye(12)[11]
+    outliers = 8 * np.eye(12)[3:9] + 0.5 * rng.normal(size=(6, 12)) * np.eye(12)[:3].sum(0)
+    x = np.concatenate([c + 0.3 * rng.normal(size=(20, 12)) for c in centres] + [outliers])
+    truth = np.repeat([0, 1, 2], 20)
+    aff = sim.dense_affinity(x)
+    plain = cluster.agglomerative(aff, [3])[3]
+    sized = cluster.agglomerative(aff, [3], min_size=3)[3]
+    assert adjusted_rand_score(truth, plain[:60]) < 0.9
+    assert adjusted_rand_score(truth, sized[:60]) == 1.0 and len(np.unique(sized)) == 3
+    nearest = np.argmax(np.stack([aff[60:, :60][:, sized[:60] == c].mean(1) for c in range(3)], 1), axis=1)
+    assert (sized[60:] == nearest).all()
