@@ -1,4 +1,7 @@
-"""Spectral clustering of the gradient affinity: each cluster is a candidate quantum.
+"""Clustering of the gradient affinity: each cluster is a candidate quantum.
+
+The default (``method: agglomerative``) is average linkage with a minimum cluster size;
+``spectral`` is the paper's, ``leiden`` the kNN-graph one (README "Which clustering").
 
 Why this module exists: the paper ran sklearn's SpectralClustering on the dense
 angular affinity, once per k of a sweep (10 ... 1500), unseeded. Here:
@@ -14,10 +17,9 @@ angular affinity, once per k of a sweep (10 ... 1500), unseeded. Here:
 - the summary says what a cluster is made of: its size, its most common target tokens
   with counts, its mean loss, and example samples to read.
 
-Agglomerative clustering (``method: agglomerative``) is the alternative for dense
-affinities: average linkage on the distance 1 - affinity (for the angular affinity that is
-the angle arccos(C)/pi, a metric), one tree for the whole sweep, cut at every k. Why it is
-here: spectral clustering minimises a normalised cut, which favours clusters of similar
+Agglomerative clustering (``method: agglomerative``, dense affinities): average linkage on
+the distance 1 - affinity (for the angular affinity that is the angle arccos(C)/pi, a
+metric), one tree for the whole sweep, cut at every k. Why: spectral clustering minimises a normalised cut, which favours clusters of similar
 volume. Quanta are Zipf-sized by hypothesis, and at k = the number of quanta present it
 splits the largest ones (whose gradients vary a little along position and context) before
 it isolates the small ones. On planted key-pair quanta whose gradients do separate (mean
@@ -216,15 +218,15 @@ def agglomerative(affinity, ks: Sequence[int], min_size: int = 1) -> dict[int, n
             "cluster.method 'agglomerative' needs a dense affinity; set similarity.mode: dense "
             "(N <= similarity.dense_max) or use cluster.method: leiden or spectral for the sparse kNN graph"
         )
-    a = np.asarray(affinity, dtype=np.float64)
-    n = a.shape[0]
-    check_k(ks, n)
-    dist = 1.0 - a
+    a = np.asarray(affinity)
+    check_k(ks, a.shape[0])
+    dist = 1.0 - a.astype(np.float64)
     np.fill_diagonal(dist, 0.0)
     np.clip(dist, 0.0, None, out=dist)  # rounding can leave -1e-16 where C = 1
     tree = linkage(squareform(dist, checks=False), method="average")
     del dist
-    return {k: _cut(tree, a, k, min_size) for k in ks}
+    big = _n_big_by_cut(tree, min_size) if min_size > 1 else None
+    return {k: _cut(tree, a, k, big) for k in ks}
 
 
 def _n_big_by_cut(tree: np.ndarray, min_size: int) -> np.ndarray:
@@ -243,24 +245,24 @@ def _n_big_by_cut(tree: np.ndarray, min_size: int) -> np.ndarray:
     return big
 
 
-def _cut(tree: np.ndarray, affinity: np.ndarray, k: int, min_size: int) -> np.ndarray:
-    """Labels (N,) of the tree cut into k clusters of >= min_size samples (see :func:`agglomerative`)."""
+def _cut(tree: np.ndarray, affinity: np.ndarray, k: int, big: Optional[np.ndarray]) -> np.ndarray:
+    """Labels (N,) of the tree cut into k clusters; with `big` (:func:`_n_big_by_cut`), k of
+    at least its min_size (see :func:`agglomerative`)."""
     from scipy.cluster.hierarchy import fcluster
 
-    if min_size <= 1:
+    if big is None:
         return canonical(fcluster(tree, t=k, criterion="maxclust"))
-    big = _n_big_by_cut(tree, min_size)
     reach = np.flatnonzero(big >= k)
     m = int(reach[0]) if len(reach) else int(np.argmax(big))
     raw = fcluster(tree, t=m, criterion="maxclust") - 1
     sizes = np.bincount(raw)
     keep = np.argsort(-sizes, kind="stable")[:k]
     out = np.full(len(raw), -1, dtype=np.int64)
-    out[np.isin(raw, keep)] = np.searchsorted(np.sort(keep), raw[np.isin(raw, keep)])
+    kept = np.isin(raw, keep)
+    out[kept] = np.searchsorted(np.sort(keep), raw[kept])
     loose = np.flatnonzero(out < 0)
     if len(loose):
-        members = sp.csr_matrix((np.ones(len(raw) - len(loose)), (np.flatnonzero(out >= 0), out[out >= 0])),
-                                shape=(len(raw), k))
+        members = sp.csr_matrix((np.ones(int(kept.sum())), (np.flatnonzero(kept), out[kept])), shape=(len(raw), k))
         mean = (affinity[loose] @ members) / np.asarray(members.sum(axis=0)).ravel()
         out[loose] = np.argmax(np.asarray(mean), axis=1)
     return canonical(out)
