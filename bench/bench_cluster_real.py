@@ -39,6 +39,7 @@ torch.set_num_interop_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import models  # noqa: E402
+from pipeline import similarity as sim  # noqa: E402
 from pipeline.config import GradientsConfig  # noqa: E402
 from pipeline.gradients import compute_gradients, select_params  # noqa: E402
 from pipeline.projection import SparseJLProjector  # noqa: E402
@@ -69,7 +70,6 @@ def log(msg: str, t0: float = time.time()) -> None:
 
 def make_affinity(gguf: Path, out: Path, n_samples: int) -> Path:
     """Select, differentiate and compare; writes out/smol_aff.npz and returns its path."""
-    OUT = out
     t_start = time.time()
     spec = models.ModelSpec(name="smollm2-135m-instruct-q4_1", source=str(gguf))
     model = models.load_model(spec, dtype="float32", device="cpu")
@@ -90,7 +90,7 @@ def make_affinity(gguf: Path, out: Path, n_samples: int) -> Path:
     log(f"{len(ctx_tokens)} contexts of {CTX} tokens from {len(FILES)} files")
 
     # ---- per-token losses (cached)
-    cache = OUT / f"losses_ctx{CTX}.npz"
+    cache = out / f"losses_ctx{CTX}.npz"
     if cache.exists() and np.load(cache)["tokens"].shape == ctx_tokens.shape and (np.load(cache)["tokens"] == ctx_tokens).all():
         losses = np.load(cache)["losses"]
     else:
@@ -148,9 +148,7 @@ def make_affinity(gguf: Path, out: Path, n_samples: int) -> Path:
                             params=params, on_batch=on_batch)
     log(f"gradients done in {res.seconds:.0f}s; bad {int(res.bad.sum())}")
 
-    g = res.grads.astype(np.float64)
-    g /= np.linalg.norm(g, axis=1, keepdims=True)
-    C = g @ g.T
+    C = sim.cosine(res.grads)
     answer = ctx_tokens[doc, pos]
     prev = ctx_tokens[doc, pos - 1]
     text = []
@@ -159,12 +157,12 @@ def make_affinity(gguf: Path, out: Path, n_samples: int) -> Path:
         text.append("…" + tail + "|" + tok.decode([int(ctx_tokens[c, p])]))
     files = np.array([ctx_file[c] for c in doc])
     np.savez(
-        OUT / "smol_aff.npz", affinity=C, answer=answer, prev=prev, text=np.array(text), files=files,
+        out / "smol_aff.npz", affinity=C, answer=answer, prev=prev, text=np.array(text), files=files,
         doc=doc, pos=pos, loss=losses[doc, pos], norms=res.norms, bad=res.bad,
     )
-    log(f"saved {OUT / 'smol_aff.npz'} ({n} samples); total {time.time() - t_start:.0f}s")
+    log(f"saved {out / 'smol_aff.npz'} ({n} samples); total {time.time() - t_start:.0f}s")
 
-    return OUT / "smol_aff.npz"
+    return out / "smol_aff.npz"
 
 
 def compare(path: Path, k: int = 20) -> None:
@@ -175,7 +173,7 @@ def compare(path: Path, k: int = 20) -> None:
     from pipeline.config import ClusterConfig
 
     d = np.load(path)
-    aff = 1 - np.arccos(np.clip(d["affinity"], -1, 1)) / np.pi  # the pipeline's angular affinity
+    aff = sim.to_affinity(d["affinity"].astype(np.float32), "angular")  # the similarity stage's
     answer = d["answer"]
     n = len(answer)
     base = ClusterConfig(n_clusters=(k,))
