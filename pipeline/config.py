@@ -67,6 +67,9 @@ class PlantedConfig:
     warmup_steps: int = 100
     seed: int = 0
     threads: int = 1  # torch intra-op threads for training; 0 = torch's default
+    # Models trained at once, one process each; 0 = as many as cores / threads allow.
+    # Results do not depend on it (each model's training is its own seeded computation).
+    workers: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,10 +45,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -538,6 +539,7 @@ def train_model(
     save: Optional[Callable[[int, object], None]] = None,
     desc: str = "",
     progress: bool = True,
+    position: Optional[int] = None,
 ):
     """Train the suite member of `width` on `batches`, calling ``save(step, model)`` at `save_steps`.
 
@@ -565,7 +567,8 @@ def train_model(
         save(0, model.eval())
     model.train()
     data = torch.from_numpy(batches)  # (steps, batch, pos)
-    for step in tqdm(range(cfg.steps), desc=desc or f"width {width}", disable=not progress, mininterval=2):
+    for step in tqdm(range(cfg.steps), desc=desc or f"width {width}", disable=not progress, mininterval=2,
+                     position=position):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg, width)
         x = data[step]  # (batch, pos)
@@ -639,7 +642,8 @@ Written by the `planted` stage (pipeline/planted.py, whose docstring describes t
 
 def _train_stamp(cfg: PlantedConfig, name: str, width: int, steps: Mapping[str, int]) -> dict:
     """What a trained model depends on, in its JSON form (so a stamp read back compares equal)."""
-    stamp = {"format": FORMAT_VERSION, "planted": to_dict(cfg), "name": name, "width": width, "revisions": dict(steps)}
+    planted = {k: v for k, v in to_dict(cfg).items() if k != "workers"}  # workers: where, not what
+    stamp = {"format": FORMAT_VERSION, "planted": planted, "name": name, "width": width, "revisions": dict(steps)}
     return json.loads(json.dumps(stamp))
 
 
@@ -708,41 +712,20 @@ def build_suite(
     write_parquet(probe, root / "probe.parquet", config=stage_config)
 
     # Models: the same data order for all; each directory built aside and renamed into place.
-    tokenizer = make_tokenizer(lang)
     widths = dict(zip(suite.models, cfg.widths))
     summary = {"planted": True, "steps": cfg.steps, "revisions": steps, "models": {}}
-    batches = training_batches(lang, cfg) if names else None
-    with _torch_threads(cfg.threads):
-        for name in names:
-            width, model_dir = widths[name], root / "models" / name
-            stamp = _train_stamp(cfg, name, width, steps)
-            stamp_path = model_dir / "train.json"
-            if stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp:
-                summary["models"][name] = json.loads(stamp_path.read_text())["summary"]
-                continue  # finished by an earlier, interrupted run with these params
-            by_step = {n: rev for rev, n in steps.items()}
-            probe_losses = []
-            with atomic_path(model_dir) as tmp:
-
-                def save(step: int, model) -> None:
-                    out = tmp / by_step[step]
-                    model.save_pretrained(out)
-                    tokenizer.save_pretrained(out)
-                    loss = token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
-                    probe_losses.append(probe.assign(revision=by_step[step], loss=loss.astype(np.float32)))
-
-                t0 = time.perf_counter()
-                model = train_model(lang, cfg, width, batches, by_step, save, desc=name, progress=progress)
-                seconds = time.perf_counter() - t0
-                info = {
-                    "width": width,
-                    "non_embedding_params": non_embedding_params(model),
-                    "total_params": sum(p.numel() for p in model.parameters()),
-                    "train_seconds": round(seconds, 2),
-                }
-                write_parquet(pd.concat(probe_losses, ignore_index=True), tmp / "probe_losses.parquet")
-                (tmp / "train.json").write_text(json.dumps({"stamp": stamp, "summary": info}, indent=2) + "\n")
-            summary["models"][name] = info
+    jobs = []
+    for name in names:
+        stamp = _train_stamp(cfg, name, widths[name], steps)
+        stamp_path = root / "models" / name / "train.json"
+        if stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp:
+            summary["models"][name] = json.loads(stamp_path.read_text())["summary"]
+            continue  # finished by an earlier, interrupted run with these params
+        jobs.append(dict(cfg=cfg, name=name, width=widths[name], steps=steps, stamp=stamp,
+                         model_dir=str(root / "models" / name), progress=progress))
+    for name, info in _run_training(jobs, cfg):
+        summary["models"][name] = info
+    summary["models"] = {name: summary["models"][name] for name in names}
     write_json(summary, root / "suite.json")
     with atomic_path(root / "README.md") as tmp:
         tmp.write_text(
@@ -754,6 +737,81 @@ def build_suite(
             )
         )
     return summary
+
+
+def _n_workers(cfg: PlantedConfig, n_jobs: int) -> int:
+    """Processes to train in: planted.workers, or (0) as many as the cores hold at cfg.threads each."""
+    if cfg.workers > 0:
+        return min(cfg.workers, max(1, n_jobs))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n_jobs, cores // max(1, cfg.threads)))
+
+
+def _run_training(jobs: list[dict], cfg: PlantedConfig) -> Iterator[tuple[str, dict]]:
+    """Train each job's model (see :func:`_train_job`); yield (name, summary) as each finishes.
+
+    Tiny models use one core each well and two poorly, so the widths train side by side, one
+    process per model, widest first (the longest jobs start first). With one worker they
+    train in this process.
+    """
+    if not jobs:
+        return
+    jobs = sorted(jobs, key=lambda j: -j["width"])
+    n = _n_workers(cfg, len(jobs))
+    if n == 1:
+        for job in jobs:
+            yield job["name"], _train_job(job)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    # spawn, not fork: a forked child inherits torch's OpenMP state and can hang in it.
+    with cf.ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_job, dict(job, position=i % n)): job["name"] for i, job in enumerate(jobs)}
+        for fut in cf.as_completed(futures):
+            yield futures[fut], fut.result()
+
+
+def _train_job(job: dict) -> dict:
+    """Train one planted model and save it whole at job["model_dir"]; return its summary.
+
+    Each revision is saved with its tokenizer and scored on the probe set; the directory is
+    built aside and renamed into place, with the train.json stamp that lets a rerun reuse it.
+    Runs in a worker process as well as in the stage's own: it rebuilds what it needs from
+    the config (language, data order, probe set), all seeded, so the result does not depend
+    on where it runs.
+    """
+    cfg, width, steps = job["cfg"], job["width"], job["steps"]
+    lang = make_language(cfg)
+    tokenizer = make_tokenizer(lang)
+    probe_tokens, probe_quanta = probe_docs(lang, cfg)
+    probe = label_table(probe_quanta)
+    probe = probe[probe["quantum"] >= 0].reset_index(drop=True)
+    batches = training_batches(lang, cfg)
+    by_step = {n: rev for rev, n in steps.items()}
+    probe_losses = []
+    with _torch_threads(cfg.threads), atomic_path(job["model_dir"]) as tmp:
+
+        def save(step: int, model) -> None:
+            out = tmp / by_step[step]
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            loss = token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
+            probe_losses.append(probe.assign(revision=by_step[step], loss=loss.astype(np.float32)))
+
+        t0 = time.perf_counter()
+        model = train_model(lang, cfg, width, batches, by_step, save, desc=job["name"],
+                            progress=job["progress"], position=job.get("position"))
+        seconds = time.perf_counter() - t0
+        info = {
+            "width": width,
+            "non_embedding_params": non_embedding_params(model),
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "train_seconds": round(seconds, 2),
+        }
+        write_parquet(pd.concat(probe_losses, ignore_index=True), tmp / "probe_losses.parquet")
+        (tmp / "train.json").write_text(json.dumps({"stamp": job["stamp"], "summary": info}, indent=2) + "\n")
+    return info
 
 
 # --------------------------------------------------------------------------- losses (reference)

@@ -8,6 +8,7 @@ by the end-to-end `dvc repro` (metrics/planted.json, via planted.check_acceptanc
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 from pathlib import Path
 
@@ -305,9 +306,12 @@ def test_corpus_tokenizes_to_the_labelled_tokens(built):
 
 
 def test_same_seed_same_suite_other_seed_other_corpus(built, tmp_path):
+    """Same seed, same bytes: also between models trained side by side and one after another."""
     root, _ = built
     again = tmp_path / "again"
-    planted.build_suite(TINY, tiny_suite(again), str(again / "corpus.jsonl"), again, progress=False)
+    sequential = dataclasses.replace(TINY, workers=1)
+    assert planted._n_workers(TINY, 2) == min(2, len(os.sched_getaffinity(0)))
+    planted.build_suite(sequential, tiny_suite(again), str(again / "corpus.jsonl"), again, progress=False)
     assert (again / "corpus.jsonl").read_bytes() == (root / "corpus.jsonl").read_bytes()
     for name in ("tiny-a", "tiny-b"):
         for rev in REVISIONS:
