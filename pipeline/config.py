@@ -470,7 +470,9 @@ class TheoryConfig:
     """The quantization model's predictions against the measured exponents (pipeline/theory.py)."""
 
     tolerance: float = 0.1  # planted suite: a route passes when |α recovered - α planted| <= this
-    zipf_from: Literal["mle", "envelope"] = "mle"  # which cluster-size exponent feeds the Zipf route
+    # Which cluster-size exponent feeds the Zipf route: rank_mle (finite-Zipf MLE over ranks,
+    # unbiased with tens of clusters), mle (CSN's tail MLE), envelope (the paper's OLS).
+    zipf_from: Literal["rank_mle", "mle", "envelope"] = "rank_mle"
 
     def __post_init__(self):
         if not self.tolerance > 0:

@@ -61,6 +61,16 @@ We do use it for the lognormal and truncated power-law alternatives (its 'round'
 lognormal and its Lerch-phi-normalised discrete truncated power law are sound pmfs, and
 the field knows them). The package is imported lazily: it pulls in matplotlib.
 
+A third fit reads the sizes as ranked counts (:func:`fit_rank_mle`): the multinomial MLE of
+a finite Zipf law p_r ∝ r^-b over the ranks 1..K of the K clusters. It asks what the
+quantization model states (the r-th most used quantum has weight ∝ r^-(α+1)) rather than
+what the size distribution's tail looks like, and it uses every cluster, not only the ones
+above xmin. With tens of clusters, which is what a planted suite or a small QDG run has,
+it is the one of the three that is unbiased: on multinomial draws of 4,000 samples over
+50-88 Zipf quanta with b = 1.5, CSN's tail MLE is off by -0.10 to -0.12 (sd 0.07-0.09), OLS
+on the rank plot by +0.06 to +0.09, the rank MLE by under 0.01 (sd 0.015); see
+docs/cluster-size-estimators.md and ``python bench/bench_size_estimators.py``.
+
 Our MLE itself is vectorised over all candidate xmin at once (golden-section search on the
 convex negative log-likelihood log ζ(γ, xmin) + γ·mean(log s)), so one full CSN fit on a few
 hundred clusters takes milliseconds, and a 1000-replicate bootstrap seconds.
@@ -707,6 +717,73 @@ def likelihood_ratio_tests(
     return out
 
 
+# --------------------------------------------------------------------------- ranked counts
+
+
+def _rank_nll(b: float, n_sorted: np.ndarray, log_r: np.ndarray) -> float:
+    """Negative multinomial log-likelihood of descending counts under p_r = r^-b / Σ r'^-b."""
+    w = -b * log_r
+    return -float(n_sorted @ (w - np.logaddexp.reduce(w)))
+
+
+def fit_rank_mle(sizes: Sequence[int] | np.ndarray, b_max: float = 10.0) -> float:
+    """Zipf exponent b (size ∝ rank^-b) by maximum likelihood over the ranks of the clusters.
+
+    The K sizes, sorted descending, are read as a multinomial sample of sum(sizes) draws
+    from p_r ∝ r^-b, r = 1..K (a finite Zipf law), and b maximises its likelihood. The
+    negative log-likelihood is convex in b (a log-partition function minus a linear term),
+    so a bounded scalar search finds the optimum. Ranks come from the same counts, so the
+    smallest clusters' order is noisy; on Zipf draws of the sizes we fit, that costs
+    under 0.01 in b (module docstring). Needs at least two distinct sizes.
+    """
+    from scipy import optimize
+
+    n = np.sort(_as_sizes(sizes, 2))[::-1].astype(np.float64)
+    if n[0] == n[-1]:
+        raise QuantaError(f"all {n.size} cluster sizes are {int(n[0])}: no rank exponent to fit")
+    log_r = np.log(np.arange(1, n.size + 1, dtype=np.float64))
+    res = optimize.minimize_scalar(_rank_nll, bounds=(0.0, b_max), args=(n, log_r), method="bounded",
+                                   options={"xatol": 1e-6})
+    return float(res.x)
+
+
+def bootstrap_rank_ci(
+    sizes: Sequence[int] | np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile CI of :func:`fit_rank_mle`'s b: the samples resampled with replacement.
+
+    A resample draws sum(sizes) samples over the clusters in proportion to their sizes
+    (a cluster can vanish), sorts the counts again and refits.
+    """
+    n = _as_sizes(sizes, 2)
+    rng = np.random.default_rng(seed)
+    p = n / n.sum()
+    boots = []
+    for _ in range(n_boot):
+        m = rng.multinomial(int(n.sum()), p)
+        m = m[m > 0]
+        if m.size >= 2 and m.min() != m.max():
+            boots.append(fit_rank_mle(m))
+    if len(boots) < max(2, n_boot // 2):
+        raise QuantaError(f"only {len(boots)} of {n_boot} resamples had a rank exponent")
+    q = (1 - level) / 2
+    return float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q))
+
+
+def rank_mle_metrics(sizes: np.ndarray, cfg) -> dict:
+    """The rank MLE's metrics: b, its CI (cfg.n_boot_ci, cfg.level, cfg.seed), α = b - 1; or why not."""
+    try:
+        b = fit_rank_mle(sizes)
+        ci = bootstrap_rank_ci(sizes, cfg.n_boot_ci, cfg.seed, cfg.level) if cfg.n_boot_ci > 0 else None
+    except QuantaError as e:
+        return {"fittable": False, "reason": str(e), "n": int(np.size(sizes))}
+    return {
+        "fittable": True, "reason": "", "n": int(np.size(sizes)), "rank_exponent": b,
+        "rank_exponent_ci": list(ci) if ci else None, "alpha": b - 1.0,
+        "alpha_ci": [ci[0] - 1.0, ci[1] - 1.0] if ci else None, "ci_level": cfg.level, "n_boot_ci": cfg.n_boot_ci,
+    }
+
+
 # --------------------------------------------------------------------------- one call
 
 
@@ -872,6 +949,7 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
         "size_max": int(sizes.max()),
         "size_min": int(sizes.min()),
         "mle": mle,
+        "rank_mle": rank_mle_metrics(sizes, cfg),
     }
     env, efit = None, None
     if sweep:
@@ -895,8 +973,10 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
         t = np.asarray(truth)
         if t.shape != labels.shape:
             raise QuantaError(f"planted labels ({t.shape}) do not match the clusters table ({labels.shape})")
-        _, tm = _mle(cluster_sizes(np.where(labels >= 0, t, -1)), cfg)
+        t_sizes = cluster_sizes(np.where(labels >= 0, t, -1))
+        _, tm = _mle(t_sizes, cfg)
         tm["n_quanta"] = tm["n"]
+        tm["rank_mle"] = rank_mle_metrics(t_sizes, cfg)
         metrics["planted_partition"] = tm
     return ClusterPowerLaw(
         metrics=metrics, sizes=np.sort(sizes)[::-1], envelope=env, report=report, envelope_fit=efit

@@ -112,19 +112,31 @@ def theory_table(
     s = scaling.get("alpha_S") or {}
     rows["alpha_S"] = _route("alpha_S", s.get("alpha_S"), s.get("alpha_ci"), bool(s.get("converged")),
                              s.get("reason") or "", f"scaling: learning curve L(S) of {s.get('model')}")
-    if cfg.zipf_from == "mle":
+    k = powerlaw.get("k")
+    if cfg.zipf_from == "rank_mle":
+        m = powerlaw.get("rank_mle") or {}
+        rows["zipf"] = _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
+                              m.get("reason") or "", f"powerlaw: rank MLE of cluster sizes, finite Zipf (k = {k})")
+    elif cfg.zipf_from == "mle":
         m = powerlaw.get("mle") or {}
         rows["zipf"] = _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
-                              m.get("reason") or "", f"powerlaw: CSN discrete MLE of cluster sizes (k = {powerlaw.get('k')})")
+                              m.get("reason") or "", f"powerlaw: CSN discrete MLE of cluster sizes (k = {k})")
     else:
         e = powerlaw.get("envelope") or {}
         rows["zipf"] = _route("zipf", e.get("rank_exponent"), None, "skipped" not in e, e.get("skipped", ""),
                               "powerlaw: the paper's envelope slope (OLS; no CI)")
+    m = powerlaw.get("mle") or {}
+    if cfg.zipf_from != "mle" and m:  # CSN's tail fit, reported beside the target (no target)
+        rows["zipf_csn"] = _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
+                                  m.get("reason") or "", f"powerlaw: CSN discrete MLE of cluster sizes (k = {k})")
     t = powerlaw.get("planted_partition")
     if t is not None:  # planted suite: the same fit on the true quanta of the QDG samples (no target)
+        tr = t.get("rank_mle") if cfg.zipf_from == "rank_mle" else t
+        tr = tr or {}
+        how = "rank MLE" if cfg.zipf_from == "rank_mle" else "CSN discrete MLE"
         rows["zipf_planted_partition"] = _route(
-            "zipf", t.get("rank_exponent"), t.get("rank_exponent_ci"), bool(t.get("fittable")), t.get("reason") or "",
-            "powerlaw: CSN discrete MLE of the planted quanta's sizes among the QDG samples (a perfect clustering)")
+            "zipf", tr.get("rank_exponent"), tr.get("rank_exponent_ci"), bool(tr.get("fittable")), tr.get("reason") or "",
+            f"powerlaw: {how} of the planted quanta's sizes among the QDG samples (a perfect clustering)")
     out = {"routes": rows, "planted": planted_alpha is not None, "tolerance": cfg.tolerance}
     if planted_alpha is None:
         return out

@@ -233,7 +233,8 @@ def _metrics(alpha_n=0.5, alpha_s=1 / 3, b=1.5, n_ok=True):
                                "reason": "" if n_ok else "E reached its bound"},
                  "alpha_S": {"model": "m", "alpha_S": alpha_s, "alpha_ci": [alpha_s - 0.02, alpha_s + 0.02],
                              "converged": True, "reason": ""}}
-    pl = {"k": 40, "mle": {"fittable": True, "reason": "", "rank_exponent": b, "rank_exponent_ci": [b - 0.1, b + 0.1]},
+    pl = {"k": 40, "rank_mle": {"fittable": True, "reason": "", "rank_exponent": b, "rank_exponent_ci": [b - 0.1, b + 0.1]},
+          "mle": {"fittable": True, "reason": "", "rank_exponent": b - 0.2, "rank_exponent_ci": [b - 0.6, b + 0.2]},
           "envelope": {"rank_exponent": b + 0.3}}
     return scaling_m, pl
 
@@ -246,6 +247,10 @@ def test_theory_table_planted_pass_and_fail():
     assert r["alpha_S"]["alpha"] == pytest.approx(0.5) and r["zipf"]["alpha"] == pytest.approx(0.5)
     assert r["alpha_S"]["alpha_ci"][0] < 0.5 < r["alpha_S"]["alpha_ci"][1]
     assert r["alpha_N"]["predicts"]["zipf"] == pytest.approx(1.5)
+    # CSN's tail MLE is reported beside the target, and is the target when asked for
+    assert r["zipf_csn"]["alpha"] == pytest.approx(0.3) and r["zipf_csn"]["target"] is False
+    csn = theory.theory_table(s, p, TheoryConfig(zipf_from="mle"), planted_alpha=0.5)
+    assert not csn["pass"] and "zipf_csn" not in csn["routes"] and "off by -0.200" in csn["failures"][0]
 
     s, p = _metrics(b=1.75)
     out = theory.theory_table(s, p, TheoryConfig(), planted_alpha=0.5)
@@ -253,16 +258,20 @@ def test_theory_table_planted_pass_and_fail():
     assert len(out["failures"]) == 1 and "off by +0.250" in out["failures"][0]
     # the envelope route, when asked for
     s, p = _metrics()
-    p["planted_partition"] = {"fittable": True, "reason": "", "rank_exponent": 1.45, "rank_exponent_ci": [1.3, 1.6]}
+    p["planted_partition"] = {"fittable": True, "reason": "", "rank_exponent": 1.2, "rank_exponent_ci": [1.0, 1.6],
+                              "rank_mle": {"fittable": True, "reason": "", "rank_exponent": 1.45,
+                                           "rank_exponent_ci": [1.3, 1.6]}}
     row = theory.theory_table(s, p, TheoryConfig(), planted_alpha=0.5)["routes"]["zipf_planted_partition"]
     assert row["alpha"] == pytest.approx(0.45) and row["target"] is False and row["pass"]
+    row = theory.theory_table(s, p, TheoryConfig(zipf_from="mle"), planted_alpha=0.5)["routes"]["zipf_planted_partition"]
+    assert row["alpha"] == pytest.approx(0.2)
     out = theory.theory_table(*_metrics(), TheoryConfig(zipf_from="envelope"), planted_alpha=0.5)
     assert out["routes"]["zipf"]["alpha"] == pytest.approx(0.8) and out["routes"]["zipf"]["alpha_ci"] is None
 
     # a fit that did not converge fails its target even when its value is close, and says so
     s, p = _metrics()
-    p["mle"]["fittable"] = False
-    p["mle"]["reason"] = "too few clusters"
+    p["rank_mle"]["fittable"] = False
+    p["rank_mle"]["reason"] = "too few clusters"
     out = theory.theory_table(s, p, TheoryConfig(), planted_alpha=0.5)
     assert not out["routes"]["zipf"]["pass"] and "did not converge" in out["failures"][0]
     # α_N is reported, not a target: with β < 1 the quantization model predicts α_N = α·β < α
