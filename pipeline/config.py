@@ -213,6 +213,9 @@ class GradientsConfig:
     dtype: Literal["float32", "float64"] = "float32"  # the model's weights (the paper: fp32)
     batch_tokens: int = 8192  # padded context tokens per forward pass
     batch_rows: int = 32  # rows per forward pass: bounds rows x largest parameter of per-target gradients
+    # Peak memory of a batch (GiB, on the model's device): batches are sized from the
+    # activations one row keeps, measured on the model; null: only batch_tokens/batch_rows.
+    memory_gb: Optional[float] = 8.0
     # Several targets of one document window in one row: auto = when it saves work
     # (see plan_rows), always, never. Never changes results beyond fp32 rounding.
     share_context: Literal["auto", "always", "never"] = "auto"
@@ -250,6 +253,8 @@ class GradientsConfig:
             raise ConfigError(f"gradients.max_len must be >= 2 (one context token and one target), got {self.max_len}")
         if self.batch_tokens < 1 or self.batch_rows < 1 or self.shard_samples < 1 or self.n_workers < 1:
             raise ConfigError("gradients.batch_tokens, batch_rows, shard_samples and n_workers must be >= 1")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise ConfigError(f"gradients.memory_gb must be > 0 or null, got {self.memory_gb}")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"gradients.projection must be one of {list(PROJECTIONS)}, got {self.projection!r}")
         if self.projection == "sjlt" and (self.k < 1 or self.nnz < 1 or self.k % self.nnz):

@@ -560,6 +560,27 @@ def read_planted(planted_dir: str | Path) -> Optional[tuple[tuple[np.ndarray, np
     return labels, qt["frequency"].to_numpy(np.float64)
 
 
+def skip_reason(models: Sequence[str], revisions: Sequence[str], cfg: DynamicsConfig) -> str:
+    """Why the dynamics stage has nothing to follow ('' when it has): fewer than two stepN
+    revisions in the suite (a one-checkpoint run, e.g. one released model, or a GGUF file)."""
+    revs = [r for r in revisions if _STEP.match(r)]
+    if len(revs) >= 2:
+        return ""
+    return (f"training dynamics need at least 2 stepN checkpoints; suite.revisions has {len(revs)} "
+            f"({', '.join(revisions) or 'none'}); list more stepN revisions to follow a model over training")
+
+
+def skipped(model: Optional[str], reason: str) -> ModelDynamics:
+    """What the stage writes when :func:`skip_reason` says there is nothing to follow: an empty
+    table with the schema (readers and DVC still see a file) and metrics that say why."""
+    f32, i64 = np.zeros(0, np.float32), np.zeros(0, np.int64)
+    empty = TokenDynamics(drop=f32, start_step=i64, end_step=i64, drop_step=i64, drop_step_mid=np.zeros(0),
+                          sharpness=f32, net_decrease=f32, abrupt=np.zeros(0, bool), steps=i64,
+                          window_starts=i64, window_ends=i64)
+    table = dynamics_table(np.zeros(0, np.int64), np.zeros(0, np.int32), empty)
+    return ModelDynamics(table=table, metrics={"model": model, "skipped": reason}, dyn=empty)
+
+
 def run(
     root: str | Path,
     models: Sequence[str],

@@ -351,21 +351,112 @@ def _row(doc: int, start: int, members: list[int], positions: np.ndarray) -> Row
     return Row(doc, start, int(positions[members[0]]), tuple(members), tuple(int(positions[i]) for i in members))
 
 
-def plan_batches(rows: Sequence[Row], batch_tokens: int, batch_rows: int) -> list[list[Row]]:
-    """Pack rows into forward passes of at most `batch_tokens` padded tokens and
-    `batch_rows` rows (a longer row goes alone). Sorted by (targets per row, length),
-    so padding is small and few backward slots run with idle rows."""
+def plan_batches(
+    rows: Sequence[Row], batch_tokens: int, batch_rows: int, memory: Optional["RowMemory"] = None
+) -> list[list[Row]]:
+    """Pack rows into forward passes of at most `batch_tokens` padded tokens, `batch_rows`
+    rows and, given `memory`, an estimated peak within its budget (a row over any bound
+    goes alone). Sorted by (targets per row, length), so padding is small and few backward
+    slots run with idle rows."""
     order = sorted(rows, key=lambda r: (len(r.samples), r.length, r.doc_id, r.start))
     batches: list[list[Row]] = []
     cur: list[Row] = []
     for row in order:
-        if cur and ((len(cur) + 1) * row.length > batch_tokens or len(cur) >= batch_rows):
+        # rows come in ascending length within a slot count, so the new row sets the width
+        width = max(row.length, max((r.length for r in cur), default=0))
+        over = (len(cur) + 1) * width > batch_tokens or len(cur) >= batch_rows
+        if memory is not None and not over:
+            over = memory.batch_bytes(len(cur) + 1, width) > memory.budget
+        if cur and over:
             batches.append(cur)
             cur = []
         cur.append(row)
     if cur:
         batches.append(cur)
     return batches
+
+
+def planned_work(batches: Sequence[Sequence[Row]]) -> int:
+    """Padded token-passes of a plan: per batch, rows x width x (1 forward + 2 per slot).
+
+    Each slot's backward runs over the whole padded batch, and its per-target weight
+    gradients over the slot's positions: about two forward's worth per slot.
+    """
+    return sum(len(b) * max(r.length for r in b) * (1 + 2 * max(len(r.samples) for r in b)) for b in batches)
+
+
+def plan(
+    doc_ids: np.ndarray, positions: np.ndarray, max_len: int, share_context: str, batch_tokens: int,
+    batch_rows: int, memory: Optional["RowMemory"] = None,
+) -> list[list[Row]]:
+    """Rows and batches for these targets. With ``auto``, the rows of :func:`plan_rows`'s
+    rule and rows of one target each are both packed, and the plan with less
+    :func:`planned_work` runs: sharing saves forwards but lengthens backwards, and which
+    wins depends on how the lengths fall into batches, so auto is never worse than never."""
+    batches = plan_batches(plan_rows(doc_ids, positions, max_len, share_context), batch_tokens, batch_rows, memory)
+    if share_context == "auto":
+        alone = plan_batches(plan_rows(doc_ids, positions, max_len, "never"), batch_tokens, batch_rows, memory)
+        if planned_work(alone) < planned_work(batches):
+            return alone
+    return batches
+
+
+@dataclasses.dataclass(frozen=True)
+class RowMemory:
+    """Estimated peak bytes of a batch: measured activations per row, plus per-target blocks.
+
+    A row of length L keeps ``per_token * L + per_token2 * L**2`` bytes for the backward
+    (what autograd saves, and the layer inputs the weight-gradient matmuls read; the
+    quadratic term is attention). Both are measured on the model (:meth:`_Engine.measure`).
+    While a slot runs, the output gradients and temporaries add about as much again
+    (``ACTIVATION_FACTOR``), and each row's per-target gradient of the largest parameter
+    exists in a few copies (the block, its flat view's products, the projector's input).
+    """
+
+    per_token: float
+    per_token2: float
+    grad_block: int  # bytes of one target's gradient of the largest selected parameter
+    budget: float  # bytes for batches: memory_gb less the weights and a fixed reserve
+
+    ACTIVATION_FACTOR = 2.0
+    GRAD_COPIES = 3
+
+    def row_bytes(self, length: int) -> float:
+        return self.per_token * length + self.per_token2 * length * length
+
+    def batch_bytes(self, rows: int, width: int) -> float:
+        return rows * (self.ACTIVATION_FACTOR * self.row_bytes(width) + self.GRAD_COPIES * self.grad_block)
+
+
+RESERVE_BYTES = 512 * 2**20  # the interpreter, torch and the tokens: outside any batch
+
+
+def plan_memory(engine: "_Engine", max_len: int, memory_gb: Optional[float]) -> Optional[RowMemory]:
+    """The memory model of `engine`'s model for rows up to max_len, or None without a bound.
+
+    Measures the bytes one row keeps at two lengths (max_len and about half of it) and
+    solves for the linear and quadratic terms. Raises a one-line error when the weights
+    alone leave no room in memory_gb.
+    """
+    if memory_gb is None:
+        return None
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    budget = memory_gb * 2**30 - weights - RESERVE_BYTES
+    if budget <= 0:
+        raise GradientError(
+            f"gradients.memory_gb = {memory_gb} leaves no room: the weights take {weights / 2**30:.2f} GiB and "
+            f"{RESERVE_BYTES / 2**30:.1f} GiB is reserved; raise gradients.memory_gb"
+        )
+    l2 = max(2, max_len)
+    l1 = max(1, l2 // 2)
+    b1, b2 = engine.measure(l1), engine.measure(l2)
+    if l2 > l1:
+        quad = max(0.0, (b2 / l2 - b1 / l1) / (l2 - l1))
+        lin = max(0.0, b2 / l2 - quad * l2)
+    else:
+        quad, lin = 0.0, b2 / l2
+    largest = max(p.numel() for _, p in engine.params)
+    return RowMemory(per_token=lin, per_token2=quad, grad_block=4 * largest, budget=budget)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -457,6 +548,35 @@ class _Engine:
             if check:
                 self._verify(losses, sums)
         return samples, out, sq.sqrt()
+
+    def measure(self, length: int) -> int:
+        """Bytes one row of `length` tokens keeps between its forward and its backward.
+
+        Runs the row's forward as :meth:`run` does (dummy token ids) and counts the
+        distinct storages autograd saves and the layer inputs the hooks record, less the
+        weights. Device-independent, and exact for this model's own forward (its
+        attention implementation included), where a formula from the config would guess.
+        """
+        weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            st = t.untyped_storage()
+            if st.data_ptr() not in weights:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        ids = torch.ones(1, length, dtype=torch.long, device=self.device)
+        with _recording(self.sites), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state
+            logits = self.head(hidden[:, -1]).float()
+            for site in self.sites:
+                for x, _ in site.calls:
+                    st = x.untyped_storage()
+                    if st.data_ptr() not in weights:
+                        seen[st.data_ptr()] = st.nbytes()
+            del hidden, logits
+        return int(sum(seen.values()))
 
     def _blocks(self, grads, rows: torch.Tensor, width: int, batch: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Per-target gradient blocks, one site at a time: a generator, so that at most
@@ -565,7 +685,6 @@ def _iter_batches(
             "per-layer rule; their gradients are exact but computed one document window per batch (slow)",
             stacklevel=3,
         )
-    rows = plan_rows(doc_ids, positions, max_len, cfg.share_context)
     # The generic route differentiates parameters directly, which sums over rows: so
     # then one row per batch (each row's targets are still separate slots).
     batch_rows = 1 if engine.generic else cfg.batch_rows
@@ -574,7 +693,18 @@ def _iter_batches(
         return docs[r.doc_id][r.start : r.end]
 
     with _grad_mode(model, params):
-        for batch in plan_batches(rows, cfg.batch_tokens, batch_rows):
+        memory = plan_memory(engine, min(max_len, int(positions.max())), cfg.memory_gb)
+        batches = plan(doc_ids, positions, max_len, cfg.share_context, cfg.batch_tokens, batch_rows, memory)
+        if memory is not None:
+            worst = max(memory.batch_bytes(len(b), max(r.length for r in b)) for b in batches)
+            if worst > memory.budget:
+                warnings.warn(
+                    f"one row of {max(r.length for b in batches for r in b)} tokens needs about "
+                    f"{worst / 2**30:.1f} GiB, over gradients.memory_gb = {cfg.memory_gb}; raise gradients.memory_gb "
+                    "or lower gradients.max_len",
+                    stacklevel=3,
+                )
+        for batch in batches:
             yield engine.run(batch, tokens_of, target_ids, cfg.verify)
 
 
@@ -747,6 +877,11 @@ def _load_for_gradients(spec: Any, load_kwargs: dict) -> torch.nn.Module:
     return models_lib.load_model(spec, **load_kwargs)
 
 
+# Set while shards run in this process: called with each batch's sample count, so the
+# progress bar moves per batch, not per shard (worker processes report per shard).
+_on_batch: Optional[Callable[[int], None]] = None
+
+
 def compute_part(task: GradientShardTask) -> dict:
     """Compute one shard's projected gradients and write its part file (.npz) atomically."""
     from pipeline import distributed, io
@@ -760,7 +895,7 @@ def compute_part(task: GradientShardTask) -> dict:
         cfg = dataclasses.replace(task.cfg, max_len=task.max_len)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadGradientWarning)
-            res = compute_gradients(model, task.samples, task.docs, cfg)
+            res = compute_gradients(model, task.samples, task.docs, cfg, on_batch=_on_batch)
         reasons = np.array([res.reasons.get(i, "") for i in range(len(res.norms))], dtype=object)
         with io.atomic_path(task.path) as tmp:
             with open(tmp, "wb") as f:
@@ -915,13 +1050,17 @@ def run_gradients(
     mode = distributed.choose_mode(address, len(todo), cfg.n_workers)
     # in this process, 0 threads means all the cores (a shard is one big job)
     threads = distributed.local_threads(cfg.threads_per_worker, 1) if mode == distributed.INPROCESS else cfg.threads_per_worker
+    global _on_batch
+    per_batch = bar is not None and mode == distributed.INPROCESS
+    _on_batch = bar.update if per_batch else None
     try:
         results = distributed.run_tasks(
             compute_part, todo, lambda t, th: dataclasses.replace(t, torch_threads=th),
             mode=mode, n_workers=cfg.n_workers, threads_per_worker=threads, key_prefix="gradients",
-            on_result=None if bar is None else (lambda r: bar.update(r["n"])),
+            on_result=None if bar is None or per_batch else (lambda r: bar.update(r["n"])),
         )
     finally:
+        _on_batch = None
         if bar is not None:
             bar.close()
     compute_seconds = time.perf_counter() - t_compute

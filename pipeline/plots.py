@@ -131,7 +131,9 @@ def emergence(dyn, path: str | Path) -> Path:
     em = dyn.emergence
     t = em.per_quantum if em is not None else None
     ok = None if t is None else (t["status"] == "ok") & (t["emergence_step"] > 0)
-    if em is None:
+    if dyn.metrics.get("skipped"):
+        _note(ax, f"skipped: {dyn.metrics['skipped']}")
+    elif em is None:
         _note(ax, "no planted quanta: emergence vs frequency needs ground truth")
     elif not ok.any():
         _note(ax, f"no quantum emerged within the checkpoints ({em.reason})")

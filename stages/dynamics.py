@@ -22,11 +22,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     params = config.load_params(args.params)
     cfg = config.section(params, "dynamics")
     suite = config.section(params, "suite")
-    res = dynamics.run(args.losses, suite.models, suite.revisions, cfg, planted_dir=args.planted)
+    reason = dynamics.skip_reason(suite.models, suite.revisions, cfg)
+    if reason:  # one checkpoint: skipped, not failed, so a one-model run reaches the report
+        res = dynamics.skipped(cfg.model or (suite.models[-1] if suite.models else None), reason)
+    else:
+        res = dynamics.run(args.losses, suite.models, suite.revisions, cfg, planted_dir=args.planted)
     io.write_parquet(res.table, args.out, config=config.to_dict(cfg))
     io.write_json(res.metrics, args.metrics)
     plots.emergence(res, Path(args.plots) / "emergence_vs_frequency.png")
     m = res.metrics
+    if reason:
+        print(f"dynamics: skipped: {reason}")
+        return
     share = m["abrupt_share_of_decrease"]
     line = (f"dynamics: {m['model']}: {100 * m['frac_abrupt']:.1f}% of tokens drop abruptly, "
             f"{'-' if share is None else f'{100 * share:.1f}%'} of the total loss decrease")

@@ -237,3 +237,18 @@ def test_bad_input():
     d = dynamics.token_dynamics(np.array([[3.0, 1.0]]), [0, 10], cfg)
     assert d.abrupt.tolist() == [True] and d.drop_step.tolist() == [10]
     assert dataclasses.is_dataclass(d)
+
+
+def test_one_checkpoint_is_skipped_with_the_schema_and_a_reason():
+    from pipeline.config import DynamicsConfig
+
+    cfg = DynamicsConfig()
+    assert dynamics.skip_reason(["m"], ["step1", "step2"], cfg) == ""
+    why = dynamics.skip_reason(["m"], ["main"], cfg)
+    assert "at least 2 stepN" in why and "suite.revisions" in why
+    out = dynamics.skipped("m", why)
+    assert out.table.num_rows == 0 and out.metrics == {"model": "m", "skipped": why}
+    rng = np.random.default_rng(0)
+    real = dynamics.token_dynamics(rng.random((5, 4)).astype(np.float32), [1, 10, 100, 1000], cfg)
+    full = dynamics.dynamics_table(np.arange(5), np.arange(5), real)
+    assert out.table.schema == full.schema

@@ -358,3 +358,52 @@ def test_plan_rows_shares_only_when_it_saves_work():
     # a different window start is a different context
     windowed = gradients.plan_rows(np.array([1, 1]), np.array([30, 31]), max_len=10, share_context="always")
     assert sorted((r.start, r.end) for r in windowed) == [(21, 30), (22, 31)]
+
+
+# --------------------------------------------------------------------------- memory and work plans
+
+
+def test_measured_row_memory_grows_with_length_and_bounds_the_batches(model):
+    params = select_params(model)
+    engine = gradients._Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
+    with gradients._grad_mode(model, params):
+        short, long = engine.measure(16), engine.measure(64)
+        mem = gradients.plan_memory(engine, 64, memory_gb=64.0)
+    assert 0 < short < long
+    # the fitted memory model reproduces both measurements
+    assert mem.row_bytes(16) == pytest.approx(short, rel=1e-6) and mem.row_bytes(64) == pytest.approx(long, rel=1e-6)
+    # a budget of ~3 rows of 64 tokens gives batches the model estimates within the budget
+    tight = dataclasses.replace(mem, budget=3.5 * mem.batch_bytes(1, 64))
+    rows = gradients.plan_rows(np.arange(20) % 10, np.full(20, 63), max_len=64, share_context="never")
+    batches = gradients.plan_batches(rows, batch_tokens=10**9, batch_rows=10**6, memory=tight)
+    assert max(len(b) for b in batches) == 3 and sum(len(b) for b in batches) == 20
+    assert all(tight.batch_bytes(len(b), max(r.length for r in b)) <= tight.budget for b in batches)
+
+
+def test_memory_bound_changes_batches_not_gradients(model):
+    docs = random_docs(12, 5, 90, seed=4)
+    samples = random_samples(docs, 30, seed=4)
+    free = compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=None))
+    # the tiny model's weights are ~0.1 MB: this leaves room for a few rows per batch
+    tight = dataclasses.replace(EXACT, memory_gb=(gradients.RESERVE_BYTES + 2 * 2**20) / 2**30)
+    bounded = compute_gradients(model, samples, docs, tight)
+    np.testing.assert_allclose(bounded.grads, free.grads, rtol=1e-5, atol=1e-6 * np.abs(free.grads).max())
+    with pytest.raises(GradientError, match="gradients.memory_gb"):
+        compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=0.1))
+    with pytest.raises(ConfigError, match="gradients.memory_gb"):
+        GradientsConfig(memory_gb=0)
+
+
+def test_auto_sharing_never_plans_more_work_than_never():
+    """Real-text-like rows (12 targets per document at lengths 27..499, where sharing did more
+    work) and planted-like rows (targets close together in short documents, where it saves)."""
+    rng = np.random.default_rng(0)
+    long_docs = (np.repeat(np.arange(40), 12),
+                 np.concatenate([np.sort(rng.choice(np.arange(27, 500), 12, replace=False)) for _ in range(40)]))
+    short_docs = (np.repeat(np.arange(100), 4), np.tile(np.array([22, 25, 28, 31]), 100))
+    for (doc_ids, pos), sharing_helps in ((long_docs, False), (short_docs, True)):
+        work = {share: gradients.planned_work(gradients.plan(doc_ids, pos, 512, share, 8192, 32))
+                for share in ("auto", "always", "never")}
+        print(work)
+        assert (work["always"] < work["never"]) == sharing_helps
+        assert work["auto"] <= work["never"]
