@@ -173,7 +173,7 @@ def test_dvc_repro_tiny_suite(scratch):
     assert powerlaw_m["k"] == 4 and powerlaw_m["n_samples"] == len(samples)
     theory_m = json.loads((scratch / "metrics/theory.json").read_text())
     assert theory_m["planted"] is True
-    assert set(theory_m["routes"]) == {"alpha_N", "alpha_S", "zipf", "zipf_planted_partition"}
+    assert set(theory_m["routes"]) == {"alpha_N", "alpha_S", "zipf", "zipf_csn", "zipf_planted_partition"}
     for png in ("scaling/mean_loss_vs_n", "scaling/token_examples", "scaling/learning_curves",
                 "dynamics/emergence_vs_frequency", "powerlaw/cluster_rank_frequency", "report/similarity_matrix"):
         assert (scratch / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
