@@ -560,6 +560,11 @@ def read_planted(planted_dir: str | Path) -> Optional[tuple[tuple[np.ndarray, np
     return labels, qt["frequency"].to_numpy(np.float64)
 
 
+def followed_model(models: Sequence[str], cfg: DynamicsConfig) -> Optional[str]:
+    """The model the dynamics stage follows: dynamics.model, else the last (largest) of the suite."""
+    return cfg.model or (models[-1] if models else None)
+
+
 def skip_reason(models: Sequence[str], revisions: Sequence[str], cfg: DynamicsConfig) -> str:
     """Why the dynamics stage has nothing to follow ('' when it has): fewer than two stepN
     revisions in the suite (a one-checkpoint run, e.g. one released model, or a GGUF file)."""
@@ -592,7 +597,7 @@ def run(
     """The dynamics stage: :func:`analyze_model` of ``cfg.model`` (default: the last of
     ``models``) over its stepN revisions among ``revisions``, with emergence vs frequency
     when ``planted_dir`` holds planted ground truth."""
-    model = cfg.model or (models[-1] if models else None)
+    model = followed_model(models, cfg)
     if model is None:
         raise DynamicsError("suite.models is empty: no model to follow over training; list one, or set dynamics.model")
     if model not in models:

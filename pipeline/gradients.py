@@ -361,16 +361,17 @@ def plan_batches(
     order = sorted(rows, key=lambda r: (len(r.samples), r.length, r.doc_id, r.start))
     batches: list[list[Row]] = []
     cur: list[Row] = []
+    cur_width = 0  # the longest row of cur
     for row in order:
-        # rows come in ascending length within a slot count, so the new row sets the width
-        width = max(row.length, max((r.length for r in cur), default=0))
+        width = max(row.length, cur_width)
         over = (len(cur) + 1) * width > batch_tokens or len(cur) >= batch_rows
         if memory is not None and not over:
             over = memory.batch_bytes(len(cur) + 1, width) > memory.budget
         if cur and over:
             batches.append(cur)
-            cur = []
+            cur, width = [], row.length
         cur.append(row)
+        cur_width = width
     if cur:
         batches.append(cur)
     return batches

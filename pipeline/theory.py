@@ -66,6 +66,13 @@ def _route(route: str, measured: Optional[float], ci, ok: bool, reason: str, sou
     return row
 
 
+def _zipf_route(fit: Optional[dict], source: str) -> dict:
+    """The Zipf route's row from a powerlaw fit's metrics (rank_exponent, its CI, fittable, reason)."""
+    m = fit or {}
+    return _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
+                  m.get("reason") or "", source)
+
+
 def alpha_over_beta(alpha_n: dict, learned: Optional[dict]) -> dict:
     """α = α_N / β, the quantization model's α when n(N) ∝ N^β quanta are learned.
 
@@ -113,30 +120,24 @@ def theory_table(
     rows["alpha_S"] = _route("alpha_S", s.get("alpha_S"), s.get("alpha_ci"), bool(s.get("converged")),
                              s.get("reason") or "", f"scaling: learning curve L(S) of {s.get('model')}")
     k = powerlaw.get("k")
+    csn = f"powerlaw: CSN discrete MLE of cluster sizes (k = {k})"
     if cfg.zipf_from == "rank_mle":
-        m = powerlaw.get("rank_mle") or {}
-        rows["zipf"] = _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
-                              m.get("reason") or "", f"powerlaw: rank MLE of cluster sizes, finite Zipf (k = {k})")
+        rows["zipf"] = _zipf_route(powerlaw.get("rank_mle"), f"powerlaw: rank MLE of cluster sizes, finite Zipf (k = {k})")
     elif cfg.zipf_from == "mle":
-        m = powerlaw.get("mle") or {}
-        rows["zipf"] = _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
-                              m.get("reason") or "", f"powerlaw: CSN discrete MLE of cluster sizes (k = {k})")
+        rows["zipf"] = _zipf_route(powerlaw.get("mle"), csn)
     else:
         e = powerlaw.get("envelope") or {}
         rows["zipf"] = _route("zipf", e.get("rank_exponent"), None, "skipped" not in e, e.get("skipped", ""),
                               "powerlaw: the paper's envelope slope (OLS; no CI)")
-    m = powerlaw.get("mle") or {}
-    if cfg.zipf_from != "mle" and m:  # CSN's tail fit, reported beside the target (no target)
-        rows["zipf_csn"] = _route("zipf", m.get("rank_exponent"), m.get("rank_exponent_ci"), bool(m.get("fittable")),
-                                  m.get("reason") or "", f"powerlaw: CSN discrete MLE of cluster sizes (k = {k})")
+    if cfg.zipf_from != "mle" and powerlaw.get("mle"):  # CSN's tail fit, reported beside the target (no target)
+        rows["zipf_csn"] = _zipf_route(powerlaw["mle"], csn)
     t = powerlaw.get("planted_partition")
     if t is not None:  # planted suite: the same fit on the true quanta of the QDG samples (no target)
-        tr = t.get("rank_mle") if cfg.zipf_from == "rank_mle" else t
-        tr = tr or {}
-        how = "rank MLE" if cfg.zipf_from == "rank_mle" else "CSN discrete MLE"
-        rows["zipf_planted_partition"] = _route(
-            "zipf", tr.get("rank_exponent"), tr.get("rank_exponent_ci"), bool(tr.get("fittable")), tr.get("reason") or "",
-            f"powerlaw: {how} of the planted quanta's sizes among the QDG samples (a perfect clustering)")
+        rank = cfg.zipf_from == "rank_mle"
+        rows["zipf_planted_partition"] = _zipf_route(
+            t.get("rank_mle") if rank else t,
+            f"powerlaw: {'rank MLE' if rank else 'CSN discrete MLE'} of the planted quanta's sizes among the QDG "
+            "samples (a perfect clustering)")
     out = {"routes": rows, "planted": planted_alpha is not None, "tolerance": cfg.tolerance}
     if planted_alpha is None:
         return out

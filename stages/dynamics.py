@@ -24,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     suite = config.section(params, "suite")
     reason = dynamics.skip_reason(suite.models, suite.revisions, cfg)
     if reason:  # one checkpoint: skipped, not failed, so a one-model run reaches the report
-        res = dynamics.skipped(cfg.model or (suite.models[-1] if suite.models else None), reason)
+        res = dynamics.skipped(dynamics.followed_model(suite.models, cfg), reason)
     else:
         res = dynamics.run(args.losses, suite.models, suite.revisions, cfg, planted_dir=args.planted)
     io.write_parquet(res.table, args.out, config=config.to_dict(cfg))
