@@ -49,15 +49,23 @@ def one(gguf: str, n: int, memory_gb: float) -> dict:
     cfg = GradientsConfig(max_len=512, k=8192, memory_gb=memory_gb, verify=False, progress=False)
     params = gradients.select_params(model, cfg.include, cfg.exclude)
     engine = gradients._Engine(model, params, gradients.build_projector(params, cfg))
-    with gradients._grad_mode(model, params):
-        mem = gradients.plan_memory(engine, 512, memory_gb)
+    held = n * (cfg.k + 1) * 4
+    try:
+        with gradients._grad_mode(model, params):
+            mem = gradients.plan_memory(engine, 512, memory_gb, held)
+    except gradients.GradientError as e:
+        return {"memory_gb": memory_gb, "n": n, "error": str(e)}
     batches = gradients.plan(doc, pos, 512, cfg.share_context, cfg.batch_tokens, cfg.batch_rows, mem)
     est = max(mem.batch_bytes(len(b), max(r.length for r in b)) for b in batches)
+    fixed = memory_gb * 2**30 - mem.budget  # what the process held, the outputs and the reserve
+    del engine  # compute_gradients builds (and calibrates) its own
     t = time.perf_counter()
     res = gradients.compute_gradients(model, {"doc_id": doc, "pos": pos}, docs, cfg)
     sec = time.perf_counter() - t
     return {"memory_gb": memory_gb, "n": n, "batches": len(batches), "rows_max": max(len(b) for b in batches),
-            "row_bytes_512_mib": mem.row_bytes(512) / 2**20, "estimate_gib": (est + memory_gb * 2**30 - mem.budget) / 2**30, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "row_bytes_512_mib": mem.row_bytes(512) / 2**20, "scale": mem.scale,
+            "estimate_gib": (est + fixed) / 2**30,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "s_per_sample": sec / n, "bad": int(res.bad.sum())}
 
 
@@ -71,14 +79,18 @@ def main() -> None:
     if args.one is not None:
         print(json.dumps(one(args.gguf, args.n, args.one)))
         return
-    print("| memory_gb | batches | most rows | one row of 512 (MiB) | estimate, weights + reserve + largest batch (GiB) | peak RSS (GiB) | s / sample |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| memory_gb | batches | most rows | saved by one row of 512 (MiB) | calibration scale | "
+          "estimate: held + reserve + largest batch (GiB) | peak RSS (GiB) | s / sample |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for gb in args.memory_gb:
         out = subprocess.run([sys.executable, __file__, "--gguf", args.gguf, "--n", str(args.n), "--one", str(gb)],
                              capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)
-        print(f"| {gb} | {r['batches']} | {r['rows_max']} | {r['row_bytes_512_mib']:.0f} | {r['estimate_gib']:.2f} | "
-              f"{r['peak_rss_gib']:.2f} | {r['s_per_sample']:.2f} |", flush=True)
+        if "error" in r:
+            print(f"| {gb} | refused: {r['error']} | | | | | | |", flush=True)
+            continue
+        print(f"| {gb} | {r['batches']} | {r['rows_max']} | {r['row_bytes_512_mib']:.0f} | {r['scale']:.2f} | "
+              f"{r['estimate_gib']:.2f} | {r['peak_rss_gib']:.2f} | {r['s_per_sample']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     quanta info        models of the suite, their parameter counts, and what is cached
     quanta revisions   Pythia's 154 checkpoint names (for params.yaml suite.revisions)
     quanta download    fetch every (model, revision) of the suite into the HF cache, for offline runs
-    quanta check       validate params.yaml (every section) without running anything
+    quanta check       validate params.yaml (every section, and the suite's sources) without running anything
+    quanta screenshot  a PNG of the HTML report in headless Chromium
 
 Stages themselves run through DVC (`dvc repro`); see README.
 """
@@ -51,16 +52,23 @@ def cmd_info(args) -> None:
     header = f"{'model':<22} {'revision':<12} {'params':>8} {'non-emb':>8} {'cached':>7} {'loss rows':>10}  source"
     print(header)
     print("-" * len(header))
+    missing: list[str] = []
     for name in suite.models:
         for revision in suite.revisions:
             spec = models.spec_from_suite(suite, name, revision)
             counts = models.config_param_counts(spec, cache_dir=suite.cache_dir)
-            cached = models.is_cached(spec, cache_dir=suite.cache_dir)
+            why = models.unavailable_reason(spec, cache_dir=suite.cache_dir)
+            cached = why is None
+            if why is not None:
+                missing.append(f"  {name} @ {revision}: {why}")
             rows, _ = _loss_partition(losses_dir, name, revision)
             total = counts["total"] if counts else None
             non_emb = counts["non_embedding"] if counts else None
             print(f"{name:<22} {revision:<12} {_fmt_count(total):>8} {_fmt_count(non_emb):>8} "
                   f"{'yes' if cached else 'no':>7} {rows:>10}  {spec.source}")
+    if missing:
+        print("\nnot loadable offline (params '?' and cached 'no'):")
+        print("\n".join(missing))
     corpus_tokens = Path(args.tokens)
     if corpus_tokens.exists():
         import pyarrow.parquet as pq
@@ -97,7 +105,16 @@ def cmd_check(args) -> None:
         )
     for name in config.SECTIONS:
         config.section(params, name)
-    print(f"{args.params}: ok ({', '.join(config.SECTIONS)})")
+    from pipeline import models
+
+    suite = config.section(params, "suite")
+    built = []
+    for name in suite.models:
+        for revision in suite.revisions:
+            if not models.check_source(models.spec_from_suite(suite, name, revision), cache_dir=suite.cache_dir):
+                built.append(name)
+    later = f"; built by the pipeline: {', '.join(dict.fromkeys(built))}" if built else ""
+    print(f"{args.params}: ok ({', '.join(config.SECTIONS)}){later}")
 
 
 def cmd_screenshot(args) -> None:

@@ -83,6 +83,7 @@ from pipeline.config import GRADIENT_GROUPS as GROUPS
 from pipeline.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
 from pipeline.errors import QuantaError
 from pipeline.losses import check_output_head, logit_transform, model_device
+from pipeline.memory import Peak, resident_bytes
 from pipeline.projection import NoProjection, Projector, make_projector
 
 class GradientError(QuantaError, ValueError):
@@ -404,7 +405,8 @@ def plan(
 
 @dataclasses.dataclass(frozen=True)
 class RowMemory:
-    """Estimated peak bytes of a batch: measured activations per row, plus per-target blocks.
+    """Estimated peak bytes of a batch above what the process holds: a per-row model,
+    calibrated on one measured row.
 
     A row of length L keeps ``per_token * L + per_token2 * L**2`` bytes for the backward
     (what autograd saves, and the layer inputs the weight-gradient matmuls read; the
@@ -412,12 +414,16 @@ class RowMemory:
     While a slot runs, the output gradients and temporaries add about as much again
     (``ACTIVATION_FACTOR``), and each row's per-target gradient of the largest parameter
     exists in a few copies (the block, its flat view's products, the projector's input).
+    `scale` (>= 1) corrects that model by the measured peak of one real row of the
+    longest length (:func:`plan_memory`), so what the allocator and the kernels add
+    beyond the saved tensors is counted too.
     """
 
     per_token: float
     per_token2: float
     grad_block: int  # bytes of one target's gradient of the largest selected parameter
-    budget: float  # bytes for batches: memory_gb less the weights and a fixed reserve
+    budget: float  # bytes for batches: memory_gb less what the process holds and a reserve
+    scale: float = 1.0
 
     ACTIVATION_FACTOR = 2.0
     GRAD_COPIES = 3
@@ -426,28 +432,43 @@ class RowMemory:
         return self.per_token * length + self.per_token2 * length * length
 
     def batch_bytes(self, rows: int, width: int) -> float:
-        return rows * (self.ACTIVATION_FACTOR * self.row_bytes(width) + self.GRAD_COPIES * self.grad_block)
+        return rows * self.scale * (self.ACTIVATION_FACTOR * self.row_bytes(width) + self.GRAD_COPIES * self.grad_block)
 
 
-RESERVE_BYTES = 512 * 2**20  # the interpreter, torch and the tokens: outside any batch
+RESERVE_BYTES = 512 * 2**20  # kept free under memory_gb: allocator fragmentation, the stage's own bookkeeping
 
 
-def plan_memory(engine: "_Engine", max_len: int, memory_gb: Optional[float]) -> Optional[RowMemory]:
+def plan_memory(
+    engine: "_Engine", max_len: int, memory_gb: Optional[float], held_bytes: int = 0
+) -> Optional[RowMemory]:
     """The memory model of `engine`'s model for rows up to max_len, or None without a bound.
 
-    Measures the bytes one row keeps at two lengths (max_len and about half of it) and
-    solves for the linear and quadratic terms. Raises a one-line error when the weights
-    alone leave no room in memory_gb.
+    The bound covers the whole process (CPU: its resident set; CUDA: the device memory
+    torch allocates), so the budget for batches is memory_gb less what is resident now
+    (interpreter, libraries, model, data), less `held_bytes` (outputs allocated but not yet
+    written) and a reserve. The projector's table cache is capped at a quarter of that
+    room. Measures the bytes one row keeps at two lengths (max_len and about half of it),
+    solves for the linear and quadratic terms, then runs one row of max_len tokens (dummy
+    ids) and scales the model up to its measured peak. Raises a one-line error naming
+    gradients.memory_gb when the process alone leaves no room, or when one row of max_len
+    tokens does not fit.
     """
     if memory_gb is None:
         return None
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    budget = memory_gb * 2**30 - weights - RESERVE_BYTES
-    if budget <= 0:
+    dev = engine.device
+    bound = memory_gb * 2**30
+    held = held_bytes if dev.type == "cpu" else 0
+
+    def room(resident: int) -> float:
+        return bound - resident - held - RESERVE_BYTES
+
+    before = resident_bytes(dev)
+    if room(before) <= 0:
         raise GradientError(
-            f"gradients.memory_gb = {memory_gb} leaves no room: the weights take {weights / 2**30:.2f} GiB and "
-            f"{RESERVE_BYTES / 2**30:.1f} GiB is reserved; raise gradients.memory_gb"
+            f"gradients.memory_gb = {memory_gb} leaves no room: the process already holds {(before + held) / 2**30:.2f} GiB "
+            f"(model, data, libraries) and {RESERVE_BYTES / 2**30:.1f} GiB is kept free; raise gradients.memory_gb"
         )
+    engine.projector.limit_cache(int(room(before) // 4))
     l2 = max(2, max_len)
     l1 = max(1, l2 // 2)
     b1, b2 = engine.measure(l1), engine.measure(l2)
@@ -457,7 +478,21 @@ def plan_memory(engine: "_Engine", max_len: int, memory_gb: Optional[float]) -> 
     else:
         quad, lin = 0.0, b2 / l2
     largest = max(p.numel() for _, p in engine.params)
-    return RowMemory(per_token=lin, per_token2=quad, grad_block=4 * largest, budget=budget)
+    model = RowMemory(per_token=lin, per_token2=quad, grad_block=4 * largest, budget=room(before))
+    probe = Row(doc_id=-1, start=0, end=l2, samples=(0,), positions=(l2,))
+    resident_bytes(dev)  # trim, so the peak starts from what is in use
+    with Peak(dev) as peak:
+        engine.run([probe], lambda r: np.ones(r.length, dtype=np.int64), np.ones(1, dtype=np.int64), verify=False)
+    after = resident_bytes(dev)  # now with the projector's tables, which stay
+    scale = max(1.0, (peak.bytes - after) / model.batch_bytes(1, l2))
+    fitted = dataclasses.replace(model, budget=room(after), scale=scale)
+    if fitted.batch_bytes(1, l2) > fitted.budget:
+        raise GradientError(
+            f"one row of {l2} tokens needs about {fitted.batch_bytes(1, l2) / 2**30:.2f} GiB beyond the "
+            f"{(after + held) / 2**30:.2f} GiB the process holds, over gradients.memory_gb = {memory_gb}; "
+            "raise gradients.memory_gb or lower gradients.max_len"
+        )
+    return fitted
 
 
 # --------------------------------------------------------------------------- the engine
@@ -560,15 +595,23 @@ class _Engine:
         """
         weights = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         seen: dict[int, int] = {}
+        kept: list[torch.Tensor] = []  # alive until the end, as in a real graph: no address is reused
 
-        def pack(t: torch.Tensor) -> torch.Tensor:
+        def pack(t: torch.Tensor) -> None:
             st = t.untyped_storage()
             if st.data_ptr() not in weights:
                 seen[st.data_ptr()] = st.nbytes()
-            return t
+                kept.append(t)
+            # the graph itself keeps nothing: it is never differentiated, and a saved
+            # output handed back to it would close a cycle (tensor -> grad_fn -> tensor)
+            # that keeps the row's activations alive after this returns
+            return None
+
+        def unpack(_: None) -> torch.Tensor:
+            raise AssertionError("measure() builds a graph for counting only")
 
         ids = torch.ones(1, length, dtype=torch.long, device=self.device)
-        with _recording(self.sites), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _recording(self.sites), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             hidden = self.body(input_ids=ids, use_cache=False).last_hidden_state
             logits = self.head(hidden[:, -1]).float()
             for site in self.sites:
@@ -577,6 +620,7 @@ class _Engine:
                     if st.data_ptr() not in weights:
                         seen[st.data_ptr()] = st.nbytes()
             del hidden, logits
+        kept.clear()
         return int(sum(seen.values()))
 
     def _blocks(self, grads, rows: torch.Tensor, width: int, batch: int) -> Iterator[tuple[str, torch.Tensor]]:
@@ -676,6 +720,7 @@ def _iter_batches(
     target_ids: np.ndarray,
     cfg: GradientsConfig,
     max_len: int,
+    held_bytes: int = 0,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Plan rows and batches, run them; yields (sample indices, (n, dim), (n,) norms)."""
     engine = _Engine(model, params, projector)
@@ -694,17 +739,8 @@ def _iter_batches(
         return docs[r.doc_id][r.start : r.end]
 
     with _grad_mode(model, params):
-        memory = plan_memory(engine, min(max_len, int(positions.max())), cfg.memory_gb)
-        batches = plan(doc_ids, positions, max_len, cfg.share_context, cfg.batch_tokens, batch_rows, memory)
-        if memory is not None:
-            worst = max(memory.batch_bytes(len(b), max(r.length for r in b)) for b in batches)
-            if worst > memory.budget:
-                warnings.warn(
-                    f"one row of {max(r.length for b in batches for r in b)} tokens needs about "
-                    f"{worst / 2**30:.1f} GiB, over gradients.memory_gb = {cfg.memory_gb}; raise gradients.memory_gb "
-                    "or lower gradients.max_len",
-                    stacklevel=3,
-                )
+        bound = plan_memory(engine, min(max_len, int(positions.max())), cfg.memory_gb, held_bytes)
+        batches = plan(doc_ids, positions, max_len, cfg.share_context, cfg.batch_tokens, batch_rows, bound)
         for batch in batches:
             yield engine.run(batch, tokens_of, target_ids, cfg.verify)
 
@@ -770,7 +806,8 @@ def compute_gradients(
     grads = np.zeros((n, projector.dim), dtype=np.float16 if cfg.out_dtype == "float16" else np.float32)
     norms = np.zeros(n, dtype=np.float32)
     if n:
-        batches = _iter_batches(model, params, projector, docs, doc_ids, positions, target_ids, cfg, max_len)
+        held = grads.nbytes + norms.nbytes
+        batches = _iter_batches(model, params, projector, docs, doc_ids, positions, target_ids, cfg, max_len, held)
         for idx, out, nrm in batches:
             grads[idx] = out.cpu().numpy()
             norms[idx] = nrm.cpu().numpy()

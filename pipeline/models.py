@@ -270,7 +270,8 @@ def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool
             raise ModelError(f"model '{spec.name}': GGUF file {file} does not exist; fix suite.sources/gguf_files")
         if spec.revision != "main":
             raise UnknownRevisionError(
-                f"model '{spec.name}': a local GGUF file has the single revision 'main', not '{spec.revision}'"
+                f"model '{spec.name}': a local GGUF file has the single revision 'main', not '{spec.revision}' "
+                "(fix suite.revisions: list main)"
             )
         # transformers takes an existing gguf_file path as is; the directory is only a name.
         return _Location(str(file.parent), {"gguf_file": str(file), "local_files_only": True}, hub=False)
@@ -490,12 +491,36 @@ def load_config(
     return _from_pretrained(AutoConfig.from_pretrained, spec, loc, cache_dir, trust_remote_code=trust_remote_code)
 
 
-def is_cached(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> bool:
-    """Whether `spec` can be loaded without the network."""
+def unavailable_reason(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Optional[str]:
+    """Why `spec` cannot be loaded without the network (the loader's one-line error), or None."""
     try:
         _locate(spec, cache_dir=cache_dir, local_files_only=True)
-    except QuantaError:
+    except QuantaError as e:
+        return str(e)
+    return None
+
+
+def is_cached(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> bool:
+    """Whether `spec` can be loaded without the network."""
+    return unavailable_reason(spec, cache_dir=cache_dir) is None
+
+
+#: where the planted stage writes its models (dvc.yaml): sources there exist after it runs
+PIPELINE_BUILT = Path("cache/planted")
+
+
+def check_source(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> bool:
+    """Raise the loader's one-line error if `spec` can never load as written (a local path
+    that does not exist, a revision it does not have, a hub revision name Pythia lacks);
+    never touches the network. False for a local source the pipeline builds and has not
+    built yet (under ``cache/planted``), True otherwise."""
+    path = Path(spec.source).expanduser()
+    if not path.exists() and path.resolve().is_relative_to(PIPELINE_BUILT.resolve()):
         return False
+    if source_kind(spec) == "hub":  # source_kind raises for a local path that does not exist
+        _check_hub_revision(spec)
+        return True
+    _locate(spec, cache_dir=cache_dir, local_files_only=True)
     return True
 
 

@@ -138,6 +138,10 @@ class Projector:
             raise ProjectionError("project() got no gradient blocks")
         return out
 
+    def limit_cache(self, nbytes: int) -> None:
+        """Keep at most `nbytes` of tables between calls (a memory bound's share); the
+        projection itself does not change."""
+
     def _size(self, name: str, grad: torch.Tensor) -> int:
         if name not in self.sizes:
             raise ProjectionError(f"parameter '{name}' is not one this projector was built for")
@@ -199,6 +203,12 @@ class SparseJLProjector(Projector):
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_bytes = 0
+
+    def limit_cache(self, nbytes: int) -> None:
+        self.cache_bytes = min(self.cache_bytes, max(0, nbytes))
+        while self._cache and self._cached_bytes > self.cache_bytes:
+            source, sign = self._cache.pop(next(reversed(self._cache)))
+            self._cached_bytes -= source.numel() * (source.element_size() + sign.element_size())
 
     def tables(self, name: str, group: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(source, sign) of block `name`, group `group`: both (n_chunks * width,).

@@ -41,3 +41,35 @@ def test_revisions_prints_pythia_checkpoints(capsys):
     cli.main(["revisions"])
     names = capsys.readouterr().out.split()
     assert len(names) == 154 and names[0] == "step0" and names[-1] == "step143000"
+
+
+def test_check_validates_the_suite_sources(tmp_path, tiny_revisions_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def check(sources: str, revisions: str = "[step1, step2]") -> str:
+        p = tmp_path / "params.yaml"
+        p.write_text(f"suite:\n  models: [m]\n  revisions: {revisions}\n  sources: {{m: {sources}}}\n")
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--params", str(p), "check"])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert "does not exist; fix suite.sources.m" in check(str(tmp_path / "missing.gguf"))
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    assert "fix suite.revisions" in check(str(tmp_path / "model.gguf"))
+    assert "no revision 'step9'" in check(str(tiny_revisions_dir), "[step9]")
+    assert "step123456" in check("EleutherAI/pythia-70m", "[step123456]")
+    # a source the planted stage writes is fine before the stage has run
+    p = tmp_path / "params.yaml"
+    p.write_text("suite:\n  models: [m]\n  revisions: [step1]\n  sources: {m: cache/planted/models/m}\n")
+    cli.main(["--params", str(p), "check"])
+    assert "built by the pipeline: m" in capsys.readouterr().out
+
+
+def test_info_says_why_a_model_is_not_loadable(tmp_path, capsys):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    p = tmp_path / "params.yaml"
+    p.write_text(f"suite:\n  models: [m]\n  revisions: [step1]\n  sources: {{m: {tmp_path / 'model.gguf'}}}\n")
+    cli.main(["--params", str(p), "info", "--losses", str(tmp_path / "none"), "--tokens", str(tmp_path / "none.parquet")])
+    out = capsys.readouterr().out
+    assert "m @ step1: " in out and "single revision 'main'" in out

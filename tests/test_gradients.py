@@ -19,6 +19,7 @@ import torch
 from pipeline import config as config_lib
 from pipeline import gradients, models
 from pipeline.config import ConfigError
+from pipeline.memory import Peak, resident_bytes
 from pipeline.gradients import BadGradientWarning, GradientError, GradientsConfig, compute_gradients, select_params
 
 VOCAB = 320  # tiny_neox_dir's model vocabulary (conftest.MODEL_VOCAB)
@@ -384,14 +385,49 @@ def test_memory_bound_changes_batches_not_gradients(model):
     docs = random_docs(12, 5, 90, seed=4)
     samples = random_samples(docs, 30, seed=4)
     free = compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=None))
-    # the tiny model's weights are ~0.1 MB: this leaves room for a few rows per batch
-    tight = dataclasses.replace(EXACT, memory_gb=(gradients.RESERVE_BYTES + 2 * 2**20) / 2**30)
-    bounded = compute_gradients(model, samples, docs, tight)
+    # room for a few of the longest rows beyond what this process holds (and 32 MiB for its noise)
+    params = select_params(model)
+    engine = gradients._Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
+    with gradients._grad_mode(model, params):
+        mem = gradients.plan_memory(engine, 90, memory_gb=64.0)
+    held = free.grads.nbytes + free.norms.nbytes
+    gb = (resident_bytes() + held + gradients.RESERVE_BYTES + 3.5 * mem.batch_bytes(1, 90) + 2**25) / 2**30
+    bounded = compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=gb))
     np.testing.assert_allclose(bounded.grads, free.grads, rtol=1e-5, atol=1e-6 * np.abs(free.grads).max())
-    with pytest.raises(GradientError, match="gradients.memory_gb"):
+    with pytest.raises(GradientError, match="leaves no room.*gradients.memory_gb"):
         compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=0.1))
     with pytest.raises(ConfigError, match="gradients.memory_gb"):
         GradientsConfig(memory_gb=0)
+
+
+def test_calibrated_memory_model_bounds_the_measured_peak():
+    """The planned batches' measured peaks stay within the bound the plan was made for
+    (a model with rows of ~10 MiB, so the bound is not lost in the process's own noise)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, max_position_embeddings=512)
+    model = GPTNeoXForCausalLM(cfg).eval()
+    params = select_params(model)
+    engine = gradients._Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
+    rng = np.random.default_rng(5)
+    docs = {d: rng.integers(0, 512, 385) for d in range(16)}
+    doc_ids, pos = np.arange(16), np.full(16, 384)
+    targets = np.array([docs[d][p] for d, p in zip(doc_ids, pos)])
+    with gradients._grad_mode(model, params):
+        probe = gradients.plan_memory(engine, 384, memory_gb=64.0)
+        assert probe.scale >= 1.0
+        gb = (resident_bytes() + gradients.RESERVE_BYTES + 4.5 * probe.batch_bytes(1, 384)) / 2**30
+        mem = gradients.plan_memory(engine, 384, memory_gb=gb)
+        batches = gradients.plan(doc_ids, pos, 384, "never", 10**9, 10**6, mem)
+        assert 1 < max(len(b) for b in batches) < 16
+        for batch in batches:
+            with Peak() as peak:
+                engine.run(batch, lambda r: docs[r.doc_id][r.start : r.end], targets, verify=False)
+            assert peak.bytes <= gb * 2**30
+        with pytest.raises(GradientError, match="one row of 384 tokens.*raise gradients.memory_gb or lower gradients.max_len"):
+            gradients.plan_memory(engine, 384, memory_gb=(resident_bytes() + gradients.RESERVE_BYTES + 2**20) / 2**30)
 
 
 def test_auto_sharing_never_plans_more_work_than_never():
