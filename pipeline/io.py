@@ -1,8 +1,15 @@
-"""Atomic file output: every file appears whole or not at all.
+"""Atomic file output: every file appears whole or not at all; run facts kept apart.
 
 A stage killed mid-write must not leave a file that a resumed run (or DVC) takes for a
 finished one. So everything is written to a temporary name in the same directory and
 renamed into place, which is atomic on POSIX file systems.
+
+What a run measured about itself (seconds, speed, peak memory, how many parts it reused,
+how it was executed) differs between two runs of the same data, so it stays out of the
+outputs DVC hashes: :func:`write_meta` writes those keys (``RUN_KEYS``) to a run log
+under ``logs/runs/`` (``$QUANTA_RUN_LOG`` to move it), mirroring the output's path, and
+the output itself holds only what the data determines. Two runs with the same params and
+seed then give the same ``dvc.lock``.
 """
 
 from __future__ import annotations
@@ -76,6 +83,67 @@ def write_json(obj: Any, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
     return Path(path)
+
+
+#: keys that describe a run rather than its output (see the module docstring)
+RUN_KEYS = frozenset({
+    "seconds", "total_seconds", "compute_seconds", "wall_seconds", "train_seconds",
+    "tokens_per_s", "forward_tokens_per_s", "samples_per_s", "peak_rss_bytes", "peak_cuda_bytes",
+    "computed_parts", "reused_parts", "computed_tokens", "computed_samples", "execution", "torch_threads",
+})
+
+
+def run_log_path(path: str | Path) -> Path:
+    """Where the run facts of output `path` go: its path (relative to the working
+    directory where it lies inside it) under ``$QUANTA_RUN_LOG`` or ``logs/runs``."""
+    root = Path(os.environ.get("QUANTA_RUN_LOG", "logs/runs"))
+    p = Path(path).absolute()
+    try:
+        rel = p.relative_to(Path.cwd())
+    except ValueError:
+        rel = p.relative_to(p.anchor)
+    return root / rel
+
+
+def split_run(obj: Any) -> tuple[Any, Any]:
+    """(obj less its RUN_KEYS, the RUN_KEYS alone), recursively through dicts; the
+    second is None where there are none."""
+    if not isinstance(obj, dict):
+        return obj, None
+    data, run = {}, {}
+    for k, v in obj.items():
+        if k in RUN_KEYS:
+            run[k] = v
+            continue
+        data[k], sub = split_run(v)
+        if sub is not None:
+            run[k] = sub
+    return data, (run or None)
+
+
+def write_meta(obj: Any, path: str | Path) -> Path:
+    """Write `obj` as JSON to `path` without its run facts, and those to the run log."""
+    data, run = split_run(obj)
+    if run is not None:
+        write_json(run, run_log_path(path))
+    return write_json(data, path)
+
+
+def read_meta(path: str | Path) -> Any:
+    """A file written by :func:`write_meta`, with its run facts merged back where the run log has them."""
+    data = read_json(path)
+    log = run_log_path(path)
+    if log.exists():
+        _merge(data, read_json(log))
+    return data
+
+
+def _merge(data: dict, run: dict) -> None:
+    for k, v in run.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            _merge(data[k], v)
+        else:
+            data[k] = v
 
 
 def read_json(path: str | Path) -> Any:

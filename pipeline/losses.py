@@ -841,13 +841,13 @@ def run_losses(
         # run that computed the parts) still describes the output; rewriting it would
         # only churn DVC's hash of the folder.
         log.info("%s@%s: all %d parts were already done", spec.name, spec.revision, len(shards))
-        return json.loads(meta_path.read_text())
+        return io.read_meta(meta_path)
     meta = stage_meta(
         spec, out_dir, results, shards, tokens, mode, compute, compute_seconds, time.perf_counter() - t_start
     )
     if meta["params"] is None:  # killed between its last part and _meta.json: read the config
         meta["params"] = models_lib.config_param_counts(spec, cache_dir=suite.cache_dir)
-    io.write_json(meta, meta_path)
+    io.write_meta(meta, meta_path)
     log.info(
         "%s@%s: %d tokens in %d parts (%d computed at %.0f tokens/s)",
         spec.name, spec.revision, total_tokens, len(shards), meta["computed_tokens"], meta["tokens_per_s"] or 0,
@@ -887,7 +887,7 @@ def stage_meta(
     meta_path = out_dir / META_FILE
     if meta_path.exists():
         with contextlib.suppress(Exception):
-            previous = json.loads(meta_path.read_text())
+            previous = io.read_meta(meta_path)
     computed = sum(r["rows"] for r in results)
     busy = sum(r["seconds"] for r in results)
     cuda = [r["peak_cuda_bytes"] for r in results if r["peak_cuda_bytes"] is not None]

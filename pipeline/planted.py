@@ -56,7 +56,7 @@ import pandas as pd
 
 from pipeline.config import PlantedConfig, SuiteConfig, to_dict
 from pipeline.errors import QuantaError
-from pipeline.io import atomic_path, write_json, write_parquet
+from pipeline.io import atomic_path, run_log_path, split_run, write_json, write_meta, write_parquet
 
 EOS = "<|endoftext|>"  # Pythia's bos/eos/unk token, id 0 as in Pythia
 PAD = "<|padding|>"  # Pythia's padding token, id 1 as in Pythia
@@ -726,7 +726,7 @@ def build_suite(
     for name, info in _run_training(jobs, cfg):
         summary["models"][name] = info
     summary["models"] = {name: summary["models"][name] for name in names}
-    write_json(summary, root / "suite.json")
+    write_meta(summary, root / "suite.json")
     with atomic_path(root / "README.md") as tmp:
         tmp.write_text(
             README.format(
@@ -810,7 +810,9 @@ def _train_job(job: dict) -> dict:
             "train_seconds": round(seconds, 2),
         }
         write_parquet(pd.concat(probe_losses, ignore_index=True), tmp / "probe_losses.parquet")
-        (tmp / "train.json").write_text(json.dumps({"stamp": job["stamp"], "summary": info}, indent=2) + "\n")
+        data, run = split_run({"stamp": job["stamp"], "summary": info})
+        (tmp / "train.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_json(run, run_log_path(Path(job["model_dir"]) / "train.json"))
     return info
 
 

@@ -252,7 +252,10 @@ def write(out_dir: str | Path, affinity, ids: np.ndarray, meta: dict) -> None:
         else:
             np.save(tmp / "affinity.npy", affinity)
         np.save(tmp / "samples.npy", ids)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        data, run = io.split_run(meta)
+        (tmp / "meta.json").write_text(json.dumps(data, indent=2) + "\n")
+    if run is not None:
+        io.write_json(run, io.run_log_path(out_dir / "meta.json"))
 
 
 def read(out_dir: str | Path, mmap: bool = True) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray, dict]:
@@ -260,7 +263,7 @@ def read(out_dir: str | Path, mmap: bool = True) -> tuple[np.ndarray | sp.csr_ma
     out_dir = Path(out_dir)
     if not (out_dir / "meta.json").exists():
         raise QuantaError(f"no similarity output in {out_dir}; run the similarity stage first (dvc repro similarity)")
-    meta = json.loads((out_dir / "meta.json").read_text())
+    meta = io.read_meta(out_dir / "meta.json")
     if (out_dir / "affinity.npz").exists():
         aff = sp.load_npz(out_dir / "affinity.npz").tocsr()
     else:

@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     io.write_parquet(table, args.out, config=meta)
     io.write_parquet(summary, args.summary, config=meta)
     metrics["similarity_mode"] = sim_meta["mode"]
-    io.write_json(metrics, args.metrics)
+    io.write_meta(metrics, args.metrics)
     print(f"cluster: k={metrics['k']}, stability ARI {metrics['stability_ari']} -> {args.out}")
 
 

@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         max_len=cfg.max_len or corpus.max_len,  # null: the context the losses were computed with
         tokenizer_loader=lambda s: models.load_tokenizer(s, **tok_kwargs),
     )
-    io.write_json(meta, args.meta)
+    io.write_meta(meta, args.meta)
     print(
         f"gradients: {meta['n_samples']} samples x {meta['dim']} ({meta['n_bad']} bad) "
         f"at {meta['samples_per_s']} samples/s -> {args.out}"

@@ -28,6 +28,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from pytest workers
+# run facts (timings, peaks) of outputs written by tests go here, not into the checkout
+import tempfile  # noqa: E402
+
+os.environ.setdefault("QUANTA_RUN_LOG", tempfile.mkdtemp(prefix="quanta-runlog-"))
 
 import json
 import random

@@ -39,3 +39,19 @@ def test_write_json_handles_numpy(tmp_path):
 
     io.write_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": [0, 1]}
+
+
+def test_run_facts_stay_out_of_the_output(tmp_path, monkeypatch):
+    """Timings and peaks go to the run log, so identical data gives identical bytes."""
+    monkeypatch.setenv("QUANTA_RUN_LOG", str(tmp_path / "log"))
+    monkeypatch.chdir(tmp_path)
+    first = {"tokens": 10, "wall_seconds": 1.5, "models": {"a": {"width": 4, "train_seconds": 2.0}}}
+    second = {"tokens": 10, "wall_seconds": 9.0, "models": {"a": {"width": 4, "train_seconds": 7.0}}}
+    out = tmp_path / "out" / "_meta.json"
+    io.write_meta(first, out)
+    data = out.read_bytes()
+    assert io.read_json(out) == {"tokens": 10, "models": {"a": {"width": 4}}}
+    assert io.read_meta(out) == first
+    assert io.run_log_path(out) == tmp_path / "log" / "out" / "_meta.json"
+    io.write_meta(second, out)
+    assert out.read_bytes() == data and io.read_meta(out) == second

@@ -231,7 +231,7 @@ def test_stage_output_is_hive_partitioned_and_read_by_pandas_polars_duckdb(tmp_p
     cfg = io.read_config(part_dir / "part-00000.parquet")
     assert cfg["model"]["revision"] == "step2" and cfg["part"]["rows"] == n_scored
     assert cfg["compute"] == {"device_type": "cpu", "weights_dtype": "float32", "compute_dtype": "float32"}
-    meta = __import__("json").loads((part_dir / "_meta.json").read_text())
+    meta = __import__("pipeline.io").io.read_meta(part_dir / "_meta.json")
     assert meta["tokens"] == n_scored and meta["params"]["total"] > meta["params"]["non_embedding"] > 0
     assert meta["tokens_per_s"] > 0 and meta["peak_rss_bytes"] > 0 and meta["execution"] == "inprocess"
 
