@@ -1,8 +1,17 @@
-"""What every stage file shares: argument parsing of --params and one-line errors."""
+"""What every stage file shares: argument parsing of --params, one-line errors, and
+interrupts that stop the stage.
+
+A stage started with SIGINT ignored (anything launched in the background by a
+non-interactive shell inherits that) would run on through Ctrl-C or ``kill -INT``;
+SIGTERM would end it without running any ``finally``. So :func:`run` restores the
+KeyboardInterrupt on SIGINT and turns SIGTERM into SystemExit: either way the stage's
+clean-ups run (temporary files removed, worker pools shut down) and it exits non-zero,
+leaving only whole files, which a rerun reuses."""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -19,10 +28,26 @@ def parser(description: str, *paths: str) -> argparse.ArgumentParser:
     return ap
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def interruptible() -> None:
+    """SIGINT raises KeyboardInterrupt and SIGTERM SystemExit, whatever this process inherited."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
 def run(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a stage's main; a QuantaError becomes one line on stderr and exit status 2."""
+    """Run a stage's main; a QuantaError becomes one line on stderr and exit status 2, an
+    interrupt one line and status 130."""
+    interruptible()
     try:
         main(argv)
     except QuantaError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written is left; a rerun resumes from finished parts where the stage has them",
+              file=sys.stderr)
+        sys.exit(130)
