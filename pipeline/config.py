@@ -634,6 +634,11 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    # strict at the top too: a misspelled section (`gradient:`) would otherwise be ignored
+    # by every stage, and its keys with it
+    unknown = sorted(set(params) - set(SECTIONS), key=str)
+    if unknown:
+        raise ConfigError(f"unknown section '{unknown[0]}' in {path}; valid sections: {', '.join(SECTIONS)}")
     return params
 
 

@@ -66,3 +66,11 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
     p.write_text("losses:\n  batch_tokens: [1\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load_params(p)
+
+
+def test_every_stage_refuses_a_misspelled_section(tmp_path):
+    """`gradient:` beside `gradients:` is an error for every reader of params.yaml, not just `quanta check`."""
+    p = tmp_path / "params.yaml"
+    p.write_text("gradients:\n  k: 64\ngradient:\n  k: 32\n")
+    with pytest.raises(ConfigError, match="unknown section 'gradient'.*valid sections: planted, suite"):
+        config.load("losses", p)
