@@ -72,6 +72,7 @@ import json
 import re
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 
@@ -438,6 +439,31 @@ class RowMemory:
 RESERVE_BYTES = 512 * 2**20  # kept free under memory_gb: allocator fragmentation, the stage's own bookkeeping
 
 
+#: per model: (row length, selected names, device type) -> (per_token, per_token2, scale),
+#: so the shards of one process measure and probe once
+_CALIBRATIONS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _calibrate(engine: "_Engine", l2: int, largest: int) -> tuple[float, float, float]:
+    """Measure the bytes one row keeps at l2 and about l2 / 2 tokens (linear and quadratic
+    terms), then run one row of l2 dummy tokens and scale the model up to its peak."""
+    dev = engine.device
+    l1 = max(1, l2 // 2)
+    b1, b2 = engine.measure(l1), engine.measure(l2)
+    if l2 > l1:
+        quad = max(0.0, (b2 / l2 - b1 / l1) / (l2 - l1))
+        lin = max(0.0, b2 / l2 - quad * l2)
+    else:
+        quad, lin = 0.0, b2 / l2
+    model = RowMemory(per_token=lin, per_token2=quad, grad_block=4 * largest, budget=0.0)
+    probe = Row(doc_id=-1, start=0, end=l2, samples=(0,), positions=(l2,))
+    resident_bytes(dev)  # trim, so the peak starts from what is in use
+    with Peak(dev) as peak:
+        engine.run([probe], lambda r: np.ones(r.length, dtype=np.int64), np.ones(1, dtype=np.int64), verify=False)
+    after = resident_bytes(dev)  # the projector's tables, built by the probe, stay: not part of a row's peak
+    return lin, quad, max(1.0, (peak.bytes - after) / model.batch_bytes(1, l2))
+
+
 def plan_memory(
     engine: "_Engine", max_len: int, memory_gb: Optional[float], held_bytes: int = 0
 ) -> Optional[RowMemory]:
@@ -447,9 +473,8 @@ def plan_memory(
     torch allocates), so the budget for batches is memory_gb less what is resident now
     (interpreter, libraries, model, data), less `held_bytes` (outputs allocated but not yet
     written) and a reserve. The projector's table cache is capped at a quarter of that
-    room. Measures the bytes one row keeps at two lengths (max_len and about half of it),
-    solves for the linear and quadratic terms, then runs one row of max_len tokens (dummy
-    ids) and scales the model up to its measured peak. Raises a one-line error naming
+    room. The per-row model (:func:`_calibrate`: two measured lengths and one probe row of
+    max_len tokens) is made once per model, length and parameter set in a process. Raises a one-line error naming
     gradients.memory_gb when the process alone leaves no room, or when one row of max_len
     tokens does not fit.
     """
@@ -470,22 +495,19 @@ def plan_memory(
         )
     engine.projector.limit_cache(int(room(before) // 4))
     l2 = max(2, max_len)
-    l1 = max(1, l2 // 2)
-    b1, b2 = engine.measure(l1), engine.measure(l2)
-    if l2 > l1:
-        quad = max(0.0, (b2 / l2 - b1 / l1) / (l2 - l1))
-        lin = max(0.0, b2 / l2 - quad * l2)
-    else:
-        quad, lin = 0.0, b2 / l2
     largest = max(p.numel() for _, p in engine.params)
-    model = RowMemory(per_token=lin, per_token2=quad, grad_block=4 * largest, budget=room(before))
-    probe = Row(doc_id=-1, start=0, end=l2, samples=(0,), positions=(l2,))
-    resident_bytes(dev)  # trim, so the peak starts from what is in use
-    with Peak(dev) as peak:
-        engine.run([probe], lambda r: np.ones(r.length, dtype=np.int64), np.ones(1, dtype=np.int64), verify=False)
-    after = resident_bytes(dev)  # now with the projector's tables, which stay
-    scale = max(1.0, (peak.bytes - after) / model.batch_bytes(1, l2))
-    fitted = dataclasses.replace(model, budget=room(after), scale=scale)
+    names = tuple(n for n, _ in engine.params)
+    known = _CALIBRATIONS.setdefault(engine.model, {})
+    # one made at a length >= l2 serves: the fitted terms hold for shorter rows
+    fits = sorted(k for k in known if k[1:] == (names, dev.type) and k[0] >= l2)
+    if not fits:
+        fits = [(l2, names, dev.type)]
+        known[fits[0]] = _calibrate(engine, l2, largest)
+    lin, quad, scale = known[fits[0]]
+    after = resident_bytes(dev)
+    # tables the projector has yet to cache will stay too
+    fitted = RowMemory(per_token=lin, per_token2=quad, grad_block=4 * largest, scale=scale,
+                       budget=room(after) - engine.projector.cache_room())
     if fitted.batch_bytes(1, l2) > fitted.budget:
         raise GradientError(
             f"one row of {l2} tokens needs about {fitted.batch_bytes(1, l2) / 2**30:.2f} GiB beyond the "

@@ -142,6 +142,10 @@ class Projector:
         """Keep at most `nbytes` of tables between calls (a memory bound's share); the
         projection itself does not change."""
 
+    def cache_room(self) -> int:
+        """Bytes of tables this projector may still cache."""
+        return 0
+
     def _size(self, name: str, grad: torch.Tensor) -> int:
         if name not in self.sizes:
             raise ProjectionError(f"parameter '{name}' is not one this projector was built for")
@@ -203,6 +207,9 @@ class SparseJLProjector(Projector):
         self.cache_bytes = cache_bytes
         self._cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._cached_bytes = 0
+
+    def cache_room(self) -> int:
+        return max(0, self.cache_bytes - self._cached_bytes)
 
     def limit_cache(self, nbytes: int) -> None:
         self.cache_bytes = min(self.cache_bytes, max(0, nbytes))
