@@ -353,27 +353,36 @@ def _row(doc: int, start: int, members: list[int], positions: np.ndarray) -> Row
     return Row(doc, start, int(positions[members[0]]), tuple(members), tuple(int(positions[i]) for i in members))
 
 
+MIN_FILL = 0.8  # real tokens / padded tokens of a batch, at least
+
+
 def plan_batches(
     rows: Sequence[Row], batch_tokens: int, batch_rows: int, memory: Optional["RowMemory"] = None
 ) -> list[list[Row]]:
     """Pack rows into forward passes of at most `batch_tokens` padded tokens, `batch_rows`
     rows and, given `memory`, an estimated peak within its budget (a row over any bound
-    goes alone). Sorted by (targets per row, length), so padding is small and few backward
-    slots run with idle rows."""
+    goes alone). Sorted by (targets per row, length) and cut into length buckets at least
+    MIN_FILL real tokens, so padding is small and few backward slots run with idle rows."""
     order = sorted(rows, key=lambda r: (len(r.samples), r.length, r.doc_id, r.start))
     batches: list[list[Row]] = []
     cur: list[Row] = []
     cur_width = 0  # the longest row of cur
+    cur_tokens = 0  # its real (unpadded) tokens
     for row in order:
         width = max(row.length, cur_width)
         over = (len(cur) + 1) * width > batch_tokens or len(cur) >= batch_rows
+        # length buckets: every pass (forward, each slot's backward, the per-target
+        # weight-gradient products) runs over the padded width, so a batch closes
+        # rather than fill with less than MIN_FILL real tokens
+        over = over or cur_tokens + row.length < MIN_FILL * (len(cur) + 1) * width
         if memory is not None and not over:
             over = memory.batch_bytes(len(cur) + 1, width) > memory.budget
         if cur and over:
             batches.append(cur)
-            cur, width = [], row.length
+            cur, width, cur_tokens = [], row.length, 0
         cur.append(row)
         cur_width = width
+        cur_tokens += row.length
     if cur:
         batches.append(cur)
     return batches
