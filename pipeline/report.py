@@ -291,11 +291,15 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
         items.append((_num(qdg["stability_ari"]), f"stability ({how})"))
     val = metrics.get("validate") or {}
     if val.get("planted") and "qdg" in val:
-        items.append((_num(val["qdg"]["ari"]), f"ARI vs planted quanta (k = {val.get('k')})"))
+        items.append((_num(val["qdg"]["ari"]), f"ARI vs planted quanta (k = {val['qdg'].get('k', data.k)})"))
         items.append((_num(val["baseline_answer"]["ari"]), "ARI of the answer-token baseline"))
-    mle = (metrics.get("powerlaw") or {}).get("mle") or {}
-    if mle.get("rank_exponent") is not None:
-        items.append((_num(mle["rank_exponent"], 2), "cluster-size Zipf exponent (MLE)"))
+    # the theory's cluster-size route reads the rank MLE; CSN's tail MLE where it is absent
+    fits = metrics.get("powerlaw") or {}
+    for key, name in (("rank_mle", "rank MLE"), ("mle", "CSN tail MLE")):
+        fit = fits.get(key) or {}
+        if fit.get("rank_exponent") is not None:
+            items.append((_num(fit["rank_exponent"], 2), f"cluster-size Zipf exponent ({name})"))
+            break
     return '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(t)}</span></div>" for v, t in items) + "</div>"
 
 
