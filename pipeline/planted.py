@@ -56,7 +56,7 @@ import pandas as pd
 
 from pipeline.config import PlantedConfig, SuiteConfig, to_dict
 from pipeline.errors import QuantaError
-from pipeline.io import atomic_path, run_log_path, split_run, write_json, write_meta, write_parquet
+from pipeline.io import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
 
 EOS = "<|endoftext|>"  # Pythia's bos/eos/unk token, id 0 as in Pythia
 PAD = "<|padding|>"  # Pythia's padding token, id 1 as in Pythia
@@ -719,7 +719,7 @@ def build_suite(
         stamp = _train_stamp(cfg, name, widths[name], steps)
         stamp_path = root / "models" / name / "train.json"
         if stamp_path.exists() and json.loads(stamp_path.read_text()).get("stamp") == stamp:
-            summary["models"][name] = json.loads(stamp_path.read_text())["summary"]
+            summary["models"][name] = read_meta(stamp_path)["summary"]  # with its training seconds, where logged
             continue  # finished by an earlier, interrupted run with these params
         jobs.append(dict(cfg=cfg, name=name, width=widths[name], steps=steps, stamp=stamp,
                          model_dir=str(root / "models" / name), progress=progress))
