@@ -837,11 +837,13 @@ def run_losses(
     compute = check_compute_consistent(out_dir, len(shards))
     meta_path = out_dir / META_FILE
     if not results and meta_path.exists():
-        # Nothing recomputed: the existing _meta.json (with the speed and memory of the
-        # run that computed the parts) still describes the output; rewriting it would
-        # only churn DVC's hash of the folder.
+        # Nothing recomputed: the existing _meta.json still describes the output. It is
+        # written back through write_meta, which gives the same bytes, except that run
+        # facts an older run left inside move to the run log.
         log.info("%s@%s: all %d parts were already done", spec.name, spec.revision, len(shards))
-        return io.read_meta(meta_path)
+        meta = io.read_meta(meta_path)
+        io.write_meta(meta, meta_path)
+        return meta
     meta = stage_meta(
         spec, out_dir, results, shards, tokens, mode, compute, compute_seconds, time.perf_counter() - t_start
     )
