@@ -68,7 +68,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import re
 import time
 import warnings
@@ -80,6 +79,7 @@ import numpy as np
 import torch
 
 from pipeline import models as models_lib
+from pipeline import shards
 from pipeline.config import GRADIENT_GROUPS as GROUPS
 from pipeline.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
 from pipeline.errors import QuantaError
@@ -923,7 +923,7 @@ def per_target_gradients(
 
 # --------------------------------------------------------------------------- the stage: shards on Dask, resumable
 
-GRADIENTS_FORMAT = 1
+GRADIENTS_FORMAT = 2  # 2: parts carry a content checksum (pipeline/shards.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -953,7 +953,7 @@ _on_batch: Optional[Callable[[int], None]] = None
 
 def compute_part(task: GradientShardTask) -> dict:
     """Compute one shard's projected gradients and write its part file (.npz) atomically."""
-    from pipeline import distributed, io
+    from pipeline import distributed
     from pipeline.losses import peak_rss_bytes, torch_threads
 
     with torch_threads(task.torch_threads):
@@ -965,17 +965,9 @@ def compute_part(task: GradientShardTask) -> dict:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadGradientWarning)
             res = compute_gradients(model, task.samples, task.docs, cfg, on_batch=_on_batch)
-        reasons = np.array([res.reasons.get(i, "") for i in range(len(res.norms))], dtype=object)
-        with io.atomic_path(task.path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(
-                    f,
-                    grads=res.grads,
-                    norms=res.norms,
-                    bad=res.bad,
-                    reasons=reasons.astype(str),
-                    identity=np.array(json.dumps(task.identity, sort_keys=True)),
-                )
+        reasons = np.array([res.reasons.get(i, "") for i in range(len(res.norms))], dtype=str)
+        arrays = {"grads": res.grads, "norms": res.norms, "bad": res.bad, "reasons": reasons}
+        shards.write_part(shards.NPZ, task.path, arrays, task.identity)
     return {
         "index": task.index,
         "n": len(res.norms),
@@ -985,22 +977,6 @@ def compute_part(task: GradientShardTask) -> dict:
         "windowed": res.windowed,
         "warnings": [str(w.message) for w in caught if issubclass(w.category, BadGradientWarning)],
     }
-
-
-def _part_ok(path: Path, identity: dict, n: int, dim: Optional[int]) -> Optional[str]:
-    if not path.exists():
-        return "missing"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            found = json.loads(str(z["identity"]))
-            shape = z["grads"].shape
-    except Exception as e:  # truncated or foreign: recompute
-        return f"unreadable ({type(e).__name__})"
-    if found != json.loads(json.dumps(identity, sort_keys=True)):
-        return "was made with a different config"
-    if shape[0] != n or (dim is not None and shape[1] != dim):
-        return f"has shape {shape}, expected {(n, dim)}"
-    return None
 
 
 def check_same_tokenizer(a: Any, b: Any, load: Callable[[Any], Any]) -> None:
@@ -1037,10 +1013,7 @@ def run_gradients(
     the finished parts. When every part is there, the (N, dim) array is assembled into
     ``out_npy`` atomically and the parts are removed. Returns the stage's meta dict.
     """
-    import pyarrow as pa
-
-    from pipeline import distributed, io
-    from pipeline.losses import peak_rss_bytes, read_tokens
+    from pipeline.losses import read_tokens
     from pipeline.select import read_samples
 
     t_start = time.perf_counter()
@@ -1061,10 +1034,7 @@ def run_gradients(
         raise GradientError(f"sample {i}: document {doc[i]} is not in {tokens_path}; rerun select after the corpus stage")
 
     parts = Path(parts_dir or Path(out_npy).parent / f".{Path(out_npy).stem}-parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    for p in parts.glob(".*.tmp"):  # left by a killed writer
-        p.unlink(missing_ok=True)
-    dim = cfg.k if cfg.projection == "sjlt" else None
+    store = shards.ShardStore(parts, shards.NPZ, "gradients")
     shard_bounds = [(s, min(n, s + cfg.shard_samples)) for s in range(0, n, cfg.shard_samples)]
     identity_base = {
         "stage": "gradients",
@@ -1082,15 +1052,38 @@ def run_gradients(
         },
     }
 
+    identities = []
+    for index, (a, b) in enumerate(shard_bounds):
+        digest = hashlib.sha256(np.stack([doc[a:b], pos[a:b], tok[a:b]]).tobytes()).hexdigest()
+        identities.append(dict(identity_base, part={"index": index, "start": a, "stop": b, "sha256": digest}))
+    with store.cleanup_on_error():  # a failed start leaves no empty parts folder
+        store.prepare(len(shard_bounds))
+        todo_index = store.plan(identities, [b - a for a, b in shard_bounds], finite=("grads",))
+        meta = _compute_and_assemble(store, todo_index, shard_bounds, identities, samples, tokens, out_npy, out_table,
+                                     cfg=cfg, spec=spec, load_kwargs=load_kwargs, max_len=max_len)
+    meta["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+    meta["identity"] = identity_base
+    return meta
+
+
+def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], shard_bounds: list[tuple[int, int]],
+                          identities: list[dict], samples: Any, tokens: Any, out_npy: str, out_table: str, *,
+                          cfg: GradientsConfig, spec: Any, load_kwargs: dict, max_len: int) -> dict:
+    """Compute the parts in `todo_index`, then assemble all parts into the stage's outputs (see run_gradients)."""
+    import pyarrow as pa
+
+    from pipeline import distributed, io
+    from pipeline.losses import peak_rss_bytes
+
+    n = len(samples)
+    doc = samples["doc_id"].to_numpy(np.int64)
+    pos = samples["pos"].to_numpy(np.int64)
+    tok = samples["token_id"].to_numpy(np.int64)
     address = distributed.scheduler_address(cfg.scheduler)
     todo: list[GradientShardTask] = []
     task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
-    for index, (a, b) in enumerate(shard_bounds):
-        digest = hashlib.sha256(np.stack([doc[a:b], pos[a:b], tok[a:b]]).tobytes()).hexdigest()
-        identity = dict(identity_base, part={"index": index, "start": a, "stop": b, "sha256": digest})
-        path = parts / f"part-{index:05d}.npz"
-        if _part_ok(path, identity, b - a, dim) is None:
-            continue
+    for index in todo_index:
+        a, b = shard_bounds[index]
         needed = np.unique(doc[a:b])
         r = tokens.index_of(needed)
         docs = {int(d): tokens.token_ids[tokens.offsets[i] : tokens.offsets[i + 1]] for d, i in zip(needed, r)}
@@ -1104,8 +1097,8 @@ def run_gradients(
                 index=index,
                 samples={"doc_id": doc[a:b], "pos": pos[a:b], "token_id": tok[a:b]},
                 docs=docs,
-                path=distributed.absolute(path),
-                identity=identity,
+                path=distributed.absolute(store.path(index)),
+                identity=identities[index],
             )
         )
     reused = len(shard_bounds) - len(todo)
@@ -1138,20 +1131,19 @@ def run_gradients(
             warnings.warn(w, BadGradientWarning, stacklevel=2)
 
     # Assemble: every part exists now (computed or reused); one pass into a memmap.
-    first = np.load(parts / "part-00000.npz", allow_pickle=False)
-    dim = first["grads"].shape[1]
-    dtype = first["grads"].dtype
+    dim = store.read(0)[1]["grads"].shape[1]
+    dtype = store.read(0)[1]["grads"].dtype
     norms = np.zeros(n, dtype=np.float32)
     bad = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
     with io.atomic_path(out_npy) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
         for index, (a, b) in enumerate(shard_bounds):
-            with np.load(parts / f"part-{index:05d}.npz", allow_pickle=False) as z:
-                arr[a:b] = z["grads"]
-                norms[a:b] = z["norms"]
-                bad[a:b] = z["bad"]
-                reasons[a:b] = z["reasons"]
+            part = store.read(index)[1]
+            arr[a:b] = part["grads"]
+            norms[a:b] = part["norms"]
+            bad[a:b] = part["bad"]
+            reasons[a:b] = part["reasons"]
         arr.flush()
         del arr
     table = pa.table(
@@ -1162,11 +1154,8 @@ def run_gradients(
             "reason": pa.array([r or None for r in reasons], pa.string()),
         }
     )
-    io.write_parquet(table, out_table, config=identity_base)
-    for p in parts.glob("part-*.npz"):
-        p.unlink()
-    with contextlib.suppress(OSError):
-        parts.rmdir()
+    io.write_parquet(table, out_table, config={k: v for k, v in identities[0].items() if k != "part"})
+    store.remove_parts()
     computed = sum(r["n"] for r in results)
     busy = sum(r["seconds"] for r in results)
     return {
@@ -1180,10 +1169,8 @@ def run_gradients(
         "computed_samples": computed,
         "samples_per_s": round(computed / busy, 2) if busy else None,
         "compute_seconds": round(compute_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - t_start, 2),
         "peak_rss_bytes": max([r["peak_rss_bytes"] for r in results], default=peak_rss_bytes()),
         "projection": results[0]["projection"] if results else None,
         "windowed": sum(r["windowed"] for r in results),
         "execution": mode,
-        "identity": identity_base,
     }

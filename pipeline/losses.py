@@ -18,8 +18,9 @@ vocabulary at every position. Here, with the same numbers in fp32:
   cache-sized tiles, folded into an online logsumexp);
 - the windows are cut into shards of about ``losses.shard_tokens`` scored tokens; each
   shard is one task (in this process, or on a Dask cluster, see pipeline/distributed.py)
-  that writes one part file atomically; a rerun validates finished parts (config, shard
-  content hash, row count) and skips them, so a killed run resumes where it stopped.
+  that writes one part file atomically; a rerun reuses a finished part only when its
+  identity (config, input digest, weights) matches and its content verifies (checksum,
+  row count, finite losses), so a killed run resumes where it stopped (pipeline/shards.py).
 
 Units: nats. The row for ``pos`` is the loss of predicting token ``pos`` of a document
 from its tokens ``0..pos-1`` (pos >= 1), DESIGN.md §4. Output layout (hive partitioned,
@@ -42,7 +43,6 @@ import json
 import logging
 import re
 import resource
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -57,16 +57,18 @@ from pipeline import corpus as corpus_lib
 from pipeline import distributed
 from pipeline import io
 from pipeline import models as models_lib
+from pipeline import shards as shards_lib
 from pipeline.config import CorpusConfig, LossesConfig, SuiteConfig
 from pipeline.errors import QuantaError
 
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a part file changes: old parts are then recomputed, not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts carry a content checksum (pipeline/shards.py)
 META_FILE = "_meta.json"
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("loss", pa.float32())])
-_PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
+#: a losses part: a Parquet table of SCHEMA (see pipeline/shards.py for the resume protocol)
+PARTS = shards_lib.parquet_format(SCHEMA)
 # Names used as hive partition values: no path separators, no '=' (it would split the
 # key), no leading '.'/'_' (dataset discovery would skip the folder).
 _SAFE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -566,12 +568,12 @@ def _compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]]) ->
         on_batch=on_batch,
     )
     seconds = time.perf_counter() - t1
-    table = part_table(task.windows, losses)
-    check_finite(table, task.spec)
-    io.write_parquet(table, task.path, config=dict(task.config, compute=loaded.compute))
+    arrays = part_arrays(task.windows, losses)
+    check_finite(arrays, task.spec)
+    shards_lib.write_part(PARTS, task.path, arrays, task.config, extra={"compute": loaded.compute})
     return {
         "index": task.index,
-        "rows": table.num_rows,
+        "rows": len(arrays["loss"]),
         "seconds": seconds,
         "total_seconds": time.perf_counter() - t0,
         "peak_rss_bytes": peak_rss_bytes(),
@@ -582,8 +584,8 @@ def _compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]]) ->
     }
 
 
-def part_table(windows: Sequence[Any], losses: Sequence[np.ndarray]) -> pa.Table:
-    """The rows of a part: (doc_id, pos, loss), sorted by (doc_id, pos)."""
+def part_arrays(windows: Sequence[Any], losses: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows of a part as SCHEMA's columns (doc_id, pos, loss), sorted by (doc_id, pos)."""
     doc = np.concatenate([np.full(w.end - w.score_from, w.doc_id, dtype=np.int64) for w in windows])
     pos = np.concatenate([np.arange(w.score_from, w.end, dtype=np.int32) for w in windows])
     loss = np.concatenate([np.asarray(x, dtype=np.float32) for x in losses])
@@ -593,20 +595,18 @@ def part_table(windows: Sequence[Any], losses: Sequence[np.ndarray]) -> pa.Table
     if dup.any():  # windows overlapping in their scored ranges: a bug in make_windows
         i = int(np.flatnonzero(dup)[0])
         raise RuntimeError(f"token (doc_id={doc[i]}, pos={pos[i]}) is scored by two windows")
-    return pa.Table.from_arrays([pa.array(doc), pa.array(pos), pa.array(loss)], schema=SCHEMA)
+    return {"doc_id": doc, "pos": pos, "loss": loss}
 
 
-def check_finite(table: pa.Table, spec: Any) -> None:
+def check_finite(arrays: dict[str, np.ndarray], spec: Any) -> None:
     """NaN or infinite losses are bad input (a broken checkpoint, fp16 overflow): stop."""
-    loss = table.column("loss").to_numpy()
+    loss = arrays["loss"]
     bad = np.flatnonzero(~np.isfinite(loss))
     if len(bad):
         i = int(bad[0])
-        doc = table.column("doc_id")[i].as_py()
-        pos = table.column("pos")[i].as_py()
         raise QuantaError(
-            f"{len(bad)} non-finite losses (first: {loss[i]} at doc_id={doc}, pos={pos}) from model "
-            f"{spec.name}@{spec.revision}; the checkpoint or its dtype is broken (try suite.dtype: float32 "
+            f"{len(bad)} non-finite losses (first: {loss[i]} at doc_id={arrays['doc_id'][i]}, pos={arrays['pos'][i]}) "
+            f"from model {spec.name}@{spec.revision}; the checkpoint or its dtype is broken (try suite.dtype: float32 "
             f"and losses.autocast: none)"
         )
 
@@ -643,15 +643,6 @@ def _json(obj: Any) -> Any:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def _flat(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
 def shard_digest(windows: Sequence[Any], tokens: Sequence[np.ndarray]) -> str:
     """sha256 of a shard's windows and their token ids: a part is reused only for the same input."""
     h = hashlib.sha256()
@@ -685,47 +676,6 @@ def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: 
     }
 
 
-def check_part(path: Path, expected: dict, n_rows: int) -> Optional[str]:
-    """Why the part file at `path` cannot be reused for `expected` (None: it can)."""
-    if not path.exists():
-        return "missing"
-    try:
-        found = io.read_config(path)
-        meta = pq.read_metadata(path)
-        schema = pq.read_schema(path)
-    except Exception as e:  # a truncated or foreign file: recompute, never trust it
-        return f"unreadable ({type(e).__name__}: {e})"
-    if found is None:
-        return "has no quanta config in its metadata"
-    found = {k: v for k, v in found.items() if k != "compute"}
-    want = json.loads(_json(expected))
-    if found != want:
-        a, b = _flat(found), _flat(want)
-        diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        return f"was made with a different config (differs in {', '.join(diff[:5])})"
-    if meta.num_rows != n_rows:
-        return f"has {meta.num_rows} rows where {n_rows} were expected"
-    if not schema.remove_metadata().equals(SCHEMA):
-        return f"has schema {schema.remove_metadata()} instead of {SCHEMA}"
-    return None
-
-
-def clean_stale(out_dir: Path, n_parts: int) -> None:
-    """Remove what a killed or different earlier run left: temp files, surplus parts."""
-    for p in sorted(out_dir.iterdir()):
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            log.info("removing %s, left by a killed run", p)
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-            continue
-        m = _PART_RE.match(p.name)
-        if (m and int(m.group(1)) >= n_parts) or (p.suffix == ".parquet" and not m):
-            log.warning("removing %s: not a part of this run's %d parts", p, n_parts)
-            p.unlink()
-
-
 def run_losses(
     spec: Any,
     tokens_path: str | Path,
@@ -749,9 +699,24 @@ def run_losses(
         raise QuantaError(f"no tokens to score in {tokens_path}: every document is shorter than two tokens")
     shards = make_shards(windows, losses.shard_tokens)
     identity = stage_identity(spec, suite, corpus, losses)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale(out_dir, len(shards))
+    store = shards_lib.ShardStore(out_dir, PARTS, f"{spec.name}@{spec.revision}", extra_keys=("compute",))
+    with store.cleanup_on_error(up_to=out_root):  # a failed start leaves no empty folders
+        store.prepare(len(shards))
+        return _compute_missing(spec, tokens, shards, identity, store, losses, suite, corpus, t_start)
 
+
+def _shard_input(tokens: TokenTable, shard: Shard, identity: dict, n_parts: int) -> tuple[list[np.ndarray], dict]:
+    """(the token ids of each of the shard's windows, the shard's part identity)."""
+    rows = tokens.index_of(np.asarray([w.doc_id for w in shard.windows], dtype=np.int64))
+    pieces = [tokens.token_ids[tokens.offsets[r] + w.start : tokens.offsets[r] + w.end] for r, w in zip(rows, shard.windows)]
+    part = {"index": shard.index, "n_parts": n_parts, "rows": shard.n_tokens, "sha256": shard_digest(shard.windows, pieces)}
+    return pieces, dict(identity, part=part)
+
+
+def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identity: dict, store: "shards_lib.ShardStore",
+                     losses: LossesConfig, suite: SuiteConfig, corpus: CorpusConfig, t_start: float) -> dict:
+    """Compute the parts that do not verify, then write _meta.json (see :func:`run_losses`)."""
+    out_dir = store.directory
     address = distributed.scheduler_address(losses.scheduler)
     load_kwargs = {
         "dtype": suite.dtype,
@@ -760,34 +725,13 @@ def run_losses(
         "local_files_only": suite.local_files_only,
         "trust_remote_code": suite.trust_remote_code,
     }
-    todo: list[tuple[Shard, list[np.ndarray], dict]] = []
-    reused_tokens = 0
-    for shard in shards:
-        rows = tokens.index_of(np.asarray([w.doc_id for w in shard.windows], dtype=np.int64))
-        pieces = [
-            tokens.token_ids[tokens.offsets[r] + w.start : tokens.offsets[r] + w.end]
-            for r, w in zip(rows, shard.windows)
-        ]
-        cfg = dict(
-            identity,
-            part={
-                "index": shard.index,
-                "n_parts": len(shards),
-                "rows": shard.n_tokens,
-                "sha256": shard_digest(shard.windows, pieces),
-            },
-        )
-        path = part_path(out_dir, shard.index)
-        why = check_part(path, cfg, shard.n_tokens)
-        if why is None:
-            reused_tokens += shard.n_tokens
-            continue
-        if why != "missing":
-            log.warning("%s %s: recomputing it", path, why)
-        todo.append((shard, pieces, cfg))
+    inputs = [_shard_input(tokens, shard, identity, len(shards)) for shard in shards]
+    todo_index = store.plan([cfg for _, cfg in inputs], [s.n_tokens for s in shards], finite=("loss",))
+    todo = [(shards[i], *inputs[i]) for i in todo_index]
     total_tokens = sum(s.n_tokens for s in shards)
-    if reused_tokens:
-        log.info("reusing %d of %d finished parts (%d tokens)", len(shards) - len(todo), len(shards), reused_tokens)
+    reused_tokens = total_tokens - sum(shards[i].n_tokens for i in todo_index)
+    if todo:  # the output changes: the old _meta.json no longer describes it
+        (out_dir / META_FILE).unlink(missing_ok=True)
 
     mode = distributed.choose_mode(address, len(todo), losses.n_workers)
     if mode == distributed.INPROCESS and address == distributed.LOCAL and todo:

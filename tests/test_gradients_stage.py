@@ -101,6 +101,42 @@ def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, in
     assert stage(d, spec, tmp_path / "run", seed=1)["reused_parts"] == 0
 
 
+def test_damaged_or_nan_parts_are_logged_by_name_and_recomputed(tmp_path, inputs, monkeypatch, caplog):
+    import logging
+
+    from pipeline import shards
+
+    d, spec, _, _ = inputs
+    real = gradients.compute_part
+    monkeypatch.setattr(gradients, "compute_part", dies_on_call(4, []))
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, tmp_path / "run")
+    monkeypatch.setattr(gradients, "compute_part", real)
+    parts = tmp_path / "run" / ".g-parts"
+    meta, arrays = shards.NPZ.read(parts / "part-00000.npz")
+    arrays["grads"][0, 0] += 1.0  # data changed after writing, stored checksum kept
+    shards.NPZ.write(parts / "part-00000.npz", arrays, meta)
+    meta, arrays = shards.NPZ.read(parts / "part-00001.npz")
+    arrays["grads"][2, 5] = np.nan
+    meta.pop(shards.CONTENT)
+    shards.write_part(shards.NPZ, parts / "part-00001.npz", arrays, meta)  # a valid checksum over a NaN
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        got = stage(d, spec, tmp_path / "run")
+    assert got["reused_parts"] == 1 and got["computed_samples"] == 57 - 10
+    assert "part-00000.npz fails its content checksum" in caplog.text
+    assert "part-00001.npz has 1 non-finite values in grads" in caplog.text
+    stage(d, spec, tmp_path / "clean")
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "g.npy"), np.load(tmp_path / "clean" / "g.npy"))
+
+
+def test_a_run_killed_before_its_first_part_leaves_no_parts_folder(tmp_path, inputs, monkeypatch):
+    d, spec, _, _ = inputs
+    monkeypatch.setattr(gradients, "compute_part", dies_on_call(1, []))
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, tmp_path / "run")
+    assert not (tmp_path / "run" / ".g-parts").exists()
+
+
 def test_a_model_rewritten_in_place_is_recomputed(tmp_path, inputs, tiny_tokenizer_dir, monkeypatch):
     from conftest import make_neox
 

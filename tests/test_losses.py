@@ -308,10 +308,10 @@ def test_rerun_reuses_valid_parts_and_recomputes_damaged_or_foreign_ones(tmp_pat
     (d / ".part-00003.parquet.abc123.tmp").write_bytes(b"half a file")
     shutil.copy(d / "part-00000.parquet", d / "part-00999.parquet")  # left by a run with more shards
 
-    with caplog.at_level(logging.INFO, logger="pipeline.losses"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         meta = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
     assert meta["computed_parts"] == 2 and meta["reused_parts"] == n_parts - 2
-    assert "part-00001.parquet unreadable" in caplog.text
+    assert "part-00001.parquet is unreadable" in caplog.text
     assert "part-00002.parquet was made with a different config (differs in model.source)" in caplog.text
     after = {p.name: p.stat().st_mtime_ns for p in d.glob("part-*.parquet")}
     assert set(after) == set(before)  # surplus part removed
@@ -320,10 +320,69 @@ def test_rerun_reuses_valid_parts_and_recomputes_damaged_or_foreign_ones(tmp_pat
     assert read_dir(d).equals(first)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipeline.losses"):
+    with caplog.at_level(logging.INFO, logger="pipeline"):
         meta = run(tiny_neox_dir, tokens, out, shard_tokens=100, batch_tokens=64, threads_per_worker=1)
     assert meta["computed_parts"] == n_parts  # another config: nothing reused silently
     assert "differs in losses.batch_tokens" in caplog.text
+
+
+def _flip_bytes_in_loss_pages(path: Path) -> None:
+    """Overwrite 8 bytes in the middle of the loss column's pages; the footer stays intact."""
+    col = pq.read_metadata(path).row_group(0).column(2)
+    start = col.dictionary_page_offset or col.data_page_offset
+    at = start + col.total_compressed_size // 2
+    raw = bytearray(path.read_bytes())
+    raw[at : at + 8] = bytes(b ^ 0xFF for b in raw[at : at + 8])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_part_damaged_inside_its_data_pages_is_recomputed(tmp_path, tiny_neox_dir, caplog):
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(30, 40, seed=7))
+    out = tmp_path / "out"
+    meta = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
+    d = out / "model=tiny" / "revision=main"
+    first = read_dir(d)
+    _flip_bytes_in_loss_pages(d / "part-00001.parquet")
+    assert io.read_config(d / "part-00001.parquet") is not None  # the footer still reads
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        again = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
+    assert again["computed_parts"] == 1 and again["reused_parts"] == meta["parts"] - 1
+    assert "part-00001.parquet" in caplog.text and "recomputing it" in caplog.text
+    assert read_dir(d).equals(first)
+
+
+def test_a_part_holding_nan_is_recomputed_not_reused(tmp_path, tiny_neox_dir, caplog):
+    from pipeline import shards
+
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(30, 40, seed=7))
+    out = tmp_path / "out"
+    run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
+    d = out / "model=tiny" / "revision=main"
+    first = read_dir(d)
+    part = d / "part-00000.parquet"
+    meta, arrays = losses.PARTS.read(part)
+    arrays["loss"] = arrays["loss"].copy()
+    arrays["loss"][3] = np.nan
+    extra = {"compute": meta.pop("compute")}
+    meta.pop(shards.CONTENT)
+    shards.write_part(losses.PARTS, part, arrays, meta, extra=extra)  # a valid checksum, over a NaN
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        again = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
+    assert again["computed_parts"] == 1
+    assert "part-00000.parquet has 1 non-finite values in loss; recomputing it" in caplog.text
+    assert read_dir(d).equals(first)
+
+
+def test_a_failed_start_leaves_no_empty_partition_folders(tmp_path, tiny_neox_dir):
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(5, 40, seed=7))
+    out = tmp_path / "out"
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_neox_dir, broken)
+    for w in broken.glob("*.safetensors"):
+        w.write_bytes(b"not weights")  # found and fingerprinted; fails only when loaded
+    with pytest.raises(Exception):
+        run(broken, tokens, out)
+    assert out.is_dir() and not (out / "model=tiny").exists()
 
 
 @pytest.mark.slow
