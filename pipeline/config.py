@@ -8,6 +8,7 @@ valid ones) and wrong types (naming the expected type) before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -62,6 +63,8 @@ class PlantedConfig:
     lr: float = 6e-3
     lr_base_width: int = 8
     lr_width_exponent: float = 0.5
+    # the same for the input and output embeddings (muP keeps their Adam lr width-independent: 0)
+    embed_lr_width_exponent: float = 0.5
     min_lr_ratio: float = 0.0  # cosine decay to this fraction of the peak lr
     weight_decay: float = 0.1  # AdamW, on matrices only
     warmup_steps: int = 100
@@ -572,7 +575,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         }
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected float, got {value!r}")
+            hint = ""
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    float(value)
+                    hint = f" (YAML reads {value} as a string: write it with a dot, e.g. {float(value)!r})"
+            raise ConfigError(f"{where}: expected float, got {value!r}{hint}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -630,6 +638,10 @@ def load_params(path: str | Path = "params.yaml") -> dict:
             params = yaml.load(f, Loader=StrictLoader) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        # A key without its colon is found only on the next line; the scanner's context
+        # mark points at the line with the typo.
+        if str(getattr(e, "context", "")).startswith("while scanning a simple key"):
+            mark = getattr(e, "context_mark", None) or mark
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(params, dict):
@@ -639,7 +651,21 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     unknown = sorted(set(params) - set(SECTIONS), key=str)
     if unknown:
         raise ConfigError(f"unknown section '{unknown[0]}' in {path}; valid sections: {', '.join(SECTIONS)}")
+    # Every section is checked whichever stage reads the file, and the sections against
+    # each other, so that a run never fails late on something knowable at the start.
+    check_consistent({name: section(params, name) for name in SECTIONS})
     return params
+
+
+def check_consistent(cfgs: dict) -> None:
+    """Cross-section checks of typed sections (name -> config), one ConfigError each."""
+    select, cluster = cfgs["select"], cfgs["cluster"]
+    big = [k for k in cluster.n_clusters if k >= select.n_samples]
+    if big:
+        raise ConfigError(
+            f"cluster.n_clusters {big} needs more than select.n_samples = {select.n_samples} samples (k must be < N); "
+            "lower cluster.n_clusters or raise select.n_samples"
+        )
 
 
 def section(params: dict, name: str):

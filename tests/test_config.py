@@ -74,3 +74,33 @@ def test_every_stage_refuses_a_misspelled_section(tmp_path):
     p.write_text("gradients:\n  k: 64\ngradient:\n  k: 32\n")
     with pytest.raises(ConfigError, match="unknown section 'gradient'.*valid sections: planted, suite"):
         config.load("losses", p)
+
+
+def test_a_misspelled_key_fails_whichever_section_a_stage_reads(tmp_path):
+    """The losses stage reads only suite, corpus and losses; a typo in cluster still stops it."""
+    p = tmp_path / "params.yaml"
+    p.write_text("cluster:\n  n_clustres: 8\n")
+    with pytest.raises(ConfigError, match="unknown key 'n_clustres' in params section 'cluster'"):
+        config.load("losses", p)
+
+
+def test_n_samples_below_k_is_refused_before_anything_runs(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("select:\n  n_samples: 50\ncluster:\n  n_clusters: [20, 50]\n")
+    with pytest.raises(ConfigError, match=r"cluster.n_clusters \[50\] needs more than select.n_samples = 50"):
+        config.load("corpus", p)
+
+
+def test_a_key_without_its_colon_is_reported_on_its_own_line(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("losses:\n  batch_tokens: 1\n  shard_tokens 64\n  autocast: none\n")
+    with pytest.raises(ConfigError, match="line 3: not valid YAML"):
+        config.load_params(p)
+
+
+def test_a_float_that_yaml_reads_as_a_string_says_so(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("planted:\n  lr: 6e-3\n")
+    with pytest.raises(ConfigError, match=r"planted.lr: expected float, got '6e-3' \(YAML reads 6e-3 as a string: "
+                                          r"write it with a dot, e.g. 0.006\)"):
+        config.load_params(p)
