@@ -63,8 +63,6 @@ class PlantedConfig:
     lr: float = 6e-3
     lr_base_width: int = 8
     lr_width_exponent: float = 0.5
-    # the same for the input and output embeddings (muP keeps their Adam lr width-independent: 0)
-    embed_lr_width_exponent: float = 0.5
     min_lr_ratio: float = 0.0  # cosine decay to this fraction of the peak lr
     weight_decay: float = 0.1  # AdamW, on matrices only
     warmup_steps: int = 100

@@ -68,7 +68,7 @@ LEARNED_FRACTION = 0.9
 
 # Bump when the language or the training loop changes meaning, so that a resumed run never
 # reuses a model trained by older code (models/<name>/train.json records it).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: saved JSON files without transformers_version
 
 _STEP = re.compile(r"^step(\d+)$")
 
@@ -772,6 +772,18 @@ def _run_training(jobs: list[dict], cfg: PlantedConfig) -> Iterator[tuple[str, d
             yield futures[fut], fut.result()
 
 
+def _drop_library_version(model_dir: Path) -> None:
+    """Remove the ``transformers_version`` that save_pretrained writes into the JSON files.
+
+    It records the library that wrote the files, not the model, and would give two
+    installs of the same params different DVC hashes; no loader needs it.
+    """
+    for path in sorted(model_dir.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.pop("transformers_version", None) is not None:
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _train_job(job: dict) -> dict:
     """Train one planted model and save it whole at job["model_dir"]; return its summary.
 
@@ -796,6 +808,7 @@ def _train_job(job: dict) -> dict:
             out = tmp / by_step[step]
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
+            _drop_library_version(out)
             loss = token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
             probe_losses.append(probe.assign(revision=by_step[step], loss=loss.astype(np.float32)))
 
