@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=48, help="documents for the losses")
     ap.add_argument("--n", type=int, default=24, help="gradient targets")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--per-doc", type=float, default=3.0,
+                    help="gradient targets per document within a round (selection takes several per document)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -167,9 +169,10 @@ def main() -> None:
     res["losses"]["max_abs_diff"] = diff
     print(json.dumps(res["losses"]), flush=True)
 
-    # ---- gradients: N targets, about 3 per document, at random positions
+    # ---- gradients: N targets, --per-doc per document in each round, at random positions
     rng = np.random.default_rng(1)
-    doc_ids = rng.choice(len(docs), size=args.n)
+    n_grad_docs = max(1, min(len(docs), round(args.n / args.rounds / args.per_doc)))
+    doc_ids = rng.choice(rng.choice(len(docs), size=n_grad_docs, replace=False), size=args.n)
     positions = np.array([rng.integers(1, len(docs[d])) for d in doc_ids])
     cfg = GradientsConfig(max_len=512, verify=False, progress=False)
     params = gradients.select_params(model, cfg.include, cfg.exclude)
@@ -219,6 +222,7 @@ def main() -> None:
     res["gradients"]["min_cosine_ours_vs_reference"] = cos
     res["gradients"]["warmup_with_calibration_s"] = warm
     res["gradients"]["targets"] = args.n
+    res["gradients"]["documents"] = n_grad_docs
     res["gradients"]["mean_context"] = float(positions.mean())
     print(json.dumps(res["gradients"]), flush=True)
     res["machine_after"] = machine()
