@@ -15,8 +15,8 @@ tables on (doc_id, pos) (:func:`pipeline.scaling.align_tokens`, already-sorted i
 usual case: every table lists the same tokens in the same order), whose inputs alone
 take ~1.1 GB at 10^7 tokens.
 
-    python bench/bench_scaling.py                     # ~10-30 s on 2 cores
-    python bench/bench_scaling.py --tokens 1000000 --append ""   # quick, no RESULTS.md
+    python bench/bench_scaling.py                     # ~10-30 s on 2 cores; prints the numbers
+    python bench/bench_scaling.py --append bench/RESULTS.md      # also appends a section there
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-tokens", type=int, default=ScalingConfig().chunk_tokens)
     ap.add_argument("--ref-tokens", type=int, default=5_000)
     ap.add_argument("--align", action="store_true", help="also time the join of 7 loss tables")
-    ap.add_argument("--append", default=str(Path(__file__).with_name("RESULTS.md")),
-                    help="Markdown file to append a section to ('' = none)")
+    ap.add_argument("--append", default="",
+                    help="a Markdown file to append a section to (default: none; RESULTS.md keeps the current numbers only)")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(ScalingConfig(), chunk_tokens=args.chunk_tokens)
     T = args.tokens

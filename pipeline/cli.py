@@ -12,7 +12,6 @@ Stages themselves run through DVC (`dvc repro`); see README.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,11 +33,11 @@ def _loss_partition(losses_dir: Path, model: str, revision: str) -> tuple[int, O
     """(rows, meta) of the loss table of one (model, revision), rows 0 when absent."""
     import pyarrow.parquet as pq
 
-    part_dir = losses_dir / f"model={model}" / f"revision={revision}"
+    from pipeline import layout
+
+    part_dir = layout.partition_dir(losses_dir, model, revision)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(part_dir.glob("part-*.parquet")))
-    meta_path = part_dir / "_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    return rows, meta
+    return rows, layout.read_partition_meta(losses_dir, model, revision)
 
 
 def cmd_info(args) -> None:

@@ -86,13 +86,12 @@ def sparse_lanczos_embedding(affinity: sp.spmatrix, n_components: int, seed: int
 def dense_eigh_embedding(affinity: np.ndarray, n_components: int) -> np.ndarray:
     """Spectral embedding (N, n_components) of a dense affinity by LAPACK's symmetric eigensolver.
 
-    Why not sklearn's arpack path for dense input: shift-invert Lanczos for 400 eigenvectors
-    of a 10,000 x 10,000 Laplacian took ~3 minutes per embedding on 2 cores
-    (bench/RESULTS.md); one dense tridiagonalisation (``eigh`` with ``subset_by_index``)
-    is exact and faster. It runs in float32 (degrees in float64): the reduction to
-    tridiagonal form is memory-bound, and single precision took it from 120 s to 75 s at
-    N = 10,000 (AMD EPYC VM, one run), with the leading eigenvectors equal to float64's to
-    1 - |cos| < 1e-7. Same graph as sklearn's (the diagonal is ignored), same scaling
+    Why not sklearn's arpack path for dense input: shift-invert Lanczos for hundreds of
+    eigenvectors of a dense Laplacian is several times slower than one dense
+    tridiagonalisation (``eigh`` with ``subset_by_index``), which is exact (bench/RESULTS.md
+    has the numbers). It runs in float32 (degrees in float64): the reduction to tridiagonal
+    form is memory-bound, single precision makes it faster, and the leading eigenvectors
+    equal float64's to 1 - |cos| < 1e-7. Same graph as sklearn's (the diagonal is ignored), same scaling
     (eigenvectors of D^-1/2 W D^-1/2 divided by sqrt(degree)), signs fixed; float64 out.
     """
     from scipy.linalg import eigh

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -664,6 +665,19 @@ def check_consistent(cfgs: dict) -> None:
             f"cluster.n_clusters {big} needs more than select.n_samples = {select.n_samples} samples (k must be < N); "
             "lower cluster.n_clusters or raise select.n_samples"
         )
+
+
+_STEP = re.compile(r"^step(\d+)$")
+
+
+def step_of(revision: object) -> Optional[int]:
+    """N of a Pythia-style checkpoint name ``stepN`` (None for any other revision, e.g. ``main``).
+
+    The one parser of suite.revisions names; it lives here, with the suite's config, so that
+    the stages that need it do not import torch (as pipeline.models does).
+    """
+    m = _STEP.match(revision) if isinstance(revision, str) else None
+    return int(m.group(1)) if m else None
 
 
 def section(params: dict, name: str):

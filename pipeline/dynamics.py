@@ -51,7 +51,6 @@ the first few hundred steps, a "phase change" that is not a quantum; set ``step_
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -60,11 +59,11 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from pipeline.config import ConfigError, DynamicsConfig  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
+from pipeline.config import ConfigError, DynamicsConfig, step_of  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
+from pipeline import layout
 from pipeline.errors import QuantaError
 from pipeline.scaling import Aligned, align_tokens, key_codec, read_loss_partition
 
-_STEP = re.compile(r"^step(\d+)$")
 _CHUNK_ELEMENTS = 1 << 18  # (tokens, windows) float32 temporaries of 1 MiB: cache-sized, ~2x faster than 16 MiB
 
 
@@ -77,12 +76,12 @@ class DynamicsError(QuantaError, ValueError):
 
 def parse_step(revision: str) -> int:
     """N of a Pythia-style revision name ``stepN``."""
-    m = _STEP.match(revision)
-    if not m:
+    n = step_of(revision)
+    if n is None:
         raise DynamicsError(
             f"revision {revision!r} is not a checkpoint name 'stepN'; training dynamics need stepN revisions"
         )
-    return int(m.group(1))
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +96,10 @@ class Checkpoints:
 
 def list_revisions(root: str | Path, model: str) -> list[str]:
     """The ``stepN`` revisions on disk under ``<root>/model=<model>/`` (others are ignored)."""
-    base = Path(root) / f"model={model}"
+    base = layout.model_dir(root, model)
     if not base.is_dir():
         raise DynamicsError(f"no losses for model {model!r}: {base} does not exist; run its losses stages first")
-    return [p.name[len("revision="):] for p in sorted(base.glob("revision=step*")) if _STEP.match(p.name[9:])]
+    return [p.name[len("revision="):] for p in sorted(base.glob("revision=step*")) if step_of(p.name[len("revision="):]) is not None]
 
 
 def load_checkpoints(root: str | Path, model: str, revisions: Optional[Sequence[str]] = None) -> Checkpoints:
@@ -568,7 +567,7 @@ def followed_model(models: Sequence[str], cfg: DynamicsConfig) -> Optional[str]:
 def skip_reason(models: Sequence[str], revisions: Sequence[str], cfg: DynamicsConfig) -> str:
     """Why the dynamics stage has nothing to follow ('' when it has): fewer than two stepN
     revisions in the suite (a one-checkpoint run, e.g. one released model, or a GGUF file)."""
-    revs = [r for r in revisions if _STEP.match(r)]
+    revs = [r for r in revisions if step_of(r) is not None]
     if len(revs) >= 2:
         return ""
     return (f"training dynamics need at least 2 stepN checkpoints; suite.revisions has {len(revs)} "
@@ -602,7 +601,7 @@ def run(
         raise DynamicsError("suite.models is empty: no model to follow over training; list one, or set dynamics.model")
     if model not in models:
         raise DynamicsError(f"dynamics.model {model!r} is not in suite.models ({', '.join(models)})")
-    revs = [r for r in revisions if _STEP.match(r)]
+    revs = [r for r in revisions if step_of(r) is not None]
     _check_count(len(revs), f"model {model!r}: stepN revisions in suite.revisions {list(revisions)}")
     ck = load_checkpoints(root, model, revs)
     truth = read_planted(planted_dir) if planted_dir is not None else None

@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 import resource
 import time
 from pathlib import Path
@@ -58,6 +57,7 @@ from pipeline import distributed
 from pipeline import io
 from pipeline import models as models_lib
 from pipeline import shards as shards_lib
+from pipeline.layout import META_FILE, partition_dir  # noqa: F401 (re-exported)
 from pipeline.config import CorpusConfig, LossesConfig, SuiteConfig
 from pipeline.errors import QuantaError
 
@@ -65,13 +65,9 @@ log = logging.getLogger(__name__)
 
 # Bump when the meaning of a part file changes: old parts are then recomputed, not reused.
 FORMAT_VERSION = 2  # 2: parts carry a content checksum (pipeline/shards.py)
-META_FILE = "_meta.json"
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("loss", pa.float32())])
 #: a losses part: a Parquet table of SCHEMA (see pipeline/shards.py for the resume protocol)
 PARTS = shards_lib.parquet_format(SCHEMA)
-# Names used as hive partition values: no path separators, no '=' (it would split the
-# key), no leading '.'/'_' (dataset discovery would skip the folder).
-_SAFE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 # --------------------------------------------------------------------------- token table
@@ -209,8 +205,8 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- the computation
 
 # losses.batch_tokens / logits_chunk = 0 resolve by device type. GPUs want big batches
-# to fill their matrix units. On CPUs, big batches were up to 8x slower on the 2-core
-# bench machine (activations of a 16k-token batch spill to DRAM; see bench/RESULTS.md).
+# to fill their matrix units. On CPUs big batches are slower (activations of a 16k-token
+# batch spill to DRAM; bench/RESULTS.md has the numbers).
 AUTO_SIZES = {"cpu": (1024, 256)}
 AUTO_SIZES_ACCELERATOR = (16384, 4096)
 
@@ -305,9 +301,9 @@ def check_output_head(model: torch.nn.Module, n_positions: int = 8) -> None:
         )
 
 
-# A (chunk, block) fp32 tile of about 4 MiB stays in a CPU core's cache; measured on
-# a 2-core AVX-512 Xeon, tiling made the unembedding + cross-entropy 1.9x faster (the
-# full-vocabulary version is memory-bound there; see bench/RESULTS.md).
+# A (chunk, block) fp32 tile of about 4 MiB stays in a CPU core's cache; the
+# full-vocabulary unembedding + cross-entropy is memory-bound on CPUs, and tiling makes
+# it faster (bench/RESULTS.md has the numbers).
 CPU_TILE_ELEMENTS = 1 << 20
 
 
@@ -617,17 +613,6 @@ def peak_rss_bytes() -> int:
 
 
 # --------------------------------------------------------------------------- the stage
-
-
-def partition_dir(out_root: str | Path, model: str, revision: str) -> Path:
-    """``<out_root>/model=<model>/revision=<revision>``, refusing names that break the layout."""
-    for what, value in (("model name", model), ("revision", revision)):
-        if not _SAFE_VALUE.match(value):
-            raise QuantaError(
-                f"{what} {value!r} cannot name an output folder (letters, digits, '.', '_', '+', '-' only, "
-                f"not starting with '.' or '_'); rename it in params.yaml suite"
-            )
-    return Path(out_root) / f"model={model}" / f"revision={revision}"
 
 
 def part_path(out_dir: str | Path, index: int) -> Path:

@@ -46,7 +46,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
@@ -54,15 +53,16 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.config import PlantedConfig, SuiteConfig, to_dict
+from pipeline.config import PlantedConfig, SuiteConfig, step_of, to_dict
+from pipeline import layout
 from pipeline.errors import QuantaError
 from pipeline.io import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
 
 EOS = "<|endoftext|>"  # Pythia's bos/eos/unk token, id 0 as in Pythia
 PAD = "<|padding|>"  # Pythia's padding token, id 1 as in Pythia
 
-# What "learned" means for a quantum (the issue's definition): at least LEARNED_FRACTION of
-# its answer tokens under LEARNED_LOSS nats.
+# What "learned" means for a quantum: at least LEARNED_FRACTION of its answer tokens under
+# LEARNED_LOSS nats (on the probe set; the paper scored each sparse-parity subtask alike).
 LEARNED_LOSS = 0.1
 LEARNED_FRACTION = 0.9
 
@@ -70,7 +70,6 @@ LEARNED_FRACTION = 0.9
 # reuses a model trained by older code (models/<name>/train.json records it).
 FORMAT_VERSION = 4  # 4: saved JSON files without transformers_version
 
-_STEP = re.compile(r"^step(\d+)$")
 
 RULES = ("pair", "table", "gate")
 
@@ -237,7 +236,7 @@ def gate_table(cfg: PlantedConfig, rng: np.random.Generator) -> np.ndarray:
 
     a(k) = k * n_answers // n_quanta: the quanta share the answers in blocks of frequency
     rank, so the most frequent ones share one answer and the answer token says little
-    about the quantum (the issue's answer-token baseline).
+    about the quantum (what validate's answer-token baseline measures).
     """
     answer = np.arange(cfg.n_quanta) * cfg.n_answers // cfg.n_quanta
     table = np.full((cfg.n_quanta, cfg.n_args), -1, dtype=np.int64)
@@ -436,13 +435,12 @@ def parse_revisions(revisions: Sequence[str], steps: int) -> dict[str, int]:
     """Training step of each Pythia-style revision name ("step0" ... "step<steps>")."""
     out = {}
     for rev in revisions:
-        m = _STEP.match(rev) if isinstance(rev, str) else None
-        if m is None:
+        n = step_of(rev)
+        if n is None:
             raise PlantedError(
                 f"suite.revisions: {rev!r} is not a planted checkpoint name; use 'stepN' with N in 0..{steps} "
                 "(planted.steps)"
             )
-        n = int(m.group(1))
         if n > steps:
             raise PlantedError(
                 f"suite.revisions: {rev} is past the end of training (planted.steps={steps}); "
@@ -645,6 +643,17 @@ def _train_stamp(cfg: PlantedConfig, name: str, width: int, steps: Mapping[str, 
     planted = {k: v for k, v in to_dict(cfg).items() if k != "workers"}  # workers: where, not what
     stamp = {"format": FORMAT_VERSION, "planted": planted, "name": name, "width": width, "revisions": dict(steps)}
     return json.loads(json.dumps(stamp))
+
+
+def sample_quanta(planted_dir: str | Path, samples: pd.DataFrame) -> Optional[np.ndarray]:
+    """The planted quantum of each row of `samples` (doc_id, pos), -1 where none; None when
+    `planted_dir` holds no ground truth (a real suite). The one join of samples to labels."""
+    path = Path(planted_dir) / "labels.parquet"
+    if not path.exists():
+        return None
+    labels = pd.read_parquet(path, columns=["doc_id", "pos", "quantum"])
+    merged = samples[["doc_id", "pos"]].merge(labels, on=["doc_id", "pos"], how="left")
+    return merged["quantum"].fillna(-1).to_numpy(np.int64)
 
 
 def label_table(quanta: np.ndarray) -> pd.DataFrame:
@@ -892,7 +901,7 @@ def write_reference_losses(
     for m in models:
         for r in revisions:
             model = GPTNeoXForCausalLM.from_pretrained(root / "models" / m / r, dtype="float32").eval()
-            write_parquet(loss_table(token_losses(model, tokens)), losses_dir / f"model={m}" / f"revision={r}" / "part-00000.parquet")
+            write_parquet(loss_table(token_losses(model, tokens)), layout.partition_dir(losses_dir, m, r) / "part-00000.parquet")
 
 
 # --------------------------------------------------------------------------- metrics
@@ -927,11 +936,6 @@ def answer_scores(ans: pd.DataFrame, n_quanta: int) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _step_of(revision: str) -> Optional[int]:
-    m = _STEP.match(revision)
-    return int(m.group(1)) if m else None
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman's rho, NaN when it is undefined (fewer than 3 points, or a constant input)."""
     from scipy import stats
@@ -963,7 +967,7 @@ def compute_metrics(
     losses. The learned-count exponent's CI resamples quanta `n_boot` times.
     """
     models = sorted(param_counts, key=lambda m: param_counts[m])
-    revs = sorted(revisions, key=lambda r: (_step_of(r) is None, _step_of(r) or 0))
+    revs = sorted(revisions, key=lambda r: (step_of(r) is None, step_of(r) or 0))
     final = revs[-1]
     K = len(quanta)
     freq = quanta.sort_values("quantum")["frequency"].to_numpy()
@@ -1056,11 +1060,11 @@ def compute_metrics(
     # Emergence over training: the first checkpoint of the largest model from which on the
     # quantum stays learned (None: not learned at the final checkpoint).
     big = models[-1]
-    step_revs = [r for r in revs if (big, r) in scores and _step_of(r) is not None]
+    step_revs = [r for r in revs if (big, r) in scores and step_of(r) is not None]
     if step_revs:
         lr = np.stack([scores[(big, r)]["learned"].to_numpy() for r in step_revs])  # (ckpt, quantum)
         stays = np.flip(np.logical_and.accumulate(np.flip(lr, 0), axis=0), 0)  # learned here and after
-        steps = np.array([_step_of(r) for r in step_revs])
+        steps = np.array([step_of(r) for r in step_revs])
         emerge = [int(steps[stays[:, k].argmax()]) if stays[-1, k] else None for k in range(K)]
         ok = np.array([e is not None and e > 0 for e in emerge]) & present
         fit = {}
@@ -1117,7 +1121,7 @@ def _nan_to_none(x):
 
 
 def check_acceptance(metrics: dict) -> list[str]:
-    """What the default planted suite must show (the issue's four criteria); [] when all hold."""
+    """What the default planted suite must show (its acceptance criteria); [] when all hold."""
     fails = []
     ml, nl = metrics["mean_loss_by_size"], metrics["n_learned_by_size"]
     if not all(b < a for a, b in zip(ml, ml[1:])):
@@ -1146,15 +1150,11 @@ def evaluate(
     root, losses_dir = Path(root), Path(losses_dir)
     labels = pd.read_parquet(root / "labels.parquet")
     quanta = pd.read_parquet(root / "quanta.parquet")
-    final = sorted(revisions, key=lambda r: (_step_of(r) is None, _step_of(r) or 0))[-1]
+    final = sorted(revisions, key=lambda r: (step_of(r) is None, step_of(r) or 0))[-1]
     losses = {}
     for m in models:
         for r in revisions:
-            d = losses_dir / f"model={m}" / f"revision={r}"
-            parts = sorted(d.glob("part-*.parquet"))
-            if not parts:
-                raise PlantedError(f"no losses for model {m} at {r} under {d}; run `dvc repro` (the losses stage) first")
-            losses[(m, r)] = pd.concat([pd.read_parquet(p, columns=["doc_id", "pos", "loss"]) for p in parts])
+            losses[(m, r)] = layout.read_loss_partition(losses_dir, m, r).to_pandas()
     probe = None
     if (root / "probe.parquet").exists():
         probe = {}

@@ -43,16 +43,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 
-from pipeline import fits
-from pipeline.config import ConfigError, ScalingConfig  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
+from pipeline import fits, layout
+from pipeline.config import ConfigError, ScalingConfig, step_of  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
 from pipeline.errors import QuantaError
 
 KINDS = ("monogenic", "polygenic", "other")  # dictionary of the `kind` column; codes 0, 1, 2
@@ -86,23 +84,11 @@ class Aligned:
 
 
 def read_loss_partition(root: str | Path, model: str, revision: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc_id int64, pos int32, loss float32) of ``<root>/model=<model>/revision=<revision>/part-*.parquet``.
-
-    Reads with a pyarrow dataset (files starting with '.' or '_', such as ``_meta.json``
-    and half-written temporaries, are skipped).
-    """
-    path = Path(root) / f"model={model}" / f"revision={revision}"
-    if not path.is_dir():
-        raise ScalingError(
-            f"no losses for model {model!r} at revision {revision!r}: {path} does not exist; "
-            f"run the losses stage for it (dvc repro 'losses@{model}@{revision}') or fix the model/revision name"
-        )
+    """(doc_id int64, pos int32, loss float32) of one loss partition (pipeline/layout.py)."""
     try:
-        table = ds.dataset(path, format="parquet").to_table(columns=["doc_id", "pos", "loss"])
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise ScalingError(f"{path}: not a doc_id/pos/loss Parquet dataset ({e})") from e
-    if table.num_rows == 0:
-        raise ScalingError(f"{path} holds no rows: the losses of {model}@{revision} are empty; rerun its losses stage")
+        table = layout.read_loss_partition(root, model, revision)
+    except layout.LayoutError as e:
+        raise ScalingError(str(e)) from None
     doc = table.column("doc_id").to_numpy().astype(np.int64, copy=False)
     pos = table.column("pos").to_numpy().astype(np.int32, copy=False)
     loss = table.column("loss").to_numpy().astype(np.float32, copy=False)
@@ -595,7 +581,7 @@ def analyze_suite(
 
 def read_n_params(root: str | Path, model: str, revision: str) -> float:
     """Non-embedding parameter count N of ``model`` from its loss table's ``_meta.json``."""
-    path = Path(root) / f"model={model}" / f"revision={revision}" / "_meta.json"
+    path = layout.partition_dir(root, model, revision) / layout.META_FILE
     try:
         meta = json.loads(path.read_text())
         n = (meta.get("params") or {}).get("non_embedding")
@@ -663,9 +649,8 @@ def step_revisions(revisions: Sequence[str], step_lo: Optional[int], step_hi: Op
     """The ``stepN`` revisions (others are ignored) with N in [step_lo, step_hi], sorted by N."""
     found = []
     for r in revisions:
-        m = re.match(r"^step(\d+)$", r)
-        if m:
-            s = int(m.group(1))
+        s = step_of(r)
+        if s is not None:
             if (step_lo is None or s >= step_lo) and (step_hi is None or s <= step_hi):
                 found.append((s, r))
     found.sort()

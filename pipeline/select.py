@@ -41,19 +41,6 @@ class SelectWarning(UserWarning):
     """Fewer tokens qualify than were asked for; the stage takes what there is."""
 
 
-def read_loss_table(path: str | Path) -> pd.DataFrame:
-    """One (model, revision) loss partition (a folder of part files) as doc_id, pos, loss."""
-    path = Path(path)
-    parts = sorted(path.glob("part-*.parquet")) if path.is_dir() else []
-    if not parts:
-        raise QuantaError(
-            f"no loss table at {path}; run its losses stage first (dvc repro 'losses@...'), or set select.model "
-            "and select.revision to a (model, revision) of the suite"
-        )
-    table = pa.concat_tables(pq.read_table(p, columns=["doc_id", "pos", "loss"]) for p in parts)
-    return table.to_pandas()
-
-
 def repeated_ngram(tokens: TokenTable, n: int) -> np.ndarray:
     """(n_tokens,) bool: the n-gram ending at each token occurred earlier in its document.
 

@@ -1,4 +1,4 @@
-"""Stage `losses@<model>@<revision>`: the per-token loss of every corpus token under one model.
+"""Stage `losses@<model>-<revision>`: the per-token loss of every corpus token under one model.
 
     python stages/losses.py [--params params.yaml] --model pythia-70m --revision step143000 \
         --tokens cache/corpus/tokens.parquet --out cache/losses

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import config, io, plots, powerlaw, stage
+from pipeline import config, io, planted, plots, powerlaw, stage
 from pipeline.select import read_samples
 
 
@@ -29,13 +29,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     cfg = config.load("powerlaw", args.params)
     clusters = pd.read_parquet(args.clusters)
+    samples = read_samples(args.samples)
+    quanta = planted.sample_quanta(args.planted, samples)
     truth = None
-    labels_path = Path(args.planted) / "labels.parquet"
-    if labels_path.exists():
-        samples = read_samples(args.samples)
-        labels = pd.read_parquet(labels_path, columns=["doc_id", "pos", "quantum"])
-        quanta = samples[["sample", "doc_id", "pos"]].merge(labels, on=["doc_id", "pos"], how="left")
-        truth = (clusters[["sample"]].merge(quanta, on="sample", how="left")["quantum"].fillna(-1).to_numpy(np.int64))
+    if quanta is not None:  # in the clusters table's row order
+        truth = pd.Series(quanta, index=samples["sample"].to_numpy()).reindex(clusters["sample"].to_numpy()).fillna(-1)
+        truth = truth.to_numpy(np.int64)
     res = powerlaw.analyze_clusters(clusters, cfg, truth=truth)
     io.write_json(res.metrics, args.metrics)
     plots.cluster_rank_frequency(res, Path(args.plots) / "cluster_rank_frequency.png")

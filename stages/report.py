@@ -14,11 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from pipeline import config, io, plots, report, stage
+from pipeline import config, io, planted, plots, report, stage
 from pipeline import similarity as sim
 from pipeline.select import read_samples
 
@@ -45,12 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if main_k is None:
         main_k = config.load("cluster", args.params).n_clusters[0]
     samples = read_samples(args.samples)
-    quanta = None
-    labels_path = Path(args.planted) / "labels.parquet"
-    if labels_path.exists():
-        labels = pq.read_table(labels_path, columns=["doc_id", "pos", "quantum"]).to_pandas()
-        merged = samples[["doc_id", "pos"]].merge(labels, on=["doc_id", "pos"], how="left")
-        quanta = merged["quantum"].fillna(-1).to_numpy(np.int64)
+    quanta = planted.sample_quanta(args.planted, samples)
     data = report.collect(clusters, samples, pd.read_parquet(args.summary), args.tokens, cfg, main_k, quanta)
 
     # The similarity matrix of the clustered rows, sorted by the browsed clustering.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
-from pipeline import config, io, losses, stage
+from pipeline import config, io, layout, losses, stage
 from pipeline import select as select_lib
 
 
@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"select.model/revision {cfg.model}@{cfg.revision} is not evaluated by the suite "
             f"(suite.models: {', '.join(suite.models)}; suite.revisions: {', '.join(suite.revisions)})"
         )
-    table = select_lib.read_loss_table(losses.partition_dir(args.losses, cfg.model, cfg.revision))
+    table = layout.read_loss_partition(args.losses, cfg.model, cfg.revision).to_pandas()
     tokens = losses.read_tokens(args.tokens)
     warnings.simplefilter("always", select_lib.SelectWarning)  # say it on every run, not once
     samples = select_lib.select_samples(table, tokens, cfg)
