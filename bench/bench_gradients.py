@@ -82,7 +82,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -90,6 +89,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import PeakRSS  # noqa: E402
 
 # name -> GPTNeoXConfig sizes; "context": document length in tokens (targets at 1..context-1)
 SHAPES = {
@@ -285,31 +288,6 @@ def useful_flops(model, positions, vector_dim: int) -> float:
     return float((6 * P * T + 4 * V * H).sum() + len(positions) ** 2 * vector_dim)
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Largest RSS of this process while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.peak = rss_now()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_now())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_now())
-
-
 def run_method(method: str, args, out_dir: Path, isolated: bool) -> dict:
     """Build the model and samples, warm up, time `method`; C goes to out_dir/<method>.npy."""
     import torch
@@ -336,7 +314,7 @@ def run_method(method: str, args, out_dir: Path, isolated: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before = rss_now()
+    before = PeakRSS.rss()
     stats: dict = {}
     load0 = os.getloadavg()[0]
     with PeakRSS() as sampled:
@@ -410,13 +388,7 @@ def machine(device: str) -> str:
         import torch
 
         return f"{torch.cuda.get_device_name()} ({platform.machine()}), torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores visible"
+    return common.machine()
 
 
 def child_argv(args, method: str, out_dir: Path) -> list[str]:

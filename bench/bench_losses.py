@@ -39,10 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -50,6 +48,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import PeakRSS  # noqa: E402
 
 from pipeline import losses  # noqa: E402
 from pipeline.config import LossesConfig  # noqa: E402
@@ -108,29 +110,7 @@ def lognormal_lengths(n: int, sigma: float, cap: int, rng: np.random.Generator) 
     return np.clip(np.exp(mu + sigma * rng.standard_normal(n)), 2, cap).astype(np.int64)
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
 
-    def __enter__(self):
-        self.peak = self.start = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def paper_losses(model, docs, device, no_grad: bool) -> list[np.ndarray]:
@@ -252,13 +232,7 @@ def bench_shape(shape: str, docs: list[np.ndarray], args) -> dict:
 def machine() -> str:
     if args_device_is_cuda():
         return f"{torch.cuda.get_device_name()} ({platform.machine()}), torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return common.machine(f"{torch.get_num_threads()} torch threads", f"torch {torch.__version__}")
 
 
 _DEVICE = "cpu"

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import re
 import sys
@@ -58,6 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from bench_gradients import useful_flops  # noqa: E402
 from bench_losses import paper_losses  # noqa: E402
 
@@ -116,8 +116,7 @@ def per_sample_reference(model, docs, doc_ids, positions, projector, params) -> 
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}"
+    return f"{platform.node()}: " + common.machine(f"torch {torch.__version__}")
 
 
 def main() -> None:

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import PeakRSS  # noqa: E402
 
 from pipeline import scaling  # noqa: E402
 from pipeline.scaling import ScalingConfig  # noqa: E402
@@ -42,29 +43,7 @@ N7 = np.array([18.9e6, 85.1e6, 302e6, 805e6, 1.21e9, 2.52e9, 6.44e9])  # Pythia 
 MODELS = ["70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b"]
 
 
-class PeakRSS:
-    """Largest resident set size of this process while the block runs (/proc/self/statm every 5 ms)."""
 
-    def __enter__(self):
-        self.start = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
 
 
 def synthetic(T: int, seed: int = 0, chunk: int = 1_000_000) -> np.ndarray:
@@ -103,13 +82,7 @@ def reference_loop(L: np.ndarray, cfg: ScalingConfig) -> float:
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores visible, numpy {np.__version__}"
+    return common.machine(f"numpy {np.__version__}")
 
 
 def main(argv=None) -> None:
