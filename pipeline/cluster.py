@@ -144,6 +144,26 @@ def embedding(affinity, n_components: int, eigen_solver: str, seed: int) -> np.n
         )
 
 
+def _sklearn_assigner(how: str):
+    """sklearn's ``cluster_qr`` or ``discretize``: the label assignments SpectralClustering uses.
+
+    sklearn exposes them only inside SpectralClustering, which would recompute the
+    embedding for every k of the sweep; so they are imported from its private module, and
+    a sklearn that moves them gets a one-line error instead of a traceback.
+    """
+    try:
+        from sklearn.cluster import _spectral
+
+        return getattr(_spectral, how)
+    except (ImportError, AttributeError):
+        import sklearn
+
+        raise QuantaError(
+            f"cluster.assign_labels {how!r} needs sklearn.cluster._spectral.{how}, which sklearn {sklearn.__version__} "
+            "does not have; use assign_labels: kmeans"
+        ) from None
+
+
 def assign(maps: np.ndarray, k: int, how: str, n_init: int, seed: int) -> np.ndarray:
     """Labels (N,) int32 from the leading k columns of the spectral embedding."""
     x = np.ascontiguousarray(maps[:, :k])
@@ -151,14 +171,9 @@ def assign(maps: np.ndarray, k: int, how: str, n_init: int, seed: int) -> np.nda
         from sklearn.cluster import KMeans
 
         labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x).labels_
-    elif how == "cluster_qr":
-        from sklearn.cluster._spectral import cluster_qr  # sklearn's own, as SpectralClustering calls it
-
-        labels = cluster_qr(x)
-    elif how == "discretize":
-        from sklearn.cluster._spectral import discretize
-
-        labels = discretize(x, random_state=seed)
+    elif how in ("cluster_qr", "discretize"):
+        fn = _sklearn_assigner(how)
+        labels = fn(x) if how == "cluster_qr" else fn(x, random_state=seed)
     else:
         raise QuantaError(f"cluster.assign_labels must be kmeans, discretize or cluster_qr, got {how!r}")
     return canonical(labels)
