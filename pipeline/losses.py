@@ -91,6 +91,13 @@ class TokenTable:
     def index_of(self, doc_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.doc_ids, doc_ids)
 
+    def preceding(self, doc_ids: np.ndarray, pos: np.ndarray, n: int) -> np.ndarray:
+        """(N, n) int64: the n tokens before each (doc_id, pos), oldest first; -1 before a document's start."""
+        start = self.offsets[self.index_of(np.asarray(doc_ids, np.int64))]
+        flat = start + np.asarray(pos, np.int64)
+        back = flat[:, None] - np.arange(n, 0, -1)[None, :]  # (N, n): flat - n ... flat - 1
+        return np.where(back >= start[:, None], self.token_ids[np.maximum(back, 0)], -1).astype(np.int64)
+
 
 def read_tokens(path: str | Path) -> TokenTable:
     """Read ``tokens.parquet`` (doc_id, pos, token_id) into a :class:`TokenTable`.

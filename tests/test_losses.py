@@ -534,3 +534,10 @@ def test_tasks_carry_absolute_paths(tmp_path, monkeypatch):
     hub = ModelSpec(name="p", source="EleutherAI/pythia-70m")
     assert distributed.for_workers(hub, {"cache_dir": None})[0] == hub  # a hub id is not a path
     assert local.source == "models/m"  # the stage's own spec (its identity) is untouched
+
+
+def test_preceding_tokens_stop_at_the_document_start():
+    table = losses.TokenTable(doc_ids=np.array([3, 7]), offsets=np.array([0, 3, 7]),
+                              token_ids=np.array([10, 11, 12, 20, 21, 22, 23], dtype=np.int32))
+    got = table.preceding(np.array([3, 7, 7]), np.array([1, 1, 3]), 2)
+    np.testing.assert_array_equal(got, [[-1, 10], [-1, 20], [21, 22]])
