@@ -71,7 +71,7 @@ from pipeline.config import ClusterConfig, ReportConfig  # noqa: E402
 TARGET_LOAD_S = 3.0
 TARGET_SIZE_MB = 20.0  # 10^6 bytes
 CHROMIUM_ARGS = list(browser.CHROMIUM_ARGS)  # the flags of the tests and `quanta screenshot`
-METRICS = ("qdg", "validate", "powerlaw", "scaling", "dynamics", "theory", "planted")  # as stages/report.py
+METRICS = report.METRICS
 
 # ----------------------------------------------------------------------------- synthetic inputs
 

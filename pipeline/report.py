@@ -360,3 +360,55 @@ def render(
 </body>
 </html>
 """
+
+
+#: where each report figure's PNG lives under the plots directory
+FIGURE_FILES = {
+    "cluster_rank_frequency": "powerlaw/cluster_rank_frequency.png",
+    "mean_loss_vs_n": "scaling/mean_loss_vs_n.png",
+    "token_examples": "scaling/token_examples.png",
+    "learning_curves": "scaling/learning_curves.png",
+    "similarity_matrix": "report/similarity_matrix.png",
+    "emergence_vs_frequency": "dynamics/emergence_vs_frequency.png",
+}
+#: the metrics files (under the metrics directory, without .json) the report shows
+METRICS = ("qdg", "validate", "powerlaw", "scaling", "dynamics", "theory", "planted")
+
+
+def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str | Path, tokens_path: str | Path,
+          similarity_dir: str | Path, planted_dir: str | Path, metrics_dir: str | Path, plots_dir: str | Path,
+          cfg: ReportConfig, default_k: int) -> tuple[str, "ReportData"]:
+    """The report page from the pipeline's outputs, and its data; writes the reordered
+    similarity-matrix figure to ``<plots_dir>/report/similarity_matrix.png`` on the way.
+
+    `default_k` is the browsed k when the clusters table does not name its main k. A missing
+    metrics file or figure shows as a note in the page.
+    """
+    from pipeline import planted, plots
+    from pipeline import similarity as sim
+    from pipeline.io import read_config, read_json
+    from pipeline.select import read_samples
+
+    clusters = pd.read_parquet(clusters_path)
+    meta = read_config(clusters_path) or {}
+    main_k = int(meta.get("main_k") or meta.get("n_clusters", [0])[0]) or default_k
+    samples = read_samples(samples_path)
+    quanta = planted.sample_quanta(planted_dir, samples)
+    data = collect(clusters, samples, pd.read_parquet(summary_path), tokens_path, cfg, main_k, quanta)
+
+    # The similarity matrix of the clustered rows, sorted by the browsed clustering.
+    aff, ids, _ = sim.read(similarity_dir, mmap=True)
+    col, _ = cluster_column(clusters, cfg.k, main_k)
+    label_of = clusters.set_index("sample")[col]
+    plots.similarity_matrix(
+        aff, label_of.loc[ids].to_numpy(), cfg.similarity_side, Path(plots_dir) / FIGURE_FILES["similarity_matrix"],
+        title=f"affinity, sorted by cluster (k = {data.k})",
+    )
+
+    metrics = {n: read_json(p) for n in METRICS if (p := Path(metrics_dir) / f"{n}.json").exists()}
+    figures = {key: (p.read_bytes() if (p := Path(plots_dir) / rel).exists() else None) for key, rel in FIGURE_FILES.items()}
+    models = (metrics.get("scaling") or {}).get("models") or []
+    subtitle = f"{data.n_samples:,} samples in {len(data.clusters)} clusters"
+    if models:
+        subtitle += " · models: " + ", ".join(map(str, models))
+    return render(data, metrics, figures, title="quanta report", subtitle=subtitle), data
