@@ -358,6 +358,13 @@ def token_curves(losses: np.ndarray, n_params: Sequence[float], cfg: ScalingConf
     return TokenCurves(slope=slope, r2=r2, kind=kind, emerge=emerge, first_below=first_below, persistent=persistent)
 
 
+#: the schema of ``token_curves.parquet`` (what :func:`curves_table` gives)
+CURVES_SCHEMA = pa.schema([
+    ("doc_id", pa.int64()), ("pos", pa.int32()), ("slope", pa.float32()), ("r2", pa.float32()),
+    ("kind", pa.dictionary(pa.int8(), pa.string())), ("emerge_model", pa.dictionary(pa.int8(), pa.string())),
+])
+
+
 def curves_table(doc_id: np.ndarray, pos: np.ndarray, curves: TokenCurves, models: Sequence[str]) -> pa.Table:
     """The ``token_curves.parquet`` table: doc_id, pos, slope, r2, kind, emerge_model.
 

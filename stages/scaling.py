@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import pyarrow as pa
 
 from pipeline import config, io, models, plots, scaling, stage
 
@@ -37,10 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     res = scaling.run(args.losses, suite.models, suite.revisions, cfg, tokenizers=tokenizers)
     table = res.suite.table
     if table is None:  # skipped: an empty table with the schema, so readers and DVC see a file
-        table = pa.table({"doc_id": pa.array([], pa.int64()), "pos": pa.array([], pa.int32()),
-                          "slope": pa.array([], pa.float32()), "r2": pa.array([], pa.float32()),
-                          "kind": pa.array([], pa.dictionary(pa.int8(), pa.string())),
-                          "emerge_model": pa.array([], pa.dictionary(pa.int8(), pa.string()))})
+        table = scaling.CURVES_SCHEMA.empty_table()
     io.write_parquet(table, args.out, config=config.to_dict(cfg))
     io.write_json(res.metrics, args.metrics)
     out = Path(args.plots)

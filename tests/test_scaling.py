@@ -136,6 +136,7 @@ def test_population_stats_and_table():
     pos = np.array([1, 2, 1, 2, 3], np.int32)
     table = scaling.curves_table(doc, pos, c, models)
     assert table.column_names == ["doc_id", "pos", "slope", "r2", "kind", "emerge_model"]
+    assert table.schema.equals(scaling.CURVES_SCHEMA)  # the skipped stage's empty table has the same schema
     assert pa.types.is_dictionary(table.schema.field("kind").type)
     assert pa.types.is_dictionary(table.schema.field("emerge_model").type)
     df = table.to_pandas()
