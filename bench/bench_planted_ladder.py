@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import config, planted
+from pipeline import config, planted, planted_metrics
 
 
 def _cfg(seed: int, steps: int, overrides: dict) -> config.PlantedConfig:
@@ -48,7 +48,7 @@ def train_and_probe(job: tuple) -> tuple[int, int, np.ndarray, np.ndarray]:
 
 
 def learned(quantum: np.ndarray, loss: np.ndarray, n_quanta: int) -> np.ndarray:
-    scores = planted.answer_scores(pd.DataFrame({"quantum": quantum, "loss": loss}), n_quanta)
+    scores = planted_metrics.answer_scores(pd.DataFrame({"quantum": quantum, "loss": loss}), n_quanta)
     return scores["learned"].to_numpy()
 
 

@@ -2,7 +2,7 @@
 
 Trains the planted suite of `params.yaml`'s `planted` section (or of --planted overrides) for
 each seed, outside DVC, and reports for each seed the acceptance criteria of
-`planted.compute_metrics` (learned on the probe set, mean loss on the Zipf corpus), each
+`planted_metrics.compute_metrics` (learned on the probe set, mean loss on the Zipf corpus), each
 with its margin (how far the measured value lies from failing), and QDG on the largest
 model: exact gradients of answers under 0.1 nats, every clustering method of
 `pipeline.cluster` at k = the quanta present, with the answer-token and (previous token,
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cluster, config, gradients, planted  # noqa: E402
+from pipeline import cluster, config, gradients, planted, planted_metrics  # noqa: E402
 from pipeline import similarity as sim  # noqa: E402
 from pipeline.config import ClusterConfig, GradientsConfig  # noqa: E402
 
@@ -118,7 +118,7 @@ def main() -> None:
         pl = planted.token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
         probes[(name, "final")] = probe.assign(loss=pl)
         sizes[name] = planted.non_embedding_params(model)
-    m = planted.compute_metrics(labels, planted.quanta_table(lang, quanta), losses, sizes, ["final"],
+    m = planted_metrics.compute_metrics(labels, planted.quanta_table(lang, quanta), losses, sizes, ["final"],
                                 alpha=cfg.alpha, probe=probes)
     out = {
         "planted": {k: v for k, v in dataclasses.asdict(cfg).items() if k in extra or k in ("rule", "n_layers", "lr")},

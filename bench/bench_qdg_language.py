@@ -36,7 +36,7 @@ correlation of frequency rank with the smallest width that learns a quantum. Wit
         --planted n_layers=2 --include mlp.dense_h_to_4h --n-samples 5000   # session 6's two-layer row
 
 For the gate language it also reports the planted suite's own criteria (`planted_criteria`,
-from `planted.compute_metrics` at the final step), which the default suite must pass.
+from `planted_metrics.compute_metrics` at the final step), which the default suite must pass.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cluster, gradients, planted  # noqa: E402
+from pipeline import cluster, gradients, planted, planted_metrics  # noqa: E402
 from pipeline import similarity as sim  # noqa: E402
 from pipeline.config import ClusterConfig, GradientsConfig, PlantedConfig  # noqa: E402
 
@@ -188,7 +188,7 @@ def default_run(root: Path) -> dict:
 
 
 def planted_criteria(lang, quanta: np.ndarray, losses: dict, sizes: dict) -> dict:
-    """The planted suite's own scorecard (`planted.compute_metrics`, as the planted_metrics
+    """The planted suite's own scorecard (`planted_metrics.compute_metrics`, as the planted_metrics
     stage computes it) at the final step, for a language the pipeline can plant."""
     import pandas as pd
 
@@ -196,7 +196,7 @@ def planted_criteria(lang, quanta: np.ndarray, losses: dict, sizes: dict) -> dic
     labels = pd.DataFrame({"doc_id": np.repeat(np.arange(n_docs), T), "pos": np.tile(np.arange(T), n_docs),
                            "quantum": quanta.reshape(-1)})
     tables = {(name, "final"): planted.loss_table(x) for name, x in losses.items()}
-    m = planted.compute_metrics(labels, planted.quanta_table(lang, quanta), tables, sizes, ["final"])
+    m = planted_metrics.compute_metrics(labels, planted.quanta_table(lang, quanta), tables, sizes, ["final"])
     return {
         "mean_loss_by_size": [round(x, 4) for x in m["mean_loss_by_size"]],
         "n_learned_by_size": m["n_learned_by_size"],
