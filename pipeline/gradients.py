@@ -1013,7 +1013,7 @@ def run_gradients(
     the finished parts. When every part is there, the (N, dim) array is assembled into
     ``out_npy`` atomically and the parts are removed. Returns the stage's meta dict.
     """
-    from pipeline.losses import read_tokens
+    from pipeline.corpus import read_tokens
     from pipeline.select import read_samples
 
     t_start = time.perf_counter()

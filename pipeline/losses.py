@@ -48,11 +48,11 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from pipeline import corpus as corpus_lib
+from pipeline.corpus import TokenTable, read_tokens
 from pipeline import distributed
 from pipeline import io
 from pipeline import models as models_lib
@@ -68,69 +68,6 @@ FORMAT_VERSION = 2  # 2: parts carry a content checksum (pipeline/shards.py)
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("loss", pa.float32())])
 #: a losses part: a Parquet table of SCHEMA (see pipeline/shards.py for the resume protocol)
 PARTS = shards_lib.parquet_format(SCHEMA)
-
-
-# --------------------------------------------------------------------------- token table
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenTable:
-    """The corpus' tokens, one contiguous array, documents in doc_id order.
-
-    Document ``i`` (id ``doc_ids[i]``) is ``token_ids[offsets[i]:offsets[i + 1]]``.
-    """
-
-    doc_ids: np.ndarray  # (n_docs,) int64, increasing
-    offsets: np.ndarray  # (n_docs + 1,) int64
-    token_ids: np.ndarray  # (n_tokens,) int32
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def index_of(self, doc_ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.doc_ids, doc_ids)
-
-    def preceding(self, doc_ids: np.ndarray, pos: np.ndarray, n: int) -> np.ndarray:
-        """(N, n) int64: the n tokens before each (doc_id, pos), oldest first; -1 before a document's start."""
-        start = self.offsets[self.index_of(np.asarray(doc_ids, np.int64))]
-        flat = start + np.asarray(pos, np.int64)
-        back = flat[:, None] - np.arange(n, 0, -1)[None, :]  # (N, n): flat - n ... flat - 1
-        return np.where(back >= start[:, None], self.token_ids[np.maximum(back, 0)], -1).astype(np.int64)
-
-
-def read_tokens(path: str | Path) -> TokenTable:
-    """Read ``tokens.parquet`` (doc_id, pos, token_id) into a :class:`TokenTable`.
-
-    Rows may come in any order; every document must have positions exactly 0..len-1.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise QuantaError(f"tokens table {path} not found; run the corpus stage first (dvc repro corpus)")
-    try:
-        table = pq.read_table(path, columns=["doc_id", "pos", "token_id"])
-    except (pa.ArrowInvalid, KeyError) as e:
-        raise QuantaError(f"tokens table {path} is not a doc_id/pos/token_id Parquet table ({e})") from e
-    if table.num_rows == 0:
-        raise QuantaError(f"tokens table {path} is empty: the corpus has no tokens (check corpus.source)")
-    doc = table.column("doc_id").to_numpy().astype(np.int64, copy=False)
-    pos = table.column("pos").to_numpy().astype(np.int64, copy=False)
-    tok = table.column("token_id").to_numpy().astype(np.int32, copy=False)
-    in_order = np.all((doc[1:] > doc[:-1]) | ((doc[1:] == doc[:-1]) & (pos[1:] > pos[:-1])))
-    if not in_order:
-        order = np.lexsort((pos, doc))
-        doc, pos, tok = doc[order], pos[order], tok[order]
-    starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
-    offsets = np.r_[starts, len(doc)].astype(np.int64)
-    expected = np.arange(len(doc)) - np.repeat(starts, np.diff(offsets))
-    bad = np.flatnonzero(pos != expected)
-    if len(bad):
-        i = bad[0]
-        raise QuantaError(
-            f"tokens table {path}: document {doc[i]} has position {pos[i]} where {expected[i]} was expected "
-            f"(positions must be 0..len-1, each once); rebuild it with the corpus stage"
-        )
-    return TokenTable(doc_ids=doc[starts], offsets=offsets, token_ids=tok)
 
 
 # --------------------------------------------------------------------------- shards and batches

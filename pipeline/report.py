@@ -137,7 +137,7 @@ def collect(
     Examples per cluster are a seeded random choice of cfg.n_examples samples, shown with up
     to cfg.context_tokens tokens before the target.
     """
-    from pipeline.losses import read_tokens
+    from pipeline.corpus import read_tokens
 
     col, k = cluster_column(clusters, cfg.k, main_k)
     df = clusters[["sample", col]].rename(columns={col: "c"}).merge(samples, on="sample", how="left")

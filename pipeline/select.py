@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import SelectConfig
 from pipeline.errors import QuantaError
-from pipeline.losses import TokenTable
+from pipeline.corpus import TokenTable
 
 SCHEMA = pa.schema(
     [

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
-from pipeline import config, io, layout, losses, stage
+from pipeline import config, corpus, io, layout, stage
 from pipeline import select as select_lib
 
 
@@ -35,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"(suite.models: {', '.join(suite.models)}; suite.revisions: {', '.join(suite.revisions)})"
         )
     table = layout.read_loss_partition(args.losses, cfg.model, cfg.revision).to_pandas()
-    tokens = losses.read_tokens(args.tokens)
+    tokens = corpus.read_tokens(args.tokens)
     warnings.simplefilter("always", select_lib.SelectWarning)  # say it on every run, not once
     samples = select_lib.select_samples(table, tokens, cfg)
     io.write_parquet(samples, args.out, config=config.to_dict(cfg))

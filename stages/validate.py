@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from pipeline import cluster, config, io, losses, planted, stage
+from pipeline import cluster, config, corpus, io, planted, stage
 from pipeline import similarity as sim
 from pipeline.select import read_samples
 
@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     cfg = config.load("cluster", args.params)
     aff, ids, _ = sim.read(args.similarity, mmap=False)
-    out = cluster.validate_planted(aff, ids, samples, quanta, losses.read_tokens(args.tokens),
+    out = cluster.validate_planted(aff, ids, samples, quanta, corpus.read_tokens(args.tokens),
                                    pd.read_parquet(args.clusters), cfg)
     io.write_json(out, args.out)
     print(f"validate: {out}")

@@ -10,7 +10,6 @@ import pytest
 from pipeline import distributed, gradients, io, models
 from pipeline.config import GradientsConfig
 from pipeline.gradients import GradientError, compute_gradients, run_gradients
-from pipeline.losses import read_tokens
 from pipeline.select import SCHEMA
 
 VOCAB = 300  # the conftest model's tokenizer has 300 tokens

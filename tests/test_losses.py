@@ -252,15 +252,15 @@ def test_nan_losses_are_a_clear_error_and_write_nothing(tmp_path, tiny_neox_dir)
 
 def test_bad_inputs_get_one_line_errors(tmp_path, tiny_neox_dir):
     with pytest.raises(QuantaError, match="not found; run the corpus stage"):
-        losses.read_tokens(tmp_path / "nope.parquet")
+        corpus.read_tokens(tmp_path / "nope.parquet")
     empty = write_tokens(tmp_path / "empty.parquet", {1: np.array([], dtype=np.int64)})
     with pytest.raises(QuantaError, match="empty"):
-        losses.read_tokens(empty)
+        corpus.read_tokens(empty)
     gap = tmp_path / "gap.parquet"
     io.write_parquet(pa.table({"doc_id": [1, 1, 1], "pos": pa.array([0, 1, 3], pa.int32()),
                                "token_id": pa.array([1, 2, 3], pa.int32())}), gap)
     with pytest.raises(QuantaError, match="document 1 has position 3 where 2"):
-        losses.read_tokens(gap)
+        corpus.read_tokens(gap)
     with pytest.raises(QuantaError, match="cannot name an output folder"):
         losses.partition_dir(tmp_path, "../evil", "main")
     too_big = write_tokens(tmp_path / "big.parquet", {0: np.array([1, 2, VOCAB + 5])})
@@ -537,7 +537,7 @@ def test_tasks_carry_absolute_paths(tmp_path, monkeypatch):
 
 
 def test_preceding_tokens_stop_at_the_document_start():
-    table = losses.TokenTable(doc_ids=np.array([3, 7]), offsets=np.array([0, 3, 7]),
+    table = corpus.TokenTable(doc_ids=np.array([3, 7]), offsets=np.array([0, 3, 7]),
                               token_ids=np.array([10, 11, 12, 20, 21, 22, 23], dtype=np.int32))
     got = table.preceding(np.array([3, 7, 7]), np.array([1, 1, 3]), 2)
     np.testing.assert_array_equal(got, [[-1, 10], [-1, 20], [21, 22]])

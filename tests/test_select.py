@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ConfigError, SelectConfig, build
 from pipeline.errors import QuantaError
-from pipeline.losses import TokenTable
+from pipeline.corpus import TokenTable
 from pipeline.select import SCHEMA, SelectWarning, repeated_ngram, select_samples
 
 
