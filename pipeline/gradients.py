@@ -83,7 +83,7 @@ from pipeline import shards
 from pipeline.config import GRADIENT_GROUPS as GROUPS
 from pipeline.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
 from pipeline.errors import QuantaError
-from pipeline.losses import check_output_head, logit_transform, model_device
+from pipeline.models import check_output_head, logit_transform, model_device
 from pipeline.memory import Peak, resident_bytes
 from pipeline.projection import NoProjection, Projector, make_projector
 
@@ -954,7 +954,7 @@ _on_batch: Optional[Callable[[int], None]] = None
 def compute_part(task: GradientShardTask) -> dict:
     """Compute one shard's projected gradients and write its part file (.npz) atomically."""
     from pipeline import distributed
-    from pipeline.losses import peak_rss_bytes, torch_threads
+    from pipeline.memory import peak_rss_bytes, torch_threads
 
     with torch_threads(task.torch_threads):
         kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
@@ -1073,7 +1073,7 @@ def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], sha
     import pyarrow as pa
 
     from pipeline import distributed, io
-    from pipeline.losses import peak_rss_bytes
+    from pipeline.memory import peak_rss_bytes
 
     n = len(samples)
     doc = samples["doc_id"].to_numpy(np.int64)

@@ -41,10 +41,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import resource
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +55,8 @@ from pipeline.corpus import TokenTable, read_tokens
 from pipeline import distributed
 from pipeline import io
 from pipeline import models as models_lib
+from pipeline.memory import peak_rss_bytes, torch_threads
+from pipeline.models import body_and_head, check_output_head, logit_transform, model_device
 from pipeline import shards as shards_lib
 from pipeline.layout import META_FILE, partition_dir  # noqa: F401 (re-exported)
 from pipeline.config import CorpusConfig, LossesConfig, SuiteConfig
@@ -162,87 +163,12 @@ def batch_sizes(device: torch.device, batch_tokens: int = 0, logits_chunk: int =
 
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's parameters (library functions follow their inputs)."""
-    return next(model.parameters()).device
-
-
 def autocast_context(device: torch.device, mode: str):
     """The autocast context for `mode` (see LossesConfig.autocast) on `device`."""
     if mode == "none" or (mode == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
     dtype = torch.float16 if mode == "float16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def logit_transform(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-    """What the model's forward does to ``head(hidden)`` before returning logits, if anything.
-
-    Most causal LMs (GPT-NeoX, Llama, Mistral, Qwen...) return the unembedding as is;
-    a few rescale or soft-cap it. The ones known from their config are handled here;
-    :func:`check_output_head` catches any other, so none is silently wrong.
-    """
-    cfg = model.config
-    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
-    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * scale
-    divide = getattr(cfg, "logits_scaling", None)  # Granite: logits / scaling
-    steps = []
-    if isinstance(scale, (int, float)) and scale != 1:
-        steps.append(lambda x: x * scale)
-    if isinstance(divide, (int, float)) and divide != 1:
-        steps.append(lambda x: x / divide)
-    if isinstance(cap, (int, float)) and cap:
-        steps.append(lambda x: torch.tanh(x / cap) * cap)
-    if not steps:
-        return None
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        for step in steps:
-            x = step(x)
-        return x
-
-    return apply
-
-
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    body = model.base_model
-    head = model.get_output_embeddings()
-    if body is model or head is None:
-        raise QuantaError(
-            f"{type(model).__name__} is not a Hugging Face causal LM with a base model and an output "
-            f"embedding; pipeline/losses.py needs both (any *ForCausalLM does)"
-        )
-    return body, head
-
-
-@torch.inference_mode()
-def check_output_head(model: torch.nn.Module, n_positions: int = 8) -> None:
-    """Check, on a few tokens, that our logits path equals the model's own ``.logits``.
-
-    Our fast path runs ``model.base_model`` and then ``get_output_embeddings()`` (plus
-    :func:`logit_transform`); an architecture that does something else between the two
-    would give wrong losses without this check.
-    """
-    body, head = _body_and_head(model)
-    device = model_device(model)
-    vocab = head.weight.shape[0]
-    ids = (torch.arange(n_positions, device=device) * 7919 % vocab)[None]  # (1, pos)
-    ref = model(input_ids=ids, use_cache=False).logits[0].float()  # (pos, vocab)
-    ours = head(body(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
-    transform = logit_transform(model)
-    if transform is not None:
-        ours = transform(ours)
-    if not torch.isfinite(ref).all():
-        return  # a broken checkpoint: the non-finite loss check names it, with doc and position
-    err = (ours - ref).abs().max().item()
-    dtype = next(model.parameters()).dtype
-    tol = (1e-4 if dtype == torch.float32 else 2e-2) * (1.0 + ref.abs().max().item())
-    if not err <= tol:
-        raise QuantaError(
-            f"{type(model).__name__}: model(...).logits differs from get_output_embeddings()(last_hidden_state) "
-            f"by {err:.3g}; this architecture post-processes its logits in a way pipeline/losses.py does not "
-            f"know (add it to losses.logit_transform)"
-        )
 
 
 # A (chunk, block) fp32 tile of about 4 MiB stays in a CPU core's cache; the
@@ -352,7 +278,7 @@ def score_windows(
     causal kernel (flash attention on GPU). Position ids are 0..T-1 in every row, as
     for an unpadded sequence.
     """
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     transform = logit_transform(model)
     device = model_device(model)
     batch_tokens, logits_chunk = batch_sizes(device, batch_tokens, logits_chunk)
@@ -459,20 +385,6 @@ def loaded_model(task: ShardTask) -> LoadedModel:
     return distributed.cached(key, lambda: _load(task.spec, kwargs, task.autocast))
 
 
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with `n` torch intra-op threads (0: unchanged), then restore the old
-    setting, so an in-process run does not change the caller's torch configuration."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > 0:
-            torch.set_num_threads(before)
-
-
 def compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]] = None) -> dict:
     """Compute one shard's losses and write its part file; return a small summary.
 
@@ -549,11 +461,6 @@ def check_finite(arrays: dict[str, np.ndarray], spec: Any) -> None:
             f"from model {spec.name}@{spec.revision}; the checkpoint or its dtype is broken (try suite.dtype: float32 "
             f"and losses.autocast: none)"
         )
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 # --------------------------------------------------------------------------- the stage

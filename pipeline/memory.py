@@ -12,13 +12,14 @@ device memory torch allocates (``memory_allocated`` / ``max_memory_allocated``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import re
 import resource
 import sys
 import threading
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -113,3 +114,21 @@ class Peak:
         else:
             self.bytes = (_status_kib("VmHWM") or 0) * 1024
 
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (0: unchanged), then restore the old
+    setting, so an in-process run does not change the caller's torch configuration."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0:
+            torch.set_num_threads(before)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -35,7 +35,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -603,3 +603,81 @@ def max_context(model_or_config: Any) -> int:
     raise ModelError(
         f"cannot tell the context length of {type(cfg).__name__}: none of {', '.join(_CONTEXT_ATTRS)} is set"
     )
+
+
+# --------------------------------------------------------------------------- the output head
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's parameters (library functions follow their inputs)."""
+    return next(model.parameters()).device
+
+
+def logit_transform(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """What the model's forward does to ``head(hidden)`` before returning logits, if anything.
+
+    Most causal LMs (GPT-NeoX, Llama, Mistral, Qwen...) return the unembedding as is;
+    a few rescale or soft-cap it. The ones known from their config are handled here;
+    :func:`check_output_head` catches any other, so none is silently wrong.
+    """
+    cfg = model.config
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * scale
+    divide = getattr(cfg, "logits_scaling", None)  # Granite: logits / scaling
+    steps = []
+    if isinstance(scale, (int, float)) and scale != 1:
+        steps.append(lambda x: x * scale)
+    if isinstance(divide, (int, float)) and divide != 1:
+        steps.append(lambda x: x / divide)
+    if isinstance(cap, (int, float)) and cap:
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+    if not steps:
+        return None
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
+
+
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    body = model.base_model
+    head = model.get_output_embeddings()
+    if body is model or head is None:
+        raise QuantaError(
+            f"{type(model).__name__} is not a Hugging Face causal LM with a base model and an output "
+            f"embedding; pipeline/losses.py needs both (any *ForCausalLM does)"
+        )
+    return body, head
+
+
+@torch.inference_mode()
+def check_output_head(model: torch.nn.Module, n_positions: int = 8) -> None:
+    """Check, on a few tokens, that our logits path equals the model's own ``.logits``.
+
+    Our fast path runs ``model.base_model`` and then ``get_output_embeddings()`` (plus
+    :func:`logit_transform`); an architecture that does something else between the two
+    would give wrong losses without this check.
+    """
+    body, head = body_and_head(model)
+    device = model_device(model)
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(n_positions, device=device) * 7919 % vocab)[None]  # (1, pos)
+    ref = model(input_ids=ids, use_cache=False).logits[0].float()  # (pos, vocab)
+    ours = head(body(input_ids=ids, use_cache=False).last_hidden_state[0]).float()
+    transform = logit_transform(model)
+    if transform is not None:
+        ours = transform(ours)
+    if not torch.isfinite(ref).all():
+        return  # a broken checkpoint: the non-finite loss check names it, with doc and position
+    err = (ours - ref).abs().max().item()
+    dtype = next(model.parameters()).dtype
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * (1.0 + ref.abs().max().item())
+    if not err <= tol:
+        raise QuantaError(
+            f"{type(model).__name__}: model(...).logits differs from get_output_embeddings()(last_hidden_state) "
+            f"by {err:.3g}; this architecture post-processes its logits in a way pipeline/losses.py does not "
+            f"know (add it to models.logit_transform)"
+        )

@@ -41,7 +41,6 @@ predicting it from tokens ``0..pos-1``. Only answer tokens carry a quantum label
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -582,20 +581,6 @@ def train_model(
     return model.eval()
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run with `n` torch intra-op threads (0: leave torch's default), then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _inside(path: str, root: Path) -> bool:
     try:
         Path(path).resolve().relative_to(root.resolve())
@@ -811,7 +796,9 @@ def _train_job(job: dict) -> dict:
     batches = training_batches(lang, cfg)
     by_step = {n: rev for rev, n in steps.items()}
     probe_losses = []
-    with _torch_threads(cfg.threads), atomic_path(job["model_dir"]) as tmp:
+    from pipeline.memory import torch_threads
+
+    with torch_threads(cfg.threads), atomic_path(job["model_dir"]) as tmp:
 
         def save(step: int, model) -> None:
             out = tmp / by_step[step]

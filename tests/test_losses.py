@@ -150,7 +150,7 @@ def test_generic_causal_lms_llama_and_softcapped_gemma2():
     docs = random_docs(10, 60, seed=4)
     windows = corpus.make_windows(list(docs), [len(t) for t in docs.values()], CorpusConfig(max_len=64))
     for model in (llama, gemma):
-        losses.check_output_head(model)
+        models.check_output_head(model)
         assert_close(score_to_dict(model, docs, windows), reference_table(model, docs, windows), atol=1e-4)
 
 
@@ -158,7 +158,7 @@ def test_unknown_logit_postprocessing_is_refused(tiny_neox_dir):
     model = models.load_model(models.ModelSpec("tiny", str(tiny_neox_dir)), dtype="float32", device="cpu")
     model.config.logit_scale = 3.0  # our path would scale, the model's forward does not
     with pytest.raises(QuantaError, match="post-processes its logits"):
-        losses.check_output_head(model)
+        models.check_output_head(model)
 
 
 # --------------------------------------------------------------------------- shards and batches
