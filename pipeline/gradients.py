@@ -1131,8 +1131,9 @@ def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], sha
             warnings.warn(w, BadGradientWarning, stacklevel=2)
 
     # Assemble: every part exists now (computed or reused); one pass into a memmap.
-    dim = store.read(0)[1]["grads"].shape[1]
-    dtype = store.read(0)[1]["grads"].dtype
+    first = store.read(0)[1]["grads"]
+    dim, dtype = first.shape[1], first.dtype
+    del first
     norms = np.zeros(n, dtype=np.float32)
     bad = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
