@@ -466,10 +466,6 @@ def check_finite(arrays: dict[str, np.ndarray], spec: Any) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def part_path(out_dir: str | Path, index: int) -> Path:
-    return Path(out_dir) / f"part-{index:05d}.parquet"
-
-
 def _spec_dict(spec: Any) -> dict:
     return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else dict(vars(spec))
 
@@ -591,7 +587,7 @@ def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identit
             index=shard.index,
             windows=shard.windows,
             tokens=tuple(pieces),
-            path=distributed.absolute(part_path(out_dir, shard.index)),
+            path=distributed.absolute(store.path(shard.index)),
             config=cfg,
         )
 
@@ -614,7 +610,7 @@ def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identit
         )
     compute_seconds = time.perf_counter() - t_compute
 
-    compute = check_compute_consistent(out_dir, len(shards))
+    compute = check_compute_consistent(store, len(shards))
     meta_path = out_dir / META_FILE
     if not results and meta_path.exists():
         # Nothing recomputed: the existing _meta.json still describes the output. It is
@@ -637,17 +633,17 @@ def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identit
     return meta
 
 
-def check_compute_consistent(out_dir: Path, n_parts: int) -> dict:
+def check_compute_consistent(store: "shards_lib.ShardStore", n_parts: int) -> dict:
     """All parts must come from the same device type and dtypes; a run resumed on another
     machine with ``dtype: auto`` could otherwise mix fp32 and bf16 losses silently."""
     seen: dict[str, list[int]] = {}
     for i in range(n_parts):
-        cfg = io.read_config(part_path(out_dir, i)) or {}
+        cfg = io.read_config(store.path(i)) or {}
         seen.setdefault(_json(cfg.get("compute")), []).append(i)
     if len(seen) > 1:
         desc = "; ".join(f"parts {v[:3]}{'...' if len(v) > 3 else ''}: {k}" for k, v in seen.items())
         raise QuantaError(
-            f"the parts in {out_dir} were computed with different devices/dtypes ({desc}); delete the folder "
+            f"the parts in {store.directory} were computed with different devices/dtypes ({desc}); delete the folder "
             f"or set suite.dtype and suite.device explicitly, then rerun"
         )
     return json.loads(next(iter(seen))) if seen else {}
