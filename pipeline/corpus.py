@@ -51,6 +51,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -58,7 +59,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import CorpusConfig
+from pipeline.config import ConfigError, CorpusConfig, SuiteConfig, to_dict
 from pipeline.errors import QuantaError
 
 
@@ -442,6 +443,55 @@ def build_corpus(
     """
     kept, tokens = _tokenize_stream(iter_documents(cfg, cache_dir), tokenizer, cfg, progress=progress)
     return docs_table(kept), tokens
+
+
+def corpus_tokenizer(cfg: CorpusConfig, suite: SuiteConfig) -> str:
+    """The suite model whose tokenizer makes the corpus: ``corpus.tokenizer``, else the first model."""
+    name = cfg.tokenizer or (suite.models[0] if suite.models else None)
+    if name is None:
+        raise ConfigError("suite.models is empty, so there is no tokenizer; list a model, or set corpus.tokenizer")
+    if name not in suite.models:
+        raise ConfigError(f"corpus.tokenizer '{name}' is not in suite.models ({', '.join(suite.models)})")
+    return name
+
+
+def _warn_if_tokenizers_differ(suite: SuiteConfig, name: str, tokenizer) -> None:
+    """Every model is scored on one tokenization; say so when some model's vocabulary differs."""
+    from pipeline import models
+
+    vocab = tokenizer.get_vocab()
+    for other in suite.models:
+        if other == name:
+            continue
+        try:
+            other_vocab = models.suite_tokenizer(suite, other, suite.revisions[-1]).get_vocab()
+        except QuantaError as e:
+            print(f"warning: could not check the tokenizer of '{other}': {e}", file=sys.stderr)
+            continue
+        if other_vocab != vocab:
+            print(f"warning: model '{other}' has a different tokenizer than '{name}'; its losses will be "
+                  f"computed on '{name}' tokens, which it was not trained on", file=sys.stderr)
+
+
+def build_for_suite(cfg: CorpusConfig, suite: SuiteConfig, progress: bool = False) -> tuple[pa.Table, pa.Table, dict]:
+    """(docs, tokens, meta) of the suite's corpus, tokenized by :func:`corpus_tokenizer` at the
+    suite's last revision. `meta` (the corpus config and the tokenizer's origin) goes into
+    both tables' Parquet metadata. ``corpus.max_len`` is checked against that model's context
+    before any document is read. (pipeline.models is imported here, not at the top, so that
+    reading tokens never imports torch.)"""
+    from pipeline import models
+
+    name = corpus_tokenizer(cfg, suite)
+    spec = models.spec_from_suite(suite, name, suite.revisions[-1])
+    tokenizer = models.load_tokenizer(spec, **models.hub_kwargs(suite))
+    check_max_len(cfg, models.max_context(models.load_config(spec, **models.hub_kwargs(suite))), model=name)
+    _warn_if_tokenizers_differ(suite, name, tokenizer)
+    docs, tokens = build_corpus(cfg, tokenizer, cache_dir=str(Path(suite.cache_dir) / "datasets"), progress=progress)
+    meta = {
+        "corpus": to_dict(cfg),
+        "tokenizer": {"model": name, "source": spec.source, "revision": spec.revision, "gguf_file": spec.gguf_file},
+    }
+    return docs, tokens, meta
 
 
 # --------------------------------------------------------------------------- context windows

@@ -550,13 +550,7 @@ def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identit
     """Compute the parts that do not verify, then write _meta.json (see :func:`run_losses`)."""
     out_dir = store.directory
     address = distributed.scheduler_address(losses.scheduler)
-    load_kwargs = {
-        "dtype": suite.dtype,
-        "device": suite.device,
-        "cache_dir": suite.cache_dir,
-        "local_files_only": suite.local_files_only,
-        "trust_remote_code": suite.trust_remote_code,
-    }
+    load_kwargs = models_lib.load_kwargs(suite, suite.dtype)
     inputs = [_shard_input(tokens, shard, identity, len(shards)) for shard in shards]
     todo_index = store.plan([cfg for _, cfg in inputs], [s.n_tokens for s in shards], finite=("loss",))
     todo = [(shards[i], *inputs[i]) for i in todo_index]

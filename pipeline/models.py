@@ -121,6 +121,23 @@ def spec_from_suite(suite: SuiteConfig, name: str, revision: Optional[str] = Non
     return ModelSpec(name=name, source=source, revision=revision, gguf_file=suite.gguf_files.get(name))
 
 
+def hub_kwargs(suite: SuiteConfig) -> dict:
+    """The keywords every ``load_*`` call takes from the suite: where the hub cache is,
+    whether the hub may be reached, and whether remote code may run."""
+    return {"cache_dir": suite.cache_dir, "local_files_only": suite.local_files_only,
+            "trust_remote_code": suite.trust_remote_code}
+
+
+def load_kwargs(suite: SuiteConfig, dtype: str) -> dict:
+    """:func:`load_model`'s keywords for the suite: :func:`hub_kwargs`, `dtype`, the suite's device."""
+    return dict(hub_kwargs(suite), dtype=dtype, device=suite.device)
+
+
+def suite_tokenizer(suite: SuiteConfig, name: str, revision: Optional[str] = None):
+    """The tokenizer of suite model `name` at `revision` (default: the model's default revision)."""
+    return load_tokenizer(spec_from_suite(suite, name, revision), **hub_kwargs(suite))
+
+
 def _has_config(d: Path) -> bool:
     return (d / "config.json").is_file()
 

@@ -630,15 +630,22 @@ def _train_stamp(cfg: PlantedConfig, name: str, width: int, steps: Mapping[str, 
     return json.loads(json.dumps(stamp))
 
 
-def sample_quanta(planted_dir: str | Path, samples: pd.DataFrame) -> Optional[np.ndarray]:
+def sample_quanta(planted_dir: str | Path, samples: pd.DataFrame, order: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
     """The planted quantum of each row of `samples` (doc_id, pos), -1 where none; None when
-    `planted_dir` holds no ground truth (a real suite). The one join of samples to labels."""
+    `planted_dir` holds no ground truth (a real suite). The one join of samples to labels.
+
+    order: sample ids (`samples["sample"]` values, e.g. a clusters table's rows); the labels
+    are then given in that order, -1 for an id that `samples` lacks."""
     path = Path(planted_dir) / "labels.parquet"
     if not path.exists():
         return None
     labels = pd.read_parquet(path, columns=["doc_id", "pos", "quantum"])
     merged = samples[["doc_id", "pos"]].merge(labels, on=["doc_id", "pos"], how="left")
-    return merged["quantum"].fillna(-1).to_numpy(np.int64)
+    quanta = merged["quantum"].fillna(-1).to_numpy(np.int64)
+    if order is None:
+        return quanta
+    by_id = pd.Series(quanta, index=samples["sample"].to_numpy())
+    return by_id.reindex(np.asarray(order)).fillna(-1).to_numpy(np.int64)
 
 
 def label_table(quanta: np.ndarray) -> pd.DataFrame:

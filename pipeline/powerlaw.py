@@ -981,3 +981,16 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
     return ClusterPowerLaw(
         metrics=metrics, sizes=np.sort(sizes)[::-1], envelope=env, report=report, envelope_fit=efit
     )
+
+
+def summary_line(metrics: Mapping) -> str:
+    """The powerlaw stage's one-line summary of :func:`analyze_clusters`' metrics."""
+    m, e = metrics["mle"], metrics["envelope"]
+    mle = (f"Zipf b = {m['rank_exponent']:.3f} CI {m['rank_exponent_ci']}, GOF p {m['gof_p']}"
+           if m["fittable"] else f"no MLE: {m['reason']}")
+    env = f"slope {e['slope']:.4f}" if "slope" in e else f"skipped: {e['skipped']}"
+    line = f"powerlaw: k = {metrics['k']}, {metrics['n_clusters']} clusters; MLE {mle}; envelope {env}"
+    t = metrics.get("planted_partition")
+    if t is not None:
+        line += f"; planted quanta of the samples: Zipf b = {t['rank_exponent']}" if t["fittable"] else f"; planted quanta: {t['reason']}"
+    return line

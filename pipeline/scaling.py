@@ -703,6 +703,25 @@ class ScalingRun:
     learning_curves: dict  # model -> learning_curve_fit() (with its "_boot")
     examples: dict  # kind -> (n_params (models,), losses (examples, models)) for the example plot
 
+    def curves_table(self) -> pa.Table:
+        """token_curves.parquet: the per-token table; when skipped, an empty one with the
+        schema, so that readers and DVC still see a file."""
+        return self.suite.table if self.suite.table is not None else CURVES_SCHEMA.empty_table()
+
+    def summary_line(self) -> str:
+        """The scaling stage's one-line summary."""
+        m = self.metrics
+        if m.get("skipped"):
+            return f"scaling: skipped: {m['skipped']}"
+        ml, s = m["mean_loss"], m["alpha_S"]
+
+        def fmt(v, ci, ok, reason):
+            return f"{v:.4g} CI {ci}" if ok else f"{v} NOT CONVERGED ({reason})"
+
+        return (f"scaling: {m['n_tokens']} tokens, kinds {m['kinds']}; "
+                f"alpha_N {fmt(ml['alpha_N'], ml['alpha_ci'], ml['converged'], ml['reason'])}; "
+                f"alpha_S({s['model']}) {fmt(s['alpha_S'], s['alpha_ci'], s['converged'], s['reason'])}")
+
 
 def _examples(aligned: Aligned, res: SuiteScaling, n: int) -> dict:
     """Up to n example tokens of each kind: monogenic spread over emergence sizes, polygenic by R²."""

@@ -1,6 +1,6 @@
 """Stage `cluster`: clustering of the affinity (cluster.method); each cluster is a candidate quantum.
 
-    python stages/cluster.py [--params params.yaml] --similarity cache/qdg/similarity \
+    python -m stages.cluster [--params params.yaml] --similarity cache/qdg/similarity \
         --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet \
         --out cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet \
         --metrics metrics/qdg.json

@@ -1,6 +1,6 @@
 """Stage `dynamics`: per-token training dynamics of one model across its checkpoints.
 
-    python stages/dynamics.py [--params params.yaml] --losses cache/losses --planted cache/planted \
+    python -m stages.dynamics [--params params.yaml] --losses cache/losses --planted cache/planted \
         --out cache/scaling/token_dynamics.parquet --metrics metrics/dynamics.json --plots plots/dynamics
 
 On the planted suite it also fits each quantum's emergence step against its frequency

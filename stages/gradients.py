@@ -1,6 +1,6 @@
 """Stage `gradients`: the exact loss gradient of every QDG sample, projected as configured.
 
-    python stages/gradients.py [--params params.yaml] --samples cache/qdg/samples.parquet \
+    python -m stages.gradients [--params params.yaml] --samples cache/qdg/samples.parquet \
         --tokens cache/corpus/tokens.parquet --out cache/qdg/gradients.npy \
         --table cache/qdg/gradients.parquet --meta cache/qdg/gradients_meta.json
 
@@ -34,25 +34,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     corpus = config.section(params, "corpus")
     select_spec = models.spec_from_suite(suite, sel.model, sel.revision)
     spec = models.spec_from_suite(suite, cfg.model or sel.model, cfg.revision or sel.revision)
-    load_kwargs = {
-        "dtype": cfg.dtype,
-        "device": suite.device,
-        "cache_dir": suite.cache_dir,
-        "local_files_only": suite.local_files_only,
-        "trust_remote_code": suite.trust_remote_code,
-    }
-    tok_kwargs = {k: load_kwargs[k] for k in ("cache_dir", "local_files_only", "trust_remote_code")}
+    hub = models.hub_kwargs(suite)
     meta = gradients.run_gradients(
-        args.samples,
-        args.tokens,
-        args.out,
-        args.table,
-        cfg=cfg,
-        select_spec=select_spec,
-        spec=spec,
-        load_kwargs=load_kwargs,
+        args.samples, args.tokens, args.out, args.table, cfg=cfg, select_spec=select_spec, spec=spec,
+        load_kwargs=models.load_kwargs(suite, cfg.dtype),
         max_len=cfg.max_len or corpus.max_len,  # null: the context the losses were computed with
-        tokenizer_loader=lambda s: models.load_tokenizer(s, **tok_kwargs),
+        tokenizer_loader=lambda s: models.load_tokenizer(s, **hub),
     )
     io.write_meta(meta, args.meta)
     print(

@@ -1,6 +1,6 @@
 """Stage `losses@<model>-<revision>`: the per-token loss of every corpus token under one model.
 
-    python stages/losses.py [--params params.yaml] --model pythia-70m --revision step143000 \
+    python -m stages.losses [--params params.yaml] --model pythia-70m --revision step143000 \
         --tokens cache/corpus/tokens.parquet --out cache/losses
 
 Writes ``<out>/model=<model>/revision=<revision>/part-*.parquet`` (doc_id, pos, loss in

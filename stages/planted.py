@@ -1,6 +1,6 @@
 """Stage `planted`: write the embedded planted-quanta suite (language, corpus, labels, models).
 
-    python stages/planted.py [--params params.yaml] [--out cache/planted]
+    python -m stages.planted [--params params.yaml] [--out cache/planted]
 
 Trains the suite models whose `suite.sources` point into --out, one width of
 `planted.widths` per name of `suite.models`, and saves each of `suite.revisions`. When

@@ -1,6 +1,6 @@
 """Stage `planted_metrics`: score the planted suite's losses against its ground truth.
 
-    python stages/planted_metrics.py [--params params.yaml] [--planted cache/planted] \
+    python -m stages.planted_metrics [--params params.yaml] [--planted cache/planted] \
         [--losses cache/losses] [--out metrics/planted.json]
 
 Reads labels.parquet and quanta.parquet of the planted suite and the per-token losses of

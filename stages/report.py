@@ -1,6 +1,6 @@
 """Stage `report`: the self-contained HTML cluster browser and the similarity-matrix figure.
 
-    python stages/report.py [--params params.yaml] --clusters cache/qdg/clusters.parquet \
+    python -m stages.report [--params params.yaml] --clusters cache/qdg/clusters.parquet \
         --summary cache/qdg/cluster_summary.parquet --samples cache/qdg/samples.parquet \
         --tokens cache/corpus/tokens.parquet --similarity cache/qdg/similarity \
         --planted cache/planted --metrics metrics --plots plots --out cache/report/index.html

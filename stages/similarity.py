@@ -1,6 +1,6 @@
 """Stage `similarity`: cosine similarity of the gradients, as the affinity clustering reads.
 
-    python stages/similarity.py [--params params.yaml] --gradients cache/qdg/gradients.npy \
+    python -m stages.similarity [--params params.yaml] --gradients cache/qdg/gradients.npy \
         --table cache/qdg/gradients.parquet --out cache/qdg/similarity
 
 Writes a folder: affinity.npy (dense) or affinity.npz (sparse kNN), samples.npy (the

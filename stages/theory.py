@@ -1,6 +1,6 @@
 """Stage `theory`: the quantization model's predictions against the measured exponents.
 
-    python stages/theory.py [--params params.yaml] --planted cache/planted \
+    python -m stages.theory [--params params.yaml] --planted cache/planted \
         --scaling metrics/scaling.json --powerlaw metrics/powerlaw.json \
         --planted-metrics metrics/planted.json --out metrics/theory.json
 

@@ -1,6 +1,6 @@
 """Stage `validate`: QDG clusters against the planted quanta, when the suite is planted.
 
-    python stages/validate.py [--params params.yaml] --planted cache/planted \
+    python -m stages.validate [--params params.yaml] --planted cache/planted \
         --samples cache/qdg/samples.parquet --similarity cache/qdg/similarity \
         --clusters cache/qdg/clusters.parquet --tokens cache/corpus/tokens.parquet \
         --out metrics/validate.json

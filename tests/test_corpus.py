@@ -1,4 +1,4 @@
-"""pipeline.corpus and stages/corpus.py: sources, stable ids, tokens, windows, bad input."""
+"""pipeline.corpus and stages.corpus: sources, stable ids, tokens, windows, bad input."""
 
 from __future__ import annotations
 
@@ -273,13 +273,10 @@ def write_params(path: Path, suite: dict, corpus_section: dict) -> Path:
 
 
 def stage_main():
-    """main() of stages/corpus.py (stages/ is scripts, not a package)."""
-    import importlib.util
+    """main() of the stage module stages.corpus."""
+    from stages import corpus as corpus_stage
 
-    spec = importlib.util.spec_from_file_location("stage_corpus", REPO / "stages" / "corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return corpus_stage.main
 
 
 def run_stage(argv, capsys):
@@ -318,7 +315,7 @@ def test_stage_max_len_error_no_output(tmp_path, tiny_neox_dir, tiny_corpus_json
     params = write_params(tmp_path / "params.yaml", suite, {"source": str(tiny_corpus_jsonl), "max_len": 512})
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "stages" / "corpus.py"), "--params", str(params),
+        [sys.executable, "-m", "stages.corpus", "--params", str(params),
          "--docs", str(out / "docs.parquet"), "--tokens", str(out / "tokens.parquet")],
         capture_output=True, text=True, cwd=REPO,
     )

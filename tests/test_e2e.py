@@ -221,7 +221,7 @@ def test_unknown_params_key_fails_in_one_line(scratch):
     good = params.read_text()
     try:
         params.write_text(good.replace("  batch_tokens: 512", "  batch_tokns: 512"))
-        r = _run([sys.executable, "stages/losses.py", "--model", "tiny-a", "--revision", "step10",
+        r = _run([sys.executable, "-m", "stages.losses", "--model", "tiny-a", "--revision", "step10",
                   "--tokens", "cache/corpus/tokens.parquet", "--out", "cache/losses"], scratch, check=False)
         assert r.returncode != 0
         last = r.stderr.strip().splitlines()[-1]

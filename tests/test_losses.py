@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import runpy
 import shutil
 import signal
 import subprocess
@@ -201,11 +200,11 @@ def test_stage_output_is_hive_partitioned_and_read_by_pandas_polars_duckdb(tmp_p
         "losses": {"scheduler": "local", "shard_tokens": 10**6, "progress": False},  # one shard: in-process
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    stage = runpy.run_path(str(REPO / "stages" / "losses.py"), run_name="stage")
+    from stages import losses as losses_stage
     out = tmp_path / "losses"
     for m in ("tiny-a", "tiny-b"):
         for r in ("step1", "step2"):
-            stage["main"](["--params", str(tmp_path / "params.yaml"), "--model", m, "--revision", r,
+            losses_stage.main(["--params", str(tmp_path / "params.yaml"), "--model", m, "--revision", r,
                            "--tokens", str(tokens), "--out", str(out)])
     n_scored = sum(min(len(t), 64) - 1 for t in docs.values())
 
@@ -400,9 +399,9 @@ def test_stage_killed_by_sigkill_resumes_to_identical_output(tmp_path, tiny_neox
     d = out / "model=tiny" / "revision=main"
     env = dict(os.environ)
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "stages" / "losses.py"), "--params", str(tmp_path / "params.yaml"),
+        [sys.executable, "-m", "stages.losses", "--params", str(tmp_path / "params.yaml"),
          "--model", "tiny", "--revision", "main", "--tokens", str(tokens), "--out", str(out)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
     )
     try:
         deadline = time.monotonic() + 120

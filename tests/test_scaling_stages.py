@@ -318,14 +318,10 @@ def _params(tmp_path: Path, **sections) -> Path:
 
 
 def _stage(name: str):
-    """A stage file as a module (stages/ is not a package)."""
-    import importlib.util
+    """The stage module `stages.<name>`."""
+    import importlib
 
-    path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"stages.{name}")
 
 
 def test_stage_errors_are_one_line(tmp_path, capsys):

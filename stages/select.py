@@ -1,9 +1,6 @@
 """Stage `select`: the QDG samples, tokens that one model predicts with loss < select.max_loss.
 
-(Not stages/select.py: a script of that name would shadow the standard library's
-`select` module for everything it imports.)
-
-    python stages/select_samples.py [--params params.yaml] --losses cache/losses \
+    python -m stages.select [--params params.yaml] --losses cache/losses \
         --tokens cache/corpus/tokens.parquet --out cache/qdg/samples.parquet
 
 Reads the loss table of (select.model, select.revision) and writes samples.parquet
