@@ -84,7 +84,7 @@ from pipeline.config import GRADIENT_GROUPS as GROUPS
 from pipeline.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
 from pipeline.errors import QuantaError
 from pipeline.models import check_output_head, logit_transform, model_device
-from pipeline.memory import Peak, resident_bytes
+from pipeline.memory import Peak, peak_rss_bytes, resident_bytes
 from pipeline.projection import NoProjection, Projector, make_projector
 
 class GradientError(QuantaError, ValueError):
@@ -1012,29 +1012,71 @@ def run_gradients(
     the losses stage), each written as a part file in `parts_dir`; a killed run reuses
     the finished parts. When every part is there, the (N, dim) array is assembled into
     ``out_npy`` atomically and the parts are removed. Returns the stage's meta dict.
-    """
-    from pipeline.corpus import read_tokens
-    from pipeline.select import read_samples
 
+    The steps: read and check the inputs; plan the shards and their identities; compute
+    the parts that do not verify; assemble every part into the outputs.
+    """
     t_start = time.perf_counter()
     if tokenizer_loader is not None:
         check_same_tokenizer(select_spec, spec, tokenizer_loader)
+    samples, tokens = _read_inputs(samples_path, tokens_path)
+    store = shards.ShardStore(Path(parts_dir or Path(out_npy).parent / f".{Path(out_npy).stem}-parts"), shards.NPZ,
+                              "gradients")
+    identity_base, shard_bounds, identities = _plan_shards(samples, cfg, spec, load_kwargs, max_len)
+    with store.cleanup_on_error():  # a failed start leaves no empty parts folder
+        store.prepare(len(shard_bounds))
+        todo_index = store.plan(identities, [b - a for a, b in shard_bounds], finite=("grads",))
+        todo = _tasks(todo_index, shard_bounds, identities, samples, tokens, store, cfg, spec, load_kwargs, max_len)
+        results, mode, compute_seconds = _compute(todo, cfg)
+        meta = _assemble(store, shard_bounds, identities, samples, out_npy, out_table)
+    computed = sum(r["n"] for r in results)
+    busy = sum(r["seconds"] for r in results)
+    meta.update({
+        "reused_parts": len(shard_bounds) - len(todo),
+        "computed_samples": computed,
+        "samples_per_s": round(computed / busy, 2) if busy else None,
+        "compute_seconds": round(compute_seconds, 2),
+        "peak_rss_bytes": max([r["peak_rss_bytes"] for r in results], default=peak_rss_bytes()),
+        "projection": results[0]["projection"] if results else None,
+        "windowed": sum(r["windowed"] for r in results),
+        "execution": mode,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "identity": identity_base,
+    })
+    return meta
+
+
+def _read_inputs(samples_path: str, tokens_path: str) -> tuple[Any, Any]:
+    """(samples, tokens), with every sample's document present in the tokens table."""
+    from pipeline.corpus import read_tokens
+    from pipeline.select import read_samples
+
     samples = read_samples(samples_path)
     if len(samples) == 0:
         raise GradientError(f"{samples_path} has no samples; rerun the select stage")
     tokens = read_tokens(tokens_path)
-    n = len(samples)
     doc = samples["doc_id"].to_numpy(np.int64)
-    pos = samples["pos"].to_numpy(np.int64)
-    tok = samples["token_id"].to_numpy(np.int64)
     rows = tokens.index_of(doc)
     missing = (rows >= len(tokens.doc_ids)) | (tokens.doc_ids[np.minimum(rows, len(tokens.doc_ids) - 1)] != doc)
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
         raise GradientError(f"sample {i}: document {doc[i]} is not in {tokens_path}; rerun select after the corpus stage")
+    return samples, tokens
 
-    parts = Path(parts_dir or Path(out_npy).parent / f".{Path(out_npy).stem}-parts")
-    store = shards.ShardStore(parts, shards.NPZ, "gradients")
+
+def _sample_columns(samples: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc_id, pos, token_id) of the samples, as int64."""
+    return tuple(samples[c].to_numpy(np.int64) for c in ("doc_id", "pos", "token_id"))
+
+
+def _plan_shards(samples: Any, cfg: GradientsConfig, spec: Any, load_kwargs: dict,
+                 max_len: int) -> tuple[dict, list[tuple[int, int]], list[dict]]:
+    """(the run's identity, each shard's [start, stop) of the samples, each part's identity).
+
+    A part is reused only under the same identity: the model and its weights, the config
+    that changes the numbers, and a digest of the shard's own samples."""
+    n = len(samples)
+    doc, pos, tok = _sample_columns(samples)
     shard_bounds = [(s, min(n, s + cfg.shard_samples)) for s in range(0, n, cfg.shard_samples)]
     identity_base = {
         "stage": "gradients",
@@ -1051,68 +1093,49 @@ def run_gradients(
             if k not in ("scheduler", "n_workers", "threads_per_worker", "progress", "model", "revision", "verify")
         },
     }
-
     identities = []
     for index, (a, b) in enumerate(shard_bounds):
         digest = hashlib.sha256(np.stack([doc[a:b], pos[a:b], tok[a:b]]).tobytes()).hexdigest()
         identities.append(dict(identity_base, part={"index": index, "start": a, "stop": b, "sha256": digest}))
-    with store.cleanup_on_error():  # a failed start leaves no empty parts folder
-        store.prepare(len(shard_bounds))
-        todo_index = store.plan(identities, [b - a for a, b in shard_bounds], finite=("grads",))
-        meta = _compute_and_assemble(store, todo_index, shard_bounds, identities, samples, tokens, out_npy, out_table,
-                                     cfg=cfg, spec=spec, load_kwargs=load_kwargs, max_len=max_len)
-    meta["wall_seconds"] = round(time.perf_counter() - t_start, 2)
-    meta["identity"] = identity_base
-    return meta
+    return identity_base, shard_bounds, identities
 
 
-def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], shard_bounds: list[tuple[int, int]],
-                          identities: list[dict], samples: Any, tokens: Any, out_npy: str, out_table: str, *,
-                          cfg: GradientsConfig, spec: Any, load_kwargs: dict, max_len: int) -> dict:
-    """Compute the parts in `todo_index`, then assemble all parts into the stage's outputs (see run_gradients)."""
-    import pyarrow as pa
+def _tasks(todo_index: list[int], shard_bounds: list[tuple[int, int]], identities: list[dict], samples: Any,
+           tokens: Any, store: "shards.ShardStore", cfg: GradientsConfig, spec: Any, load_kwargs: dict,
+           max_len: int) -> list["GradientShardTask"]:
+    """One task per part to compute: its samples and the token ids of just their documents."""
+    from pipeline import distributed
 
-    from pipeline import distributed, io
-    from pipeline.memory import peak_rss_bytes
-
-    n = len(samples)
-    doc = samples["doc_id"].to_numpy(np.int64)
-    pos = samples["pos"].to_numpy(np.int64)
-    tok = samples["token_id"].to_numpy(np.int64)
-    address = distributed.scheduler_address(cfg.scheduler)
-    todo: list[GradientShardTask] = []
+    doc, pos, tok = _sample_columns(samples)
     task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
+    todo = []
     for index in todo_index:
         a, b = shard_bounds[index]
         needed = np.unique(doc[a:b])
         r = tokens.index_of(needed)
         docs = {int(d): tokens.token_ids[tokens.offsets[i] : tokens.offsets[i + 1]] for d, i in zip(needed, r)}
-        todo.append(
-            GradientShardTask(
-                spec=task_spec,
-                load_kwargs=task_kwargs,
-                cfg=cfg,
-                max_len=max_len,
-                torch_threads=0,
-                index=index,
-                samples={"doc_id": doc[a:b], "pos": pos[a:b], "token_id": tok[a:b]},
-                docs=docs,
-                path=distributed.absolute(store.path(index)),
-                identity=identities[index],
-            )
-        )
-    reused = len(shard_bounds) - len(todo)
+        todo.append(GradientShardTask(
+            spec=task_spec, load_kwargs=task_kwargs, cfg=cfg, max_len=max_len, torch_threads=0, index=index,
+            samples={"doc_id": doc[a:b], "pos": pos[a:b], "token_id": tok[a:b]}, docs=docs,
+            path=distributed.absolute(store.path(index)), identity=identities[index],
+        ))
+    return todo
 
+
+def _compute(todo: list["GradientShardTask"], cfg: GradientsConfig) -> tuple[list[dict], str, float]:
+    """Run the tasks in-process or on Dask, with a progress bar; (their results, the mode, seconds)."""
+    from pipeline import distributed
+
+    global _on_batch
     bar = None
     if cfg.progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(len(t.samples["pos"]) for t in todo), desc="gradients", unit="sample")
     t_compute = time.perf_counter()
-    mode = distributed.choose_mode(address, len(todo), cfg.n_workers)
+    mode = distributed.choose_mode(distributed.scheduler_address(cfg.scheduler), len(todo), cfg.n_workers)
     # in this process, 0 threads means all the cores (a shard is one big job)
     threads = distributed.local_threads(cfg.threads_per_worker, 1) if mode == distributed.INPROCESS else cfg.threads_per_worker
-    global _on_batch
     per_batch = bar is not None and mode == distributed.INPROCESS
     _on_batch = bar.update if per_batch else None
     try:
@@ -1125,12 +1148,21 @@ def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], sha
         _on_batch = None
         if bar is not None:
             bar.close()
-    compute_seconds = time.perf_counter() - t_compute
     for res in results:
         for w in res["warnings"]:
-            warnings.warn(w, BadGradientWarning, stacklevel=2)
+            warnings.warn(w, BadGradientWarning, stacklevel=3)
+    return results, mode, time.perf_counter() - t_compute
 
-    # Assemble: every part exists now (computed or reused); one pass into a memmap.
+
+def _assemble(store: "shards.ShardStore", shard_bounds: list[tuple[int, int]], identities: list[dict], samples: Any,
+              out_npy: str, out_table: str) -> dict:
+    """Every part exists now (computed or reused): write the (N, dim) array in one pass into a
+    memmap, and the per-sample table; remove the parts. Returns the outputs' part of the meta."""
+    import pyarrow as pa
+
+    from pipeline import io
+
+    n = len(samples)
     first = store.read(0)[1]["grads"]
     dim, dtype = first.shape[1], first.dtype
     del first
@@ -1157,8 +1189,6 @@ def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], sha
     )
     io.write_parquet(table, out_table, config={k: v for k, v in identities[0].items() if k != "part"})
     store.remove_parts()
-    computed = sum(r["n"] for r in results)
-    busy = sum(r["seconds"] for r in results)
     return {
         "n_samples": n,
         "dim": int(dim),
@@ -1166,12 +1196,4 @@ def _compute_and_assemble(store: "shards.ShardStore", todo_index: list[int], sha
         "n_bad": int(bad.sum()),
         "bad_samples": {int(i): reasons[i] for i in np.flatnonzero(bad)[:100]},
         "parts": len(shard_bounds),
-        "reused_parts": reused,
-        "computed_samples": computed,
-        "samples_per_s": round(computed / busy, 2) if busy else None,
-        "compute_seconds": round(compute_seconds, 2),
-        "peak_rss_bytes": max([r["peak_rss_bytes"] for r in results], default=peak_rss_bytes()),
-        "projection": results[0]["projection"] if results else None,
-        "windowed": sum(r["windowed"] for r in results),
-        "execution": mode,
     }

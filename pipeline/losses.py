@@ -547,42 +547,38 @@ def _shard_input(tokens: TokenTable, shard: Shard, identity: dict, n_parts: int)
 
 def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identity: dict, store: "shards_lib.ShardStore",
                      losses: LossesConfig, suite: SuiteConfig, corpus: CorpusConfig, t_start: float) -> dict:
-    """Compute the parts that do not verify, then write _meta.json (see :func:`run_losses`)."""
-    out_dir = store.directory
-    address = distributed.scheduler_address(losses.scheduler)
-    load_kwargs = models_lib.load_kwargs(suite, suite.dtype)
+    """Plan the parts that do not verify, compute them, then write _meta.json (see :func:`run_losses`)."""
     inputs = [_shard_input(tokens, shard, identity, len(shards)) for shard in shards]
     todo_index = store.plan([cfg for _, cfg in inputs], [s.n_tokens for s in shards], finite=("loss",))
     todo = [(shards[i], *inputs[i]) for i in todo_index]
-    total_tokens = sum(s.n_tokens for s in shards)
-    reused_tokens = total_tokens - sum(shards[i].n_tokens for i in todo_index)
     if todo:  # the output changes: the old _meta.json no longer describes it
-        (out_dir / META_FILE).unlink(missing_ok=True)
+        (store.directory / META_FILE).unlink(missing_ok=True)
+    reused_tokens = sum(s.n_tokens for s in shards) - sum(shards[i].n_tokens for i in todo_index)
+    results, mode, compute_seconds = _compute(spec, todo, store, losses, suite, corpus, reused_tokens,
+                                              sum(s.n_tokens for s in shards))
+    return _write_meta(spec, store, results, shards, tokens, mode, compute_seconds, suite, t_start)
 
+
+def _compute(spec: Any, todo: list[tuple[Shard, list[np.ndarray], dict]], store: "shards_lib.ShardStore",
+             losses: LossesConfig, suite: SuiteConfig, corpus: CorpusConfig, reused_tokens: int,
+             total_tokens: int) -> tuple[list[dict], str, float]:
+    """Run one task per part to compute, in-process or on Dask, with a progress bar over
+    all tokens; (the results, the mode, seconds)."""
+    address = distributed.scheduler_address(losses.scheduler)
     mode = distributed.choose_mode(address, len(todo), losses.n_workers)
     if mode == distributed.INPROCESS and address == distributed.LOCAL and todo:
         log.info(
             "%d shard(s) to compute with n_workers=%d: running in-process (a LocalCluster would "
             "only add its start-up time)", len(todo), losses.n_workers,
         )
-
-    task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
+    task_spec, task_kwargs = distributed.for_workers(spec, models_lib.load_kwargs(suite, suite.dtype))
 
     def task_of(item: tuple[Shard, list[np.ndarray], dict], threads: int) -> ShardTask:
         shard, pieces, cfg = item
         return ShardTask(
-            spec=task_spec,
-            load_kwargs=task_kwargs,
-            corpus=corpus,
-            batch_tokens=losses.batch_tokens,
-            logits_chunk=losses.logits_chunk,
-            autocast=losses.autocast,
-            torch_threads=threads,
-            index=shard.index,
-            windows=shard.windows,
-            tokens=tuple(pieces),
-            path=distributed.absolute(store.path(shard.index)),
-            config=cfg,
+            spec=task_spec, load_kwargs=task_kwargs, corpus=corpus, batch_tokens=losses.batch_tokens,
+            logits_chunk=losses.logits_chunk, autocast=losses.autocast, torch_threads=threads, index=shard.index,
+            windows=shard.windows, tokens=tuple(pieces), path=distributed.absolute(store.path(shard.index)), config=cfg,
         )
 
     t_compute = time.perf_counter()
@@ -602,8 +598,13 @@ def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identit
             on_result=None if inprocess else (lambda r: bar.update(r["rows"])),
             inprocess_kwargs={"on_batch": bar.update} if inprocess else None,
         )
-    compute_seconds = time.perf_counter() - t_compute
+    return results, mode, time.perf_counter() - t_compute
 
+
+def _write_meta(spec: Any, store: "shards_lib.ShardStore", results: list[dict], shards: list[Shard],
+                tokens: TokenTable, mode: str, compute_seconds: float, suite: SuiteConfig, t_start: float) -> dict:
+    """Write and return the partition's _meta.json, once every part is there."""
+    out_dir = store.directory
     compute = check_compute_consistent(store, len(shards))
     meta_path = out_dir / META_FILE
     if not results and meta_path.exists():
@@ -622,7 +623,8 @@ def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identit
     io.write_meta(meta, meta_path)
     log.info(
         "%s@%s: %d tokens in %d parts (%d computed at %.0f tokens/s)",
-        spec.name, spec.revision, total_tokens, len(shards), meta["computed_tokens"], meta["tokens_per_s"] or 0,
+        spec.name, spec.revision, sum(s.n_tokens for s in shards), len(shards), meta["computed_tokens"],
+        meta["tokens_per_s"] or 0,
     )
     return meta
 
