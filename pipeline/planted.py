@@ -660,6 +660,33 @@ def label_table(quanta: np.ndarray) -> pd.DataFrame:
     )
 
 
+def _check_sources(suite: SuiteConfig, names: Sequence[str], root: Path) -> None:
+    """Every planted model's source must be the folder the stage saves it to."""
+    for name in names:
+        expected = (root / "models" / name).resolve()
+        if Path(suite.sources[name]).resolve() != expected:
+            raise PlantedError(
+                f"suite.sources.{name} points into {root} but not at {root / 'models' / name}, where the "
+                f"planted stage saves it; set suite.sources.{name}: {root / 'models' / name}"
+            )
+
+
+def _write_ground_truth(lang: "Language", cfg: PlantedConfig, root: Path, stage_config: dict) -> None:
+    """The language, the evaluation corpus, its labels, the quanta table and the probe set."""
+    tokens, quanta = eval_docs(lang, cfg)
+    write_json(language_json(lang), root / "language.json")
+    with atomic_path(root / "corpus.jsonl") as tmp:
+        with tmp.open("w") as f:
+            for text in docs_text(lang, tokens):
+                f.write(json.dumps({"text": text}) + "\n")
+    write_parquet(label_table(quanta), root / "labels.parquet", config=stage_config)
+    write_parquet(quanta_table(lang, quanta), root / "quanta.parquet", config=stage_config)
+    _, probe_quanta = probe_docs(lang, cfg)
+    probe = label_table(probe_quanta)
+    probe = probe[probe["quantum"] >= 0].reset_index(drop=True)
+    write_parquet(probe, root / "probe.parquet", config=stage_config)
+
+
 def build_suite(
     cfg: PlantedConfig,
     suite: SuiteConfig,
@@ -689,28 +716,9 @@ def build_suite(
             "give one width per model name, in order"
         )
     steps = parse_revisions(suite.revisions, cfg.steps)
-    for name in names:
-        expected = (root / "models" / name).resolve()
-        if Path(suite.sources[name]).resolve() != expected:
-            raise PlantedError(
-                f"suite.sources.{name} points into {root} but not at {root / 'models' / name}, where the "
-                f"planted stage saves it; set suite.sources.{name}: {root / 'models' / name}"
-            )
+    _check_sources(suite, names, root)
     stage_config = {"planted": to_dict(cfg), "suite": {"models": list(suite.models), "revisions": list(suite.revisions)}}
-
-    # Language, corpus and ground truth: cheap, always rewritten.
-    tokens, quanta = eval_docs(lang, cfg)
-    write_json(language_json(lang), root / "language.json")
-    with atomic_path(root / "corpus.jsonl") as tmp:
-        with tmp.open("w") as f:
-            for text in docs_text(lang, tokens):
-                f.write(json.dumps({"text": text}) + "\n")
-    write_parquet(label_table(quanta), root / "labels.parquet", config=stage_config)
-    write_parquet(quanta_table(lang, quanta), root / "quanta.parquet", config=stage_config)
-    probe_tokens, probe_quanta = probe_docs(lang, cfg)
-    probe = label_table(probe_quanta)
-    probe = probe[probe["quantum"] >= 0].reset_index(drop=True)
-    write_parquet(probe, root / "probe.parquet", config=stage_config)
+    _write_ground_truth(lang, cfg, root, stage_config)  # cheap, always rewritten
 
     # Models: the same data order for all; each directory built aside and renamed into place.
     widths = dict(zip(suite.models, cfg.widths))

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = [
+    pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: the report bench opens the page in it"),
     pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
                        reason="playwright is not installed: the report bench drives Chromium with it"),

@@ -166,7 +166,7 @@ def _browser_or_fail():
     return browser
 
 
-@pytest.mark.e2e
+@pytest.mark.browser
 def test_report_in_chromium(tmp_path):
     browser = _browser_or_fail()
     # every sample shown, so that sample 0 (the hostile context) is among the examples
@@ -242,7 +242,7 @@ def test_report_in_chromium(tmp_path):
     assert problems == [], problems
 
 
-@pytest.mark.e2e
+@pytest.mark.browser
 def test_quanta_screenshot(tmp_path, capsys):
     _browser_or_fail()
     from pipeline import cli
