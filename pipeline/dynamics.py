@@ -60,7 +60,7 @@ import pyarrow as pa
 from scipy import stats
 
 from pipeline.config import ConfigError, DynamicsConfig, step_of  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
-from pipeline import layout
+from pipeline import fits, layout
 from pipeline.errors import QuantaError
 from pipeline.scaling import Aligned, align_tokens, key_codec, read_loss_partition
 
@@ -385,15 +385,6 @@ def token_quanta(
     return q
 
 
-def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Slopes and intercepts of y on x for each row of (reps, n) arrays."""
-    xm, ym = x.mean(axis=-1, keepdims=True), y.mean(axis=-1, keepdims=True)
-    xc = x - xm
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b = np.sum(xc * (y - ym), axis=-1) / np.sum(xc * xc, axis=-1)
-    return b, ym[..., 0] - b * xm[..., 0]
-
-
 def emergence_vs_frequency(
     losses: np.ndarray,
     steps: Sequence[int],
@@ -485,7 +476,7 @@ def emergence_vs_frequency(
     ci = (float(lr.slope - tq * lr.stderr), float(lr.slope + tq * lr.stderr))
     rng = np.random.default_rng(cfg.seed)
     idx = rng.integers(0, n_fit, (cfg.n_boot, n_fit))  # (reps, n_fit) quanta resampled
-    bs, _ = _ols(x[idx], y[idx])
+    bs, _ = fits.ols(x[idx], y[idx])
     bs = bs[np.isfinite(bs)]  # a replicate that drew one frequency only has no slope
     qlo = (1 - cfg.level) / 2
     ci_boot = (float(np.quantile(bs, qlo)), float(np.quantile(bs, 1 - qlo))) if bs.size >= 2 else None

@@ -325,6 +325,22 @@ def _windowed(x, L, x_lo, x_hi) -> tuple[np.ndarray, np.ndarray]:
     return xw, yw
 
 
+def ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slope, intercept) of the least-squares line of y on x along the last axis; batched
+    over leading axes, e.g. (replicates, n) for a bootstrap. A constant x gives NaN.
+
+    The one straight-line fit of the pipeline: the log-log slopes of the planted scorecard
+    (answer-token loss against N, learned count against N, emergence against 1/p) and of
+    emergence against frequency call it. Curves with an offset, L = E + A·x^-α, go through
+    :func:`fit_curve`."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xm, ym = x.mean(axis=-1, keepdims=True), y.mean(axis=-1, keepdims=True)
+    xc = x - xm
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.sum(xc * (y - ym), axis=-1) / np.sum(xc * xc, axis=-1)
+    return b, ym[..., 0] - b * xm[..., 0]
+
+
 def fit_curve(
     x: Sequence[float] | np.ndarray,
     L: Sequence[float] | np.ndarray,

@@ -6,6 +6,17 @@ answers under LEARNED_LOSS nats, decided on the probe set) at each size and chec
 the criteria a quantized suite must meet (the learned count rises with size, frequent quanta
 are learned first, learning is abrupt) and the scaling quantities the theory check reads
 (the answer-loss exponent α_N and the learned-count exponent β).
+
+Two quantities share a name with others of the pipeline and differ on purpose:
+
+- the answer-loss α_N is the log-log slope of the answer tokens' mean loss against N with no
+  offset, since a perfect model scores them at 0 nats; scaling's α_N fits L = E + A·N^-α to the
+  mean loss of all tokens (:func:`pipeline.fits.fit_curve`), where E is unknown;
+- a quantum's emergence step here is the first checkpoint from which it stays learned on the
+  probe set (the ground truth decides "learned"); :func:`pipeline.dynamics.emergence_vs_frequency`
+  has no ground truth on a real model and reads emergence from the loss curves alone.
+
+Every straight-line fit is :func:`pipeline.fits.ols`.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import layout
+from pipeline import fits, layout
 from pipeline.config import step_of
 from pipeline.planted import LEARNED_FRACTION, LEARNED_LOSS, PlantedError, non_embedding_params
 
@@ -132,7 +143,7 @@ def compute_metrics(
     # mean loss is L - L_inf; the quantization model predicts a power law in N with exponent alpha.
     n_params = np.array([param_counts[m] for m in models], dtype=float)
     ans_loss = np.array([per_model[m]["answer_loss"] for m in models])
-    alpha_n = float(-np.polyfit(np.log(n_params), np.log(ans_loss), 1)[0]) if len(models) > 1 else float("nan")
+    alpha_n = float(-fits.ols(np.log(n_params), np.log(ans_loss))[0]) if len(models) > 1 else float("nan")
 
     metrics = {
         "models": per_model,
@@ -184,7 +195,7 @@ def compute_metrics(
         fit = {}
         if ok.sum() > 2:
             e = np.array([emerge[k] for k in np.flatnonzero(ok)], dtype=float)
-            slope = np.polyfit(np.log(1 / freq[ok]), np.log(e), 1)[0]
+            slope = fits.ols(np.log(1 / freq[ok]), np.log(e))[0]
             fit = {"slope_log_step_vs_log_inv_p": float(slope), "spearman_rank_vs_step": _spearman(rank[ok], e)}
         metrics["emergence"] = {
             "model": big,
@@ -211,7 +222,7 @@ def learned_count_scaling(n_params: np.ndarray, learned: np.ndarray, n_boot: int
         ok = n > 0
         if ok.sum() < 2:
             return float("nan")
-        return float(np.polyfit(np.log(n_params[ok]), np.log(n[ok]), 1)[0])
+        return float(fits.ols(np.log(n_params[ok]), np.log(n[ok]))[0])
 
     beta = fit(learned)
     rng = np.random.default_rng(seed)

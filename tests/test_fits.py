@@ -225,3 +225,18 @@ def test_bad_input_raises_clear_errors():
         fits.bootstrap_units(values[:, :5], x, n_boot=5)
     with pytest.raises(QuantaError, match="n_boot"):
         fits.bootstrap_units(values, x, n_boot=0)
+
+
+def test_ols_is_least_squares_batched_and_nan_on_constant_x():
+    from pipeline.fits import ols
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 40))
+    y = 2.5 * x - 1.0 + rng.normal(scale=0.1, size=x.shape)
+    b, a = ols(x, y)
+    for i in range(5):
+        ref_b, ref_a = np.polyfit(x[i], y[i], 1)
+        assert b[i] == pytest.approx(ref_b, rel=1e-12) and a[i] == pytest.approx(ref_a, rel=1e-12, abs=1e-12)
+    b1, _ = ols(x[0], y[0])
+    assert b1 == pytest.approx(b[0], rel=1e-15)
+    assert np.isnan(ols(np.ones(4), np.arange(4.0))[0])
