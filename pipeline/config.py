@@ -30,7 +30,7 @@ class ConfigError(QuantaError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PlantedConfig:
-    """The embedded planted-quanta suite (pipeline/planted.py): a language, a model family."""
+    """The embedded planted-quanta suite (pipeline/planted.py, pipeline/planted_language.py): a language, a model family."""
 
     n_quanta: int = 100
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
@@ -38,7 +38,7 @@ class PlantedConfig:
     # pair: quantum k is the cue pair u_k v_k, answered by one word "!" shared by all quanta;
     # table: quantum k maps each argument to an answer (a permutation); gate: quantum k
     # answers its one word on n_active of the arguments, filler follows on the others
-    # (pipeline/planted.py explains all three; docs/planted-languages.md compares them).
+    # (pipeline/planted_language.py explains all three; docs/planted-languages.md compares them).
     rule: str = "pair"
     n_active: int = 4  # gate: arguments on which a quantum answers
     answer_noise: float = 0.01  # an instance's answer replaced by filler with this probability

@@ -236,7 +236,7 @@ embedded planted-quanta suite.
 README = """\
 # The planted-quanta suite
 
-Written by the `planted` stage (pipeline/planted.py, whose docstring describes the language).
+Written by the `planted` stage (pipeline/planted.py; pipeline/planted_language.py describes the language).
 
 - `corpus.jsonl`: the evaluation corpus, one {{"text": ...}} per line; line i is doc_id i.
 - `labels.parquet`: doc_id, pos, quantum (-1: none), one row per token of each document.
