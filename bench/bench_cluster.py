@@ -1,6 +1,6 @@
 """Scale of the similarity + cluster stages: N samples of dimension 8192 -> clusters.
 
-What it measures (issue 3, §6): wall time and peak RSS of `pipeline.similarity.compute`
+What it measures: wall time and peak RSS of `pipeline.similarity.compute`
 followed by `pipeline.cluster.run_clustering` (its main k, plus the stability rerun at a
 second seed, as the cluster stage does), on synthetic clustered vectors:
 

@@ -91,8 +91,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import PeakRSS  # noqa: E402
+import _common  # noqa: E402
+from _common import PeakRSS  # noqa: E402
 
 # name -> GPTNeoXConfig sizes; "context": document length in tokens (targets at 1..context-1)
 SHAPES = {
@@ -388,7 +388,7 @@ def machine(device: str) -> str:
         import torch
 
         return f"{torch.cuda.get_device_name()} ({platform.machine()}), torch {torch.__version__}"
-    return common.machine()
+    return _common.machine()
 
 
 def child_argv(args, method: str, out_dir: Path) -> list[str]:

@@ -50,8 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import PeakRSS  # noqa: E402
+import _common  # noqa: E402
+from _common import PeakRSS  # noqa: E402
 
 from pipeline import losses  # noqa: E402
 from pipeline.config import LossesConfig  # noqa: E402
@@ -232,7 +232,7 @@ def bench_shape(shape: str, docs: list[np.ndarray], args) -> dict:
 def machine() -> str:
     if args_device_is_cuda():
         return f"{torch.cuda.get_device_name()} ({platform.machine()}), torch {torch.__version__}"
-    return common.machine(f"{torch.get_num_threads()} torch threads", f"torch {torch.__version__}")
+    return _common.machine(f"{torch.get_num_threads()} torch threads", f"torch {torch.__version__}")
 
 
 _DEVICE = "cpu"

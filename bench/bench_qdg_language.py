@@ -1,14 +1,14 @@
-"""Can QDG recover planted quanta at all, and which clustering gets them? (issue 3, §5)
+"""Can QDG recover planted quanta at all, and which clustering gets them?
 
-The default planted language scores QDG ARI 0.13 against the target 0.9 (metrics/validate.json):
-its quanta are tables of (argument -> answer) facts, and a token's gradient follows its
-fact (its answer word), not its quantum. This benchmark asks the question on a language
-built so that the gradients *can* carry the quantum, and compares the two clusterings of
-`pipeline.cluster` on the same gradients.
+On the `table` planted language (`planted.rule: table`) QDG stays far below the target ARI
+0.9 (docs/planted-languages.md): its quanta are tables of (argument -> answer) facts, and a
+token's gradient follows its fact (its answer word), not its quantum. This benchmark asks the
+question on a language built so that the gradients *can* carry the quantum, and compares the
+two clusterings of `pipeline.cluster` on the same gradients.
 
-The key-pair language (defined here, not in the pipeline: it fails the planted suite's own
-criteria, see below). Quantum k owns two words u_k, v_k; an instance slot of a document
-holds, with equal odds,
+The key-pair language (defined here, with its own sampler and 200 quanta by default; the
+pipeline's default `planted.rule: pair` plants the same kind of quantum). Quantum k owns two
+words u_k, v_k; an instance slot of a document holds, with equal odds,
 
     u_k v_k !        (label k on "!": the key, answer noise 1%)
     u_k v_j w        (a decoy: j uniform over the other quanta, w random filler)
@@ -33,10 +33,10 @@ correlation of frequency rank with the smallest width that learns a quantum. Wit
     python bench/bench_qdg_language.py --language gate --widths 8,12,16,24,32,48 \
         --include '.*' --include mlp.dense_h_to_4h            # the planted gate rule, two parameter sets
     python bench/bench_qdg_language.py --language gate --widths 8,12,16,24,32,48 --answer-noise 0.003 \
-        --planted n_layers=2 --include mlp.dense_h_to_4h --n-samples 5000   # session 6's two-layer row
+        --planted n_layers=2 --include mlp.dense_h_to_4h --n-samples 5000   # the two-layer gate row
 
 For the gate language it also reports the planted suite's own criteria (`planted_criteria`,
-from `planted_metrics.compute_metrics` at the final step), which the default suite must pass.
+from `planted_metrics.compute_metrics` at the final step), which a default language must pass.
 """
 
 from __future__ import annotations

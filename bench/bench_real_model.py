@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import _common  # noqa: E402
 from bench_gradients import useful_flops  # noqa: E402
 from bench_losses import paper_losses  # noqa: E402
 
@@ -116,7 +116,7 @@ def per_sample_reference(model, docs, doc_ids, positions, projector, params) -> 
 
 
 def machine() -> str:
-    return f"{platform.node()}: " + common.machine(f"torch {torch.__version__}")
+    return f"{platform.node()}: " + _common.machine(f"torch {torch.__version__}")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Benchmark: the HTML report (pipeline/report.py) at the paper's size, opened in headless Chromium.
 
-Targets (issue 4): a report for 10,000 samples in 400 clusters loads in headless Chromium
+Targets: a report for 10,000 samples in 400 clusters loads in headless Chromium
 in <= 3 s and weighs <= 20 MB.
 
 What it builds (seeded, in a temporary directory): a corpus of `--docs` documents of
@@ -37,7 +37,7 @@ and `performance.now()` at ready does not. The wall time is the one judged.
 The figures are about twice the bytes of the committed plots/ (noisier), which errs on the
 heavy side.
 
-    python bench/bench_report.py --json /tmp/bench_report.json           # issue 4's size (~1 min)
+    python bench/bench_report.py --json /tmp/bench_report.json           # the target size (~1 min)
     python bench/bench_report.py --n 300 --k 12 --repeats 1 --json out.json   # smoke (tests)
 """
 

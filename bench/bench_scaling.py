@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import PeakRSS  # noqa: E402
+import _common  # noqa: E402
+from _common import PeakRSS  # noqa: E402
 
 from pipeline import scaling  # noqa: E402
 from pipeline.scaling import ScalingConfig  # noqa: E402
@@ -82,7 +82,7 @@ def reference_loop(L: np.ndarray, cfg: ScalingConfig) -> float:
 
 
 def machine() -> str:
-    return common.machine(f"numpy {np.__version__}")
+    return _common.machine(f"numpy {np.__version__}")
 
 
 def main(argv=None) -> None:

@@ -80,7 +80,7 @@ def client(address: str, n_workers: int = 1) -> Iterator[Any]:
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=":0",  # never fight another session over port 8787
+            dashboard_address=":0",  # a free port: another Dask cluster on this machine may hold 8787
             silence_logs=logging.WARNING,
         )
         c = Client(cluster)
