@@ -385,6 +385,53 @@ def token_quanta(
     return q
 
 
+def _emergence_by_mean_loss(L: np.ndarray, q: np.ndarray, lab: np.ndarray, n_tok: np.ndarray, steps: np.ndarray,
+                            u: np.ndarray, cfg: DynamicsConfig, S: np.ndarray, first: np.ndarray,
+                            status: np.ndarray) -> None:
+    """``emergence: mean_loss``: S_k is where quantum k's mean loss first crosses
+    ``emergence_loss``, interpolated in log step between the checkpoints around the crossing.
+    Fills S, first (the checkpoint after the crossing) and status in place."""
+    K = n_tok.size
+    # (K, checkpoints) mean loss of each quantum's tokens at each checkpoint
+    mean = np.stack([np.bincount(q[lab], weights=L[lab, c], minlength=K) for c in range(steps.size)], axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean /= n_tok[:, None]
+    below = mean < cfg.emergence_loss
+    c = np.argmax(below, axis=1)
+    has = n_tok > 0
+    never = has & ~below.any(axis=1)
+    early = has & below.any(axis=1) & (c == 0)
+    ok = has & ~never & ~early
+    status[never], status[early] = "never", "before_first"
+    ks = np.flatnonzero(ok)
+    ca = c[ks] - 1
+    ma, mb = mean[ks, ca], mean[ks, c[ks]]
+    f = (ma - cfg.emergence_loss) / (ma - mb)  # ma >= thr > mb
+    S[ks] = 10.0 ** (u[ca] + f * (u[c[ks]] - u[ca])) - 1.0
+    first[ks] = steps[c[ks]]
+
+
+def _emergence_by_drops(L: np.ndarray, q: np.ndarray, lab: np.ndarray, n_tok: np.ndarray, steps: np.ndarray,
+                        cfg: DynamicsConfig, dyn: Optional[TokenDynamics], S: np.ndarray, status: np.ndarray) -> None:
+    """``emergence: median_drop``: S_k is the median drop step of quantum k's tokens that drop
+    by at least ``min_drop``. Fills S and status in place."""
+    K = n_tok.size
+    if dyn is None:
+        dyn = token_dynamics(L, steps, dataclasses.replace(cfg, step_lo=None, step_hi=None))
+    elif dyn.drop.shape != (L.shape[0],):
+        raise DynamicsError("dyn must come from token_dynamics on the same tokens")
+    use = lab & (dyn.drop >= cfg.min_drop)
+    qs, mids = q[use], dyn.drop_step_mid[use]
+    order = np.lexsort((mids, qs))
+    qs, mids = qs[order], mids[order]
+    starts = np.searchsorted(qs, np.arange(K), side="left")
+    ends = np.searchsorted(qs, np.arange(K), side="right")
+    n_use = ends - starts
+    for k in np.flatnonzero(n_use > 0):  # a loop over quanta (hundreds), not tokens
+        S[k] = np.median(mids[starts[k]:ends[k]])
+    status[(n_tok > 0) & (n_use == 0)] = "never"
+
+
 def emergence_vs_frequency(
     losses: np.ndarray,
     steps: Sequence[int],
@@ -421,38 +468,9 @@ def emergence_vs_frequency(
     first = np.full(K, -1, np.int64)
 
     if cfg.emergence == "mean_loss":
-        # (K, checkpoints) mean loss of each quantum's tokens at each checkpoint
-        mean = np.stack([np.bincount(q[lab], weights=L[lab, c], minlength=K) for c in range(steps.size)], axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean /= n_tok[:, None]
-        below = mean < cfg.emergence_loss
-        c = np.argmax(below, axis=1)
-        has = n_tok > 0
-        never = has & ~below.any(axis=1)
-        early = has & below.any(axis=1) & (c == 0)
-        ok = has & ~never & ~early
-        status[never], status[early] = "never", "before_first"
-        ks = np.flatnonzero(ok)
-        ca = c[ks] - 1
-        ma, mb = mean[ks, ca], mean[ks, c[ks]]
-        f = (ma - cfg.emergence_loss) / (ma - mb)  # ma >= thr > mb
-        S[ks] = 10.0 ** (u[ca] + f * (u[c[ks]] - u[ca])) - 1.0
-        first[ks] = steps[c[ks]]
+        _emergence_by_mean_loss(L, q, lab, n_tok, steps, u, cfg, S, first, status)
     else:
-        if dyn is None:
-            dyn = token_dynamics(L, steps, dataclasses.replace(cfg, step_lo=None, step_hi=None))
-        elif dyn.drop.shape != (L.shape[0],):
-            raise DynamicsError("dyn must come from token_dynamics on the same tokens")
-        use = lab & (dyn.drop >= cfg.min_drop)
-        qs, mids = q[use], dyn.drop_step_mid[use]
-        order = np.lexsort((mids, qs))
-        qs, mids = qs[order], mids[order]
-        starts = np.searchsorted(qs, np.arange(K), side="left")
-        ends = np.searchsorted(qs, np.arange(K), side="right")
-        n_use = ends - starts
-        for k in np.flatnonzero(n_use > 0):  # a loop over quanta (hundreds), not tokens
-            S[k] = np.median(mids[starts[k]:ends[k]])
-        status[(n_tok > 0) & (n_use == 0)] = "never"
+        _emergence_by_drops(L, q, lab, n_tok, steps, cfg, dyn, S, status)
 
     table = pd.DataFrame(
         {"quantum": np.arange(K, dtype=np.int32), "p": p, "n_tokens": n_tok, "emergence_step": S,

@@ -128,17 +128,6 @@ def compute_metrics(
     # Learned by a size but not by the next larger one: the quantization model says never.
     unlearned_again = int((learned[:-1] & ~learned[1:])[:, present].sum())
 
-    # Abruptness over sizes, for quanta that the suite sees being acquired (not learned by the
-    # smallest, learned by the largest): the largest drop between adjacent sizes as a fraction
-    # of the loss range over sizes. A slow slide over n sizes gives ~1/(n-1); a step gives ~1.
-    trans = present & ~learned[0] & learned[-1]
-    drops = qloss[:-1] - qloss[1:]  # (size pair, quantum)
-    spread = qloss.max(axis=0) - qloss.min(axis=0)
-    if len(models) > 1:
-        abrupt = np.where(trans & (spread > 0), drops.max(axis=0) / np.where(spread > 0, spread, 1), np.nan)[trans]
-    else:  # one size: nothing is acquired between sizes
-        abrupt = np.zeros(0)
-
     # Reducible-loss scaling: answer tokens are (nearly) 0 nats for a perfect model, so their
     # mean loss is L - L_inf; the quantization model predicts a power law in N with exponent alpha.
     n_params = np.array([param_counts[m] for m in models], dtype=float)
@@ -161,15 +150,7 @@ def compute_metrics(
         "spearman_rank_vs_first_size_learned_only": float(rho_learned),
         "n_never_learned": int((present & ~learned.any(axis=0)).sum()),
         "n_unlearned_at_larger_size": unlearned_again,
-        "abruptness": {
-            "definition": "max drop of a quantum's mean answer loss between adjacent sizes / its loss range over sizes",
-            "n_quanta": int(trans.sum()),
-            "median": float(np.median(abrupt)) if abrupt.size else float("nan"),
-            "mean": float(np.mean(abrupt)) if abrupt.size else float("nan"),
-            "q25": float(np.quantile(abrupt, 0.25)) if abrupt.size else float("nan"),
-            "fraction_ge_0.5": float(np.mean(abrupt >= 0.5)) if abrupt.size else float("nan"),
-            "slow_slide_reference": 1.0 / max(1, len(models) - 1),
-        },
+        "abruptness": _abruptness(learned, qloss, present),
         "answer_loss_alpha_N": alpha_n,
         "alpha_N_predicted": alpha,  # the quantization model: alpha_N = alpha
         "learned_count_scaling": learned_count_scaling(n_params, learned[:, present], n_boot, seed),
@@ -182,31 +163,65 @@ def compute_metrics(
         },
     }
 
-    # Emergence over training: the first checkpoint of the largest model from which on the
-    # quantum stays learned (None: not learned at the final checkpoint).
-    big = models[-1]
-    step_revs = [r for r in revs if (big, r) in scores and step_of(r) is not None]
-    if step_revs:
-        lr = np.stack([scores[(big, r)]["learned"].to_numpy() for r in step_revs])  # (ckpt, quantum)
-        stays = np.flip(np.logical_and.accumulate(np.flip(lr, 0), axis=0), 0)  # learned here and after
-        steps = np.array([step_of(r) for r in step_revs])
-        emerge = [int(steps[stays[:, k].argmax()]) if stays[-1, k] else None for k in range(K)]
-        ok = np.array([e is not None and e > 0 for e in emerge]) & present
-        fit = {}
-        if ok.sum() > 2:
-            e = np.array([emerge[k] for k in np.flatnonzero(ok)], dtype=float)
-            slope = fits.ols(np.log(1 / freq[ok]), np.log(e))[0]
-            fit = {"slope_log_step_vs_log_inv_p": float(slope), "spearman_rank_vs_step": _spearman(rank[ok], e)}
-        metrics["emergence"] = {
-            "model": big,
-            "revisions": step_revs,
-            "n_learned_by_revision": lr[:, present].sum(axis=1).astype(int).tolist(),
-            "step": emerge,
-            "predicted_slope": 1.0,
-            **fit,
-        }
+    emergence = _emergence(scores, models, revs, freq, rank, present)
+    if emergence is not None:
+        metrics["emergence"] = emergence
     metrics["acceptance_failures"] = check_acceptance(metrics)
     return _nan_to_none(metrics)
+
+
+def _abruptness(learned: np.ndarray, qloss: np.ndarray, present: np.ndarray) -> dict:
+    """Abruptness over sizes, for quanta that the suite sees being acquired (not learned by the
+    smallest size, learned by the largest): the largest drop of a quantum's loss between
+    adjacent sizes as a fraction of its loss range over sizes. A slow slide over n sizes gives
+    ~1/(n-1); a step gives ~1. learned, qloss: (size, quantum); present: (quantum,)."""
+    n_models = learned.shape[0]
+    trans = present & ~learned[0] & learned[-1]
+    drops = qloss[:-1] - qloss[1:]  # (size pair, quantum)
+    spread = qloss.max(axis=0) - qloss.min(axis=0)
+    if n_models > 1:
+        abrupt = np.where(trans & (spread > 0), drops.max(axis=0) / np.where(spread > 0, spread, 1), np.nan)[trans]
+    else:  # one size: nothing is acquired between sizes
+        abrupt = np.zeros(0)
+    return {
+        "definition": "max drop of a quantum's mean answer loss between adjacent sizes / its loss range over sizes",
+        "n_quanta": int(trans.sum()),
+        "median": float(np.median(abrupt)) if abrupt.size else float("nan"),
+        "mean": float(np.mean(abrupt)) if abrupt.size else float("nan"),
+        "q25": float(np.quantile(abrupt, 0.25)) if abrupt.size else float("nan"),
+        "fraction_ge_0.5": float(np.mean(abrupt >= 0.5)) if abrupt.size else float("nan"),
+        "slow_slide_reference": 1.0 / max(1, n_models - 1),
+    }
+
+
+def _emergence(scores: Mapping, models: Sequence[str], revs: Sequence[str], freq: np.ndarray, rank: np.ndarray,
+               present: np.ndarray) -> Optional[dict]:
+    """Emergence over training: the first checkpoint of the largest model from which on each
+    quantum stays learned (None: not learned at the final checkpoint), and the log-log slope
+    of that step against 1/p (the theory predicts 1). None without stepN checkpoints."""
+    big = models[-1]
+    step_revs = [r for r in revs if (big, r) in scores and step_of(r) is not None]
+    if not step_revs:
+        return None
+    K = freq.size
+    lr = np.stack([scores[(big, r)]["learned"].to_numpy() for r in step_revs])  # (ckpt, quantum)
+    stays = np.flip(np.logical_and.accumulate(np.flip(lr, 0), axis=0), 0)  # learned here and after
+    steps = np.array([step_of(r) for r in step_revs])
+    emerge = [int(steps[stays[:, k].argmax()]) if stays[-1, k] else None for k in range(K)]
+    ok = np.array([e is not None and e > 0 for e in emerge]) & present
+    fit = {}
+    if ok.sum() > 2:
+        e = np.array([emerge[k] for k in np.flatnonzero(ok)], dtype=float)
+        slope = fits.ols(np.log(1 / freq[ok]), np.log(e))[0]
+        fit = {"slope_log_step_vs_log_inv_p": float(slope), "spearman_rank_vs_step": _spearman(rank[ok], e)}
+    return {
+        "model": big,
+        "revisions": step_revs,
+        "n_learned_by_revision": lr[:, present].sum(axis=1).astype(int).tolist(),
+        "step": emerge,
+        "predicted_slope": 1.0,
+        **fit,
+    }
 
 
 def learned_count_scaling(n_params: np.ndarray, learned: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
