@@ -1,7 +1,7 @@
 """What every benchmark script shares: the machine's description and a sampled peak RSS.
 
 Kept free of torch so that numpy-only benchmarks (bench_scaling.py) do not pay its import.
-pipeline.memory.Peak reads the kernel's high-water mark instead; the sampler here also
+pipeline.core.resources.Peak reads the kernel's high-water mark instead; the sampler here also
 works where /proc/self/clear_refs cannot be written, and the benchmarks' recorded peaks
 were taken with it.
 """

@@ -1,7 +1,7 @@
 """Scale of the similarity + cluster stages: N samples of dimension 8192 -> clusters.
 
-What it measures: wall time and peak RSS of `pipeline.similarity.compute`
-followed by `pipeline.cluster.run_clustering` (its main k, plus the stability rerun at a
+What it measures: wall time and peak RSS of `pipeline.qdg.similarity.compute`
+followed by `pipeline.qdg.clustering.run_clustering` (its main k, plus the stability rerun at a
 second seed, as the cluster stage does), on synthetic clustered vectors:
 
 - dense mode at N = 10,000 (target: <= 2 minutes);
@@ -76,8 +76,9 @@ def knn_recall(x: np.ndarray, aff, n_neighbors: int, queries: int = 500, seed: i
 def run_one(args) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from pipeline import cluster, similarity
-    from pipeline.config import ClusterConfig, SimilarityConfig
+    from pipeline.qdg import clustering
+    from pipeline.qdg import similarity
+    from pipeline.core.config import ClusterConfig, SimilarityConfig
 
     t0 = time.perf_counter()
     x, truth = synthetic(args.n, args.dim, args.k, args.cos, args.seed)
@@ -92,7 +93,7 @@ def run_one(args) -> dict:
     recall, sim_ratio = knn_recall(x, aff, args.neighbors) if meta["mode"] == "knn" else (None, None)
     del x
     t2 = time.perf_counter()
-    table, metrics = cluster.run_clustering(aff, ids, args.n, cl_cfg)
+    table, metrics = clustering.run_clustering(aff, ids, args.n, cl_cfg)
     t_cluster = time.perf_counter() - t2
     labels = table.column("cluster").to_numpy()
     return {

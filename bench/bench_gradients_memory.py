@@ -33,8 +33,9 @@ def one(gguf: str, n: int, memory_gb: float) -> dict:
     import numpy as np
     import torch
 
-    from pipeline import gradients, models
-    from pipeline.config import GradientsConfig
+    from pipeline.qdg import gradients
+    from pipeline.lm import models
+    from pipeline.core.config import GradientsConfig
 
     torch.set_num_threads(2)
     spec = models.ModelSpec(name="smollm2", source=gguf)

@@ -1,4 +1,4 @@
-"""Benchmark: per-token losses, ours (pipeline/losses.py) against the paper's evaluation.
+"""Benchmark: per-token losses, ours (pipeline/lm/losses.py) against the paper's evaluation.
 
 Why: the loss stage runs once per (model, revision) over the whole corpus (the paper:
 7 models x 106M tokens), so its throughput decides what a researcher can afford. This
@@ -11,7 +11,7 @@ script times, on the same machine, model and documents, in one run:
   ``cross_entropy(logits[0, :-1], targets[0, 1:], reduction='none').tolist()``;
 - ``paper+nograd``: the same under ``torch.inference_mode()``, a stronger baseline, so
   that the speed-up is not just "turned autograd off";
-- ``ours``: :func:`pipeline.losses.score_windows`, the core of the loss stage, with the
+- ``ours``: :func:`pipeline.lm.losses.score_windows`, the core of the loss stage, with the
   stage's default sizes (length-packed batches, hidden states then a chunked
   unembedding + logsumexp cross-entropy; fp32 on CPU, bf16 weights on CUDA).
 
@@ -54,7 +54,7 @@ import _common  # noqa: E402
 from _common import PeakRSS  # noqa: E402
 
 from pipeline import losses  # noqa: E402
-from pipeline.config import LossesConfig  # noqa: E402
+from pipeline.core.config import LossesConfig  # noqa: E402
 
 # Pythia shapes (hidden, layers, heads); all: vocab 50304, rotary_pct 0.25, max_pos 2048.
 SHAPES = {
@@ -258,8 +258,9 @@ def cluster_overhead(args) -> dict:
     from distributed import Client, LocalCluster
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from pipeline import io, models
-    from pipeline.config import CorpusConfig, SuiteConfig
+    from pipeline.core import files
+    from pipeline.lm import models
+    from pipeline.core.config import CorpusConfig, SuiteConfig
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     torch.manual_seed(0)
@@ -267,7 +268,7 @@ def cluster_overhead(args) -> dict:
                                      intermediate_size=256, max_position_embeddings=128, rotary_pct=0.25)).save_pretrained(tmp / "model")
     rng = np.random.default_rng(0)
     n_docs, doc_len = 2000, 64
-    io.write_parquet(pa.table({
+    files.write_parquet(pa.table({
         "doc_id": np.repeat(np.arange(n_docs, dtype=np.int64), doc_len),
         "pos": np.tile(np.arange(doc_len, dtype=np.int32), n_docs),
         "token_id": rng.integers(0, 512, n_docs * doc_len).astype(np.int32),
@@ -282,7 +283,7 @@ def cluster_overhead(args) -> dict:
         losses.run_losses(spec, tmp / "tokens.parquet", tmp / out, losses=cfg, suite=suite, corpus=CorpusConfig(max_len=64))
         return time.perf_counter() - t0
 
-    from pipeline import distributed as dist
+    from pipeline.core import execution as dist
 
     dist.clear_cache()
     row = {"tokens": n_docs * (doc_len - 1)}

@@ -7,7 +7,7 @@ Trains every width `--replicates` times on one language and one data order (para
 ``planted`` with ``--seed`` and the ``--set`` overrides; replicate r initialises from
 seed + 1000 r), scores each final model on the probe set, and prints the learned count per
 replicate and two pooled ladders: on the replicates' mean probe loss per answer, and by
-majority vote. "learned" is the suite's definition (planted.LEARNED_LOSS/_FRACTION). Two
+majority vote. "learned" is the suite's definition (suite.LEARNED_LOSS/_FRACTION). Two
 training processes at a time, one thread each. Results: docs/planted-languages.md.
 """
 
@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import config, planted, planted_metrics
+from pipeline.core import config
+from pipeline.planted import suite
+from pipeline.planted import scorecard
 
 
 def _cfg(seed: int, steps: int, overrides: dict) -> config.PlantedConfig:
@@ -37,18 +39,18 @@ def train_and_probe(job: tuple) -> tuple[int, int, np.ndarray, np.ndarray]:
     torch.set_num_threads(1)
     seed, width, rep, steps, overrides = job
     cfg = _cfg(seed, steps, overrides)
-    lang = planted.make_language(cfg)
-    tokens, quanta = planted.probe_docs(lang, cfg)
-    probe = planted.label_table(quanta)
+    lang = suite.make_language(cfg)
+    tokens, quanta = suite.probe_docs(lang, cfg)
+    probe = suite.label_table(quanta)
     probe = probe[probe["quantum"] >= 0]
-    model = planted.train_model(lang, dataclasses.replace(cfg, seed=seed + 1000 * rep), width,
-                                planted.training_batches(lang, cfg), progress=False)
-    loss = planted.token_losses(model, tokens)[probe["doc_id"], probe["pos"]]
+    model = suite.train_model(lang, dataclasses.replace(cfg, seed=seed + 1000 * rep), width,
+                                suite.training_batches(lang, cfg), progress=False)
+    loss = suite.token_losses(model, tokens)[probe["doc_id"], probe["pos"]]
     return width, rep, probe["quantum"].to_numpy(), loss
 
 
 def learned(quantum: np.ndarray, loss: np.ndarray, n_quanta: int) -> np.ndarray:
-    scores = planted_metrics.answer_scores(pd.DataFrame({"quantum": quantum, "loss": loss}), n_quanta)
+    scores = scorecard.answer_scores(pd.DataFrame({"quantum": quantum, "loss": loss}), n_quanta)
     return scores["learned"].to_numpy()
 
 

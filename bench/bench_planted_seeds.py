@@ -5,7 +5,7 @@ each seed, outside DVC, and reports for each seed the acceptance criteria of
 `planted_metrics.compute_metrics` (learned on the probe set, mean loss on the Zipf corpus), each
 with its margin (how far the measured value lies from failing), and QDG on the largest
 model: exact gradients of answers under 0.1 nats, every clustering method of
-`pipeline.cluster` at k = the quanta present, with the answer-token and (previous token,
+`pipeline.qdg.clustering` at k = the quanta present, with the answer-token and (previous token,
 answer) baselines. One process per seed; run two at once on 2 cores at most.
 
     python bench/bench_planted_seeds.py --seed 0 --json /tmp/seed0.json
@@ -25,9 +25,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cluster, config, gradients, planted, planted_metrics  # noqa: E402
-from pipeline import similarity as sim  # noqa: E402
-from pipeline.config import ClusterConfig, GradientsConfig  # noqa: E402
+from pipeline.qdg import clustering
+from pipeline.core import config
+from pipeline.qdg import gradients
+from pipeline.planted import suite
+from pipeline import planted_metrics  # noqa: E402
+from pipeline.qdg import similarity as sim  # noqa: E402
+from pipeline.core.config import ClusterConfig, GradientsConfig  # noqa: E402
 
 
 def margins(m: dict) -> dict:
@@ -45,7 +49,7 @@ def qdg(model, tokens, quanta, losses, n: int, seed: int, methods, save=None) ->
     """Exact non-embedding gradients of n corpus tokens under 0.1 nats; ARI of each method at k present."""
     from sklearn.metrics import adjusted_rand_score
 
-    cand = np.argwhere(np.nan_to_num(losses, nan=np.inf) < planted.LEARNED_LOSS)
+    cand = np.argwhere(np.nan_to_num(losses, nan=np.inf) < suite.LEARNED_LOSS)
     rng = np.random.default_rng(seed)
     if len(cand) > n:
         cand = cand[np.sort(rng.choice(len(cand), n, replace=False))]
@@ -67,7 +71,7 @@ def qdg(model, tokens, quanta, losses, n: int, seed: int, methods, save=None) ->
         t = time.perf_counter()
         cfg = ClusterConfig(n_clusters=(k,), method=method)
         # Leiden is scored by its own partition (its number of clusters is the data's), the others at k
-        labels = cluster.leiden_natural(aff, cfg) if method == "leiden" else cluster.cluster_at(aff, [k], cfg)[k]
+        labels = clustering.leiden_natural(aff, cfg) if method == "leiden" else clustering.cluster_at(aff, [k], cfg)[k]
         out[method] = {"ari": round(float(adjusted_rand_score(truth, labels)), 4),
                        "n_clusters": int(labels.max()) + 1,
                        "largest_cluster_share": round(float(np.bincount(labels).max() / len(labels)), 3),
@@ -81,7 +85,7 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--planted", action="append", default=[], metavar="KEY=VALUE", help="override a planted param (YAML value)")
     ap.add_argument("--n-samples", type=int, default=3000, help="QDG samples (0: skip QDG)")
-    ap.add_argument("--methods", default=",".join(cluster.METHODS), help="clustering methods, comma-separated")
+    ap.add_argument("--methods", default=",".join(clustering.METHODS), help="clustering methods, comma-separated")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--save-affinity", type=Path, default=None, help="write the QDG affinity and labels (.npz)")
     args = ap.parse_args()
@@ -101,24 +105,24 @@ def main() -> None:
     if "widths" in extra:
         extra["widths"] = tuple(extra["widths"])
     cfg = dataclasses.replace(base, **extra)
-    lang = planted.make_language(cfg)
-    batches = planted.training_batches(lang, cfg)
-    tokens, quanta = planted.eval_docs(lang, cfg)
-    probe_tokens, probe_quanta = planted.probe_docs(lang, cfg)
-    probe = planted.label_table(probe_quanta)
+    lang = suite.make_language(cfg)
+    batches = suite.training_batches(lang, cfg)
+    tokens, quanta = suite.eval_docs(lang, cfg)
+    probe_tokens, probe_quanta = suite.probe_docs(lang, cfg)
+    probe = suite.label_table(probe_quanta)
     probe = probe[probe["quantum"] >= 0]
-    labels = planted.label_table(quanta)
+    labels = suite.label_table(quanta)
     t0 = time.perf_counter()
     losses, probes, sizes, model = {}, {}, {}, None
     for w in cfg.widths:
-        model = planted.train_model(lang, cfg, w, batches, desc=f"seed {args.seed} width {w}")
+        model = suite.train_model(lang, cfg, w, batches, desc=f"seed {args.seed} width {w}")
         name = f"w{w}"
-        corpus = planted.token_losses(model, tokens)
-        losses[(name, "final")] = planted.loss_table(corpus)
-        pl = planted.token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
+        corpus = suite.token_losses(model, tokens)
+        losses[(name, "final")] = suite.loss_table(corpus)
+        pl = suite.token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
         probes[(name, "final")] = probe.assign(loss=pl)
-        sizes[name] = planted.non_embedding_params(model)
-    m = planted_metrics.compute_metrics(labels, planted.quanta_table(lang, quanta), losses, sizes, ["final"],
+        sizes[name] = suite.non_embedding_params(model)
+    m = planted_metrics.compute_metrics(labels, suite.quanta_table(lang, quanta), losses, sizes, ["final"],
                                 alpha=cfg.alpha, probe=probes)
     out = {
         "planted": {k: v for k, v in dataclasses.asdict(cfg).items() if k in extra or k in ("rule", "n_layers", "lr")},
@@ -135,7 +139,7 @@ def main() -> None:
     print(json.dumps(out), flush=True)
     if args.n_samples:
         methods = [x for x in args.methods.split(",") if x]
-        out["qdg"] = qdg(model, tokens, quanta, planted.token_losses(model, tokens), args.n_samples, args.seed, methods,
+        out["qdg"] = qdg(model, tokens, quanta, suite.token_losses(model, tokens), args.n_samples, args.seed, methods,
                          save=args.save_affinity)
     text = json.dumps(out, indent=2)
     print(text)

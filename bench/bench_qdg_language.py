@@ -4,7 +4,7 @@ On the `table` planted language (`planted.rule: table`) QDG stays far below the 
 0.9 (docs/planted-languages.md): its quanta are tables of (argument -> answer) facts, and a
 token's gradient follows its fact (its answer word), not its quantum. This benchmark asks the
 question on a language built so that the gradients *can* carry the quantum, and compares the
-two clusterings of `pipeline.cluster` on the same gradients.
+two clusterings of `pipeline.qdg.clustering` on the same gradients.
 
 The key-pair language (defined here, with its own sampler and 200 quanta by default; the
 pipeline's default `planted.rule: pair` plants the same kind of quantum). Quantum k owns two
@@ -17,13 +17,13 @@ words u_k, v_k; an instance slot of a document holds, with equal odds,
 so neither word alone tells "!" (the pair must be recognised, a capacity-limited skill),
 and every quantum answers the same word, so the answer-token baseline is 0 by construction.
 Quanta follow the planted Zipf law (p_k ∝ k^-1.5). Models are the planted suite's
-GPT-NeoX (`planted.train_model`), one layer: with two, about half of the gradient norm sits
+GPT-NeoX (`suite.train_model`), one layer: with two, about half of the gradient norm sits
 in layer-1 attention, which varies with the context, and within-quantum cosines fall
 from 0.97 to 0.73.
 
 What it reports, for the largest width: the mean gradient cosine within and between
 quanta, and ARI at k = the number of quanta present for spectral clustering (the paper's,
-`cluster.spectral`, angular affinity) and average linkage (`cluster.agglomerative`). For
+`clustering.spectral`, angular affinity) and average linkage (`clustering.agglomerative`). For
 every width: quanta learned (>= 90% of its answers under 0.1 nats), and the Spearman
 correlation of frequency rank with the smallest width that learns a quantum. With
 `--default-run`, both clusterings also run on the default pipeline's own affinity.
@@ -52,9 +52,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cluster, gradients, planted, planted_metrics  # noqa: E402
-from pipeline import similarity as sim  # noqa: E402
-from pipeline.config import ClusterConfig, GradientsConfig, PlantedConfig  # noqa: E402
+from pipeline.qdg import clustering
+from pipeline.qdg import gradients
+from pipeline.planted import suite
+from pipeline import planted_metrics  # noqa: E402
+from pipeline.qdg import similarity as sim  # noqa: E402
+from pipeline.core.config import ClusterConfig, GradientsConfig, PlantedConfig  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -75,7 +78,7 @@ class KeyPairLanguage:
         self.filler = np.arange(2, 2 + f)
         self.u, self.v = 2 + f + np.arange(k), 2 + f + k + np.arange(k)
         self.bang = len(self.vocab) - 1
-        self.freqs = planted.zipf_frequencies(k, self.alpha)
+        self.freqs = suite.zipf_frequencies(k, self.alpha)
 
     @property
     def vocab_size(self) -> int:
@@ -122,7 +125,7 @@ def learned(losses: np.ndarray, quanta: np.ndarray, n_quanta: int) -> np.ndarray
     ok = np.zeros(n_quanta, dtype=bool)
     for k in range(n_quanta):
         x = losses[quanta == k]
-        ok[k] = len(x) > 0 and (x < planted.LEARNED_LOSS).mean() >= planted.LEARNED_FRACTION
+        ok[k] = len(x) > 0 and (x < suite.LEARNED_LOSS).mean() >= suite.LEARNED_FRACTION
     return ok
 
 
@@ -133,7 +136,7 @@ def compare_clusterings(affinity: np.ndarray, truth: np.ndarray) -> dict:
     out = {"k": k}
     for method in ("spectral", "agglomerative"):
         t = time.perf_counter()
-        labels = cluster.cluster_at(affinity, [k], ClusterConfig(n_clusters=(k,), method=method))[k]
+        labels = clustering.cluster_at(affinity, [k], ClusterConfig(n_clusters=(k,), method=method))[k]
         big = np.flatnonzero(truth == np.bincount(truth[truth >= 0]).argmax())
         out[method] = {
             "ari": round(float(adjusted_rand_score(truth, labels)), 4),
@@ -149,7 +152,7 @@ def qdg(lang, model, tokens, quanta, losses, n: int, seed: int, include: tuple[s
     answer-token baseline."""
     from sklearn.metrics import adjusted_rand_score
 
-    cand = np.argwhere(np.nan_to_num(losses, nan=np.inf) < planted.LEARNED_LOSS)
+    cand = np.argwhere(np.nan_to_num(losses, nan=np.inf) < suite.LEARNED_LOSS)
     rng = np.random.default_rng(seed)
     if len(cand) > n:
         cand = cand[np.sort(rng.choice(len(cand), n, replace=False))]
@@ -195,8 +198,8 @@ def planted_criteria(lang, quanta: np.ndarray, losses: dict, sizes: dict) -> dic
     n_docs, T = quanta.shape
     labels = pd.DataFrame({"doc_id": np.repeat(np.arange(n_docs), T), "pos": np.tile(np.arange(T), n_docs),
                            "quantum": quanta.reshape(-1)})
-    tables = {(name, "final"): planted.loss_table(x) for name, x in losses.items()}
-    m = planted_metrics.compute_metrics(labels, planted.quanta_table(lang, quanta), tables, sizes, ["final"])
+    tables = {(name, "final"): suite.loss_table(x) for name, x in losses.items()}
+    m = planted_metrics.compute_metrics(labels, suite.quanta_table(lang, quanta), tables, sizes, ["final"])
     return {
         "mean_loss_by_size": [round(x, 4) for x in m["mean_loss_by_size"]],
         "n_learned_by_size": m["n_learned_by_size"],
@@ -239,9 +242,9 @@ def main() -> None:
             extra[key] = yaml.safe_load(value)
         base = {"rule": "gate", "answer_noise": args.answer_noise, "n_layers": 1, "steps": args.steps, "seed": args.seed}
         cfg = PlantedConfig(**(base | extra))
-        lang = planted.make_language(cfg)
-        batches = planted.training_batches(lang, cfg)
-        tokens, quanta = planted.eval_docs(lang, cfg)
+        lang = suite.make_language(cfg)
+        batches = suite.training_batches(lang, cfg)
+        tokens, quanta = suite.eval_docs(lang, cfg)
         about = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("widths", "threads")}
     else:
         lang = KeyPairLanguage(n_quanta=args.n_quanta)
@@ -257,9 +260,9 @@ def main() -> None:
     ok, by_width, sizes = [], {}, {}
     for w in widths:
         t = time.perf_counter()
-        model = planted.train_model(lang, cfg, w, batches, desc=f"width {w}")
+        model = suite.train_model(lang, cfg, w, batches, desc=f"width {w}")
         losses = token_losses(model, tokens)
-        by_width[f"w{w}"], sizes[f"w{w}"] = losses, planted.non_embedding_params(model)
+        by_width[f"w{w}"], sizes[f"w{w}"] = losses, suite.non_embedding_params(model)
         ok.append(learned(losses, quanta, lang.n_quanta))
         result["widths"][w] = {"n_learned": int(ok[-1].sum()), "train_s": round(time.perf_counter() - t, 1)}
         print(json.dumps({"width": w, **result["widths"][w]}), flush=True)

@@ -11,14 +11,14 @@ Losses (all documents):
 - ``paper``: the paper's evaluation loop (quantization-model, experiments/pythia-2/eval.py),
   one document per forward, fp32, full logits and cross-entropy, autograd left on
   (bench_losses.paper_losses);
-- ``ours``: :func:`pipeline.losses.score_windows` with the stage's defaults.
+- ``ours``: :func:`pipeline.lm.losses.score_windows` with the stage's defaults.
 
 Gradients (N targets at random positions, several per document, as selection gives):
 - ``per-sample``: the faithful reference: per target, one forward of its document up to
   the target and one backward of the target's loss (batch 1, every parameter with
   ``requires_grad`` as in the paper's script), the selected parameters' ``.grad``
   flattened and projected by the same SJLT as ours, so both produce the same vectors;
-- ``ours``: :func:`pipeline.gradients.compute_gradients` with the stage's defaults
+- ``ours``: :func:`pipeline.qdg.gradients.compute_gradients` with the stage's defaults
   (sjlt to 8,192 dimensions, ``share_context: auto``, ``memory_gb`` 8);
 - blocks of 250 (the paper's similarity script) recompute each gradient
   ``(1 + (nb + 1) / 2)`` times for nb = N / 250 blocks: 21.5 times at N = 10,000. Its
@@ -31,7 +31,7 @@ forwards and one probe row of the longest context), which a process pays once pe
 its seconds are reported as ``warmup_with_calibration_s``.
 
 Reported: seconds, samples/s or tokens/s, the ratios, the peak of each method
-(pipeline.memory.Peak: the resident set's high-water mark), agreement (max |loss
+(pipeline.core.resources.Peak: the resident set's high-water mark), agreement (max |loss
 difference|; min cosine between our and the reference's projected gradients), and the
 gradients' useful FLOP/s (6 P T + 4 V H per target, bench_gradients.useful_flops) as a
 fraction of this machine's fp32 matmul FLOP/s, measured in the same process.
@@ -61,9 +61,11 @@ import _common  # noqa: E402
 from bench_gradients import useful_flops  # noqa: E402
 from bench_losses import paper_losses  # noqa: E402
 
-from pipeline import gradients, losses, models  # noqa: E402
-from pipeline.config import GradientsConfig  # noqa: E402
-from pipeline.memory import Peak, resident_bytes  # noqa: E402
+from pipeline.qdg import gradients
+from pipeline.lm import losses
+from pipeline import models  # noqa: E402
+from pipeline.core.config import GradientsConfig  # noqa: E402
+from pipeline.core.resources import Peak, resident_bytes  # noqa: E402
 
 FILES = ["argparse.py", "typing.py", "inspect.py", "dataclasses.py", "pathlib.py", "enum.py", "functools.py",
          "textwrap.py", "shutil.py", "tempfile.py", "csv.py", "json/encoder.py"]

@@ -1,4 +1,4 @@
-"""Benchmark: the HTML report (pipeline/report.py) at the paper's size, opened in headless Chromium.
+"""Benchmark: the HTML report (pipeline/report/page.py) at the paper's size, opened in headless Chromium.
 
 Targets: a report for 10,000 samples in 400 clusters loads in headless Chromium
 in <= 3 s and weighs <= 20 MB.
@@ -12,8 +12,8 @@ newlines, HTML (`<div>`, `</script>`, `&amp;`...), code, non-ASCII and escaped p
 position with a full `--context`-token context (the worst case for the page's size), are
 dealt into `--k` clusters with Zipf sizes (p ∝ rank^-`--zipf`, every cluster at least one
 sample); each cluster prefers a few answer tokens, as real clusters do. The cluster summary
-is `pipeline.cluster.summarise`'s; the figures are real matplotlib PNGs (the similarity
-matrix by `pipeline.plots.similarity_matrix` on a block affinity, five line plots), and the
+is `pipeline.qdg.clustering.summarise`'s; the figures are real matplotlib PNGs (the similarity
+matrix by `pipeline.report.plots.similarity_matrix` on a block affinity, five line plots), and the
 metrics are the repository's metrics/*.json where present.
 
 What it measures:
@@ -65,12 +65,13 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
 
-from pipeline import browser, report  # noqa: E402
-from pipeline.config import ClusterConfig, ReportConfig  # noqa: E402
+from pipeline.report import chromium
+from pipeline import report  # noqa: E402
+from pipeline.core.config import ClusterConfig, ReportConfig  # noqa: E402
 
 TARGET_LOAD_S = 3.0
 TARGET_SIZE_MB = 20.0  # 10^6 bytes
-CHROMIUM_ARGS = list(browser.CHROMIUM_ARGS)  # the flags of the tests and `quanta screenshot`
+CHROMIUM_ARGS = list(chromium.CHROMIUM_ARGS)  # the flags of the tests and `quanta screenshot`
 METRICS = report.METRICS
 
 # ----------------------------------------------------------------------------- synthetic inputs
@@ -129,7 +130,7 @@ def vocabulary(size: int, rng: np.random.Generator) -> list[str]:
 
 def synthetic(args, tmp: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Path, dict]:
     """(clusters, samples, summary, tokens_path, facts) as the cluster and select stages write them."""
-    from pipeline import cluster
+    from pipeline.qdg import clustering
 
     rng = np.random.default_rng(args.seed)
     V = args.vocab
@@ -185,7 +186,7 @@ def synthetic(args, tmp: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     )
     clusters = pd.DataFrame({"sample": samples["sample"], "cluster": labels.astype(np.int32),
                              f"k{k}": labels.astype(np.int32)})
-    summary = cluster.summarise(clusters, samples, dict(enumerate(texts)), ClusterConfig(n_clusters=(k,))).to_pandas()
+    summary = clustering.summarise(clusters, samples, dict(enumerate(texts)), ClusterConfig(n_clusters=(k,))).to_pandas()
     sizes = np.bincount(labels, minlength=k)
     facts = {"n_docs": n_docs, "corpus_tokens": n_docs * L, "vocab": V, "largest_cluster": int(sizes.max()),
              "smallest_cluster": int(sizes.min()), "clusters_under_n_examples": int((sizes < args.n_examples).sum())}
@@ -199,7 +200,7 @@ def figures(labels: np.ndarray, tmp: Path, seed: int) -> dict[str, bytes]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline import plots
+    from pipeline.report import plots
 
     rng = np.random.default_rng(seed)
     m = min(2000, len(labels))
@@ -435,7 +436,7 @@ def run(args) -> dict:
 
         cfg = ReportConfig(n_examples=args.n_examples, context_tokens=args.context, seed=args.seed)
         t0 = time.perf_counter()
-        import pipeline.losses  # noqa: F401 — collect imports it (and torch): timed apart from collect
+        import pipeline.lm.losses  # noqa: F401 — collect imports it (and torch): timed apart from collect
 
         res["import_s"] = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()

@@ -1,8 +1,8 @@
-"""Benchmark: per-token scaling curves (pipeline/scaling.py) on a Pythia-sized suite.
+"""Benchmark: per-token scaling curves (pipeline/laws/scaling.py) on a Pythia-sized suite.
 
 Why: the paper's per-token matrix is 106M tokens x 7 models; the scaling stage classifies
 every token (OLS slope and R² against ln N, monogenic emergence, persistence), so it must
-be vectorised and bounded in memory. This script times :func:`pipeline.scaling.token_curves`
+be vectorised and bounded in memory. This script times :func:`pipeline.laws.scaling.token_curves`
 (plus the population statistics and the output table) on a synthetic float32 matrix of
 ``--tokens`` x 7 models (default 10^7, a tenth of the paper's) and reports the peak
 resident memory (sampled every 5 ms) and its rise over the input matrix alone.
@@ -11,7 +11,7 @@ For scale it also times a plain per-token Python loop (np.polyfit and the defini
 written out, as tests/test_scaling.py's reference) on ``--ref-tokens`` tokens and
 extrapolates it to the full matrix: the ratio is what vectorising buys, not a comparison
 with the paper, which showed example curves only. ``--align`` adds the join of 7 loss
-tables on (doc_id, pos) (:func:`pipeline.scaling.align_tokens`, already-sorted inputs, the
+tables on (doc_id, pos) (:func:`pipeline.laws.scaling.align_tokens`, already-sorted inputs, the
 usual case: every table lists the same tokens in the same order), whose inputs alone
 take ~1.1 GB at 10^7 tokens.
 
@@ -37,7 +37,7 @@ import _common  # noqa: E402
 from _common import PeakRSS  # noqa: E402
 
 from pipeline import scaling  # noqa: E402
-from pipeline.scaling import ScalingConfig  # noqa: E402
+from pipeline.laws.scaling import ScalingConfig  # noqa: E402
 
 N7 = np.array([18.9e6, 85.1e6, 302e6, 805e6, 1.21e9, 2.52e9, 6.44e9])  # Pythia 70m..6.9b, non-embedding
 MODELS = ["70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b"]

@@ -6,8 +6,8 @@ matters as much as the clustering: this script draws multinomial samples over K 
 with p_k ∝ k^-b (the planted suite's law: n samples, the quanta of nonzero count kept,
 sizes sorted as a clustering would report them) and fits each draw with
 
-- ``csn``: CSN's discrete tail MLE, xmin by KS (pipeline.powerlaw.fit_discrete_power_law);
-- ``rank_mle``: the finite-Zipf MLE over the clusters' ranks (pipeline.powerlaw.fit_rank_mle);
+- ``csn``: CSN's discrete tail MLE, xmin by KS (pipeline.laws.cluster_sizes.fit_discrete_power_law);
+- ``rank_mle``: the finite-Zipf MLE over the clusters' ranks (pipeline.laws.cluster_sizes.fit_rank_mle);
 - ``ols``: OLS of log size on log rank over every rank (the paper's envelope method on
   one clustering).
 
@@ -25,7 +25,7 @@ import argparse
 
 import numpy as np
 
-from pipeline import powerlaw as pl
+from pipeline.laws import cluster_sizes as pl
 
 
 def ols_rank_exponent(sizes: np.ndarray) -> float:

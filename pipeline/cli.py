@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline import config
-from pipeline.errors import QuantaError
+from pipeline.core import config
+from pipeline.core.errors import QuantaError
 
 
 def _fmt_count(n: Optional[int]) -> str:
@@ -33,15 +33,15 @@ def _loss_partition(losses_dir: Path, model: str, revision: str) -> tuple[int, O
     """(rows, meta) of the loss table of one (model, revision), rows 0 when absent."""
     import pyarrow.parquet as pq
 
-    from pipeline import layout
+    from pipeline.lm import partitions
 
-    part_dir = layout.partition_dir(losses_dir, model, revision)
+    part_dir = partitions.partition_dir(losses_dir, model, revision)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(part_dir.glob("part-*.parquet")))
-    return rows, layout.read_partition_meta(losses_dir, model, revision)
+    return rows, partitions.read_partition_meta(losses_dir, model, revision)
 
 
 def cmd_info(args) -> None:
-    from pipeline import models
+    from pipeline.lm import models
 
     params = config.load_params(args.params)
     suite = config.section(params, "suite")
@@ -79,13 +79,13 @@ def cmd_info(args) -> None:
 
 
 def cmd_revisions(args) -> None:
-    from pipeline import models
+    from pipeline.lm import models
 
     print("\n".join(models.pythia_revisions()))
 
 
 def cmd_download(args) -> None:
-    from pipeline import models
+    from pipeline.lm import models
 
     suite = config.load("suite", args.params)
     for name in suite.models:
@@ -99,7 +99,7 @@ def cmd_check(args) -> None:
     params = config.load_params(args.params)  # refuses unknown sections
     for name in config.SECTIONS:
         config.section(params, name)
-    from pipeline import models
+    from pipeline.lm import models
 
     suite = config.section(params, "suite")
     built = []
@@ -112,9 +112,9 @@ def cmd_check(args) -> None:
 
 
 def cmd_screenshot(args) -> None:
-    from pipeline import browser
+    from pipeline.report import chromium
 
-    out = browser.screenshot(args.report, args.out, args.width, args.height, args.cluster)
+    out = chromium.screenshot(args.report, args.out, args.width, args.height, args.cluster)
     print(f"{out}: screenshot of {args.report}")
 
 

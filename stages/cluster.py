@@ -12,9 +12,12 @@ from typing import Optional, Sequence
 
 import pyarrow.parquet as pq
 
-from pipeline import cluster, config, io, stage
-from pipeline import similarity as sim
-from pipeline.select import read_samples
+from pipeline.qdg import clustering
+from pipeline.core import config
+from pipeline.core import files
+from pipeline.core import stage
+from pipeline.qdg import similarity as sim
+from pipeline.qdg.selection import read_samples
 
 
 def token_strings(tokens_path: str) -> dict[int, str]:
@@ -36,13 +39,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = config.load("cluster", args.params)
     aff, ids, sim_meta = sim.read(args.similarity, mmap=False)
     samples = read_samples(args.samples)
-    table, metrics = cluster.run_clustering(aff, ids, len(samples), cfg)
-    summary = cluster.summarise(table.to_pandas(), samples, token_strings(args.tokens), cfg)
+    table, metrics = clustering.run_clustering(aff, ids, len(samples), cfg)
+    summary = clustering.summarise(table.to_pandas(), samples, token_strings(args.tokens), cfg)
     meta = {**config.to_dict(cfg), "main_k": metrics["k"]}  # leiden: the data's k, not n_clusters[0]
-    io.write_parquet(table, args.out, config=meta)
-    io.write_parquet(summary, args.summary, config=meta)
+    files.write_parquet(table, args.out, config=meta)
+    files.write_parquet(summary, args.summary, config=meta)
     metrics["similarity_mode"] = sim_meta["mode"]
-    io.write_meta(metrics, args.metrics)
+    files.write_meta(metrics, args.metrics)
     print(f"cluster: k={metrics['k']}, stability ARI {metrics['stability_ari']} -> {args.out}")
 
 

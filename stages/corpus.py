@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline import config, corpus, stage
-from pipeline.io import write_parquet
+from pipeline.core import config
+from pipeline.lm import corpus
+from pipeline.core import stage
+from pipeline.core.files import write_parquet
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

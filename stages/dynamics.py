@@ -12,7 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline import config, dynamics, io, plots, stage
+from pipeline.core import config
+from pipeline.laws import dynamics
+from pipeline.core import files
+from pipeline.report import plots
+from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -27,8 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         res = dynamics.skipped(dynamics.followed_model(suite.models, cfg), reason)
     else:
         res = dynamics.run(args.losses, suite.models, suite.revisions, cfg, planted_dir=args.planted)
-    io.write_parquet(res.table, args.out, config=config.to_dict(cfg))
-    io.write_json(res.metrics, args.metrics)
+    files.write_parquet(res.table, args.out, config=config.to_dict(cfg))
+    files.write_json(res.metrics, args.metrics)
     plots.emergence(res, Path(args.plots) / "emergence_vs_frequency.png")
     m = res.metrics
     if reason:

@@ -14,7 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pipeline import config, gradients, io, models, stage
+from pipeline.core import config
+from pipeline.qdg import gradients
+from pipeline.core import files
+from pipeline.lm import models
+from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -41,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         max_len=cfg.max_len or corpus.max_len,  # null: the context the losses were computed with
         tokenizer_loader=lambda s: models.load_tokenizer(s, **hub),
     )
-    io.write_meta(meta, args.meta)
+    files.write_meta(meta, args.meta)
     print(
         f"gradients: {meta['n_samples']} samples x {meta['dim']} ({meta['n_bad']} bad) "
         f"at {meta['samples_per_s']} samples/s -> {args.out}"

@@ -14,7 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pipeline import config, losses, models, stage
+from pipeline.core import config
+from pipeline.lm import losses
+from pipeline.lm import models
+from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline import config, planted, stage
+from pipeline.core import config
+from pipeline.planted import suite as planted
+from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

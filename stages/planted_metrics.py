@@ -5,7 +5,7 @@
 
 Reads labels.parquet and quanta.parquet of the planted suite and the per-token losses of
 every (model, revision) of `suite.models` x `suite.revisions`, and writes the scorecard of
-pipeline.planted_metrics.compute_metrics (loss and learned quanta by size, frequency order,
+pipeline.planted.scorecard.compute_metrics (loss and learned quanta by size, frequency order,
 abruptness, emergence steps) with its `acceptance_failures` (empty when the suite shows
 what the quantization model predicts). A run that is not on the planted suite gets a
 one-line "skipped" metrics file.
@@ -16,8 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline import config, planted_metrics, stage
-from pipeline.io import write_json
+from pipeline.core import config
+from pipeline.planted import scorecard
+from pipeline.core import stage
+from pipeline.core.files import write_json
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -33,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not (Path(args.planted) / "labels.parquet").exists():
         write_json({"skipped": f"no planted suite under {args.planted} (this run does not use it)"}, args.out)
         return
-    metrics = planted_metrics.evaluate(args.planted, args.losses, suite.models, suite.revisions, alpha=cfg.alpha)
+    metrics = scorecard.evaluate(args.planted, args.losses, suite.models, suite.revisions, alpha=cfg.alpha)
     write_json(metrics, args.out)
     fails = metrics["acceptance_failures"]
     print("planted: acceptance " + ("passed" if not fails else "FAILED: " + "; ".join(fails)))

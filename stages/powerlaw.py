@@ -15,8 +15,13 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from pipeline import config, io, planted, plots, powerlaw, stage
-from pipeline.select import read_samples
+from pipeline.core import config
+from pipeline.core import files
+from pipeline.planted import suite
+from pipeline.report import plots
+from pipeline.laws import cluster_sizes
+from pipeline.core import stage
+from pipeline.qdg.selection import read_samples
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -25,11 +30,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     cfg = config.load("powerlaw", args.params)
     clusters = pd.read_parquet(args.clusters)
-    truth = planted.sample_quanta(args.planted, read_samples(args.samples), order=clusters["sample"])
-    res = powerlaw.analyze_clusters(clusters, cfg, truth=truth)
-    io.write_json(res.metrics, args.metrics)
+    truth = suite.sample_quanta(args.planted, read_samples(args.samples), order=clusters["sample"])
+    res = cluster_sizes.analyze_clusters(clusters, cfg, truth=truth)
+    files.write_json(res.metrics, args.metrics)
     plots.cluster_rank_frequency(res, Path(args.plots) / "cluster_rank_frequency.png")
-    print(powerlaw.summary_line(res.metrics))
+    print(cluster_sizes.summary_line(res.metrics))
 
 
 if __name__ == "__main__":

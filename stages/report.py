@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline import config, io, report, stage
+from pipeline.core import config
+from pipeline.core import files
+from pipeline.report import page as report
+from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -22,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = config.load("report", args.params)
     page, data = report.build(args.clusters, args.summary, args.samples, args.tokens, args.similarity, args.planted,
                               args.metrics, args.plots, cfg, default_k=config.load("cluster", args.params).n_clusters[0])
-    with io.atomic_path(args.out) as tmp:
+    with files.atomic_path(args.out) as tmp:
         tmp.write_text(page, encoding="utf-8")
     print(f"report: {len(data.clusters)} clusters, {len(page) / 1e6:.1f} MB -> {args.out}")
 

@@ -13,7 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline import config, io, models, plots, scaling, stage
+from pipeline.core import config
+from pipeline.core import files
+from pipeline.lm import models
+from pipeline.report import plots
+from pipeline.laws import scaling
+from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -28,8 +33,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if len(suite.models) >= cfg.min_models:
         tokenizers = {m: scaling.tokenizer_identity(models.suite_tokenizer(suite, m, revision)) for m in suite.models}
     res = scaling.run(args.losses, suite.models, suite.revisions, cfg, tokenizers=tokenizers)
-    io.write_parquet(res.curves_table(), args.out, config=config.to_dict(cfg))
-    io.write_json(res.metrics, args.metrics)
+    files.write_parquet(res.curves_table(), args.out, config=config.to_dict(cfg))
+    files.write_json(res.metrics, args.metrics)
     out = Path(args.plots)
     plots.mean_loss_vs_n(res, out / "mean_loss_vs_n.png")
     plots.token_examples(res, out / "token_examples.png")

@@ -12,8 +12,12 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
-from pipeline import config, corpus, io, layout, stage
-from pipeline import select as select_lib
+from pipeline.core import config
+from pipeline.lm import corpus
+from pipeline.core import files
+from pipeline.lm import partitions
+from pipeline.core import stage
+from pipeline.qdg import selection as select_lib
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -31,11 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"select.model/revision {cfg.model}@{cfg.revision} is not evaluated by the suite "
             f"(suite.models: {', '.join(suite.models)}; suite.revisions: {', '.join(suite.revisions)})"
         )
-    table = layout.read_loss_partition(args.losses, cfg.model, cfg.revision).to_pandas()
+    table = partitions.read_loss_partition(args.losses, cfg.model, cfg.revision).to_pandas()
     tokens = corpus.read_tokens(args.tokens)
     warnings.simplefilter("always", select_lib.SelectWarning)  # say it on every run, not once
     samples = select_lib.select_samples(table, tokens, cfg)
-    io.write_parquet(samples, args.out, config=config.to_dict(cfg))
+    files.write_parquet(samples, args.out, config=config.to_dict(cfg))
     print(f"select: {samples.num_rows} samples of {cfg.model}@{cfg.revision} with loss < {cfg.max_loss} nats -> {args.out}")
 
 

@@ -14,9 +14,10 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import config, stage
-from pipeline import similarity as sim
-from pipeline.errors import QuantaError
+from pipeline.core import config
+from pipeline.core import stage
+from pipeline.qdg import similarity as sim
+from pipeline.core.errors import QuantaError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

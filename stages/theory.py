@@ -14,7 +14,10 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline import config, io, stage, theory
+from pipeline.core import config
+from pipeline.core import files
+from pipeline.core import stage
+from pipeline.laws import theory
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -32,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if planted_alpha is not None and args.planted_metrics and Path(args.planted_metrics).exists():
         learned = read(args.planted_metrics).get("learned_count_scaling")
     out = theory.theory_table(read(args.scaling), read(args.powerlaw), cfg, planted_alpha, learned)
-    io.write_json(out, args.out)
+    files.write_json(out, args.out)
     alphas = {k: (None if r["alpha"] is None else round(r["alpha"], 4)) for k, r in out["routes"].items()}
     line = f"theory: α by route {alphas}"
     if out["planted"]:

@@ -14,25 +14,30 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from pipeline import cluster, config, corpus, io, planted, stage
-from pipeline import similarity as sim
-from pipeline.select import read_samples
+from pipeline.qdg import clustering
+from pipeline.core import config
+from pipeline.lm import corpus
+from pipeline.core import files
+from pipeline.planted import suite
+from pipeline.core import stage
+from pipeline.qdg import similarity as sim
+from pipeline.qdg.selection import read_samples
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = stage.parser("clusters vs planted quanta", "planted", "samples", "similarity", "clusters", "tokens", "out")
     args = ap.parse_args(argv)
 
     samples = read_samples(args.samples)
-    quanta = planted.sample_quanta(args.planted, samples)
+    quanta = suite.sample_quanta(args.planted, samples)
     if quanta is None:
-        io.write_json({"planted": False}, args.out)
+        files.write_json({"planted": False}, args.out)
         print("validate: no planted ground truth (a real suite); wrote planted: false")
         return
     cfg = config.load("cluster", args.params)
     aff, ids, _ = sim.read(args.similarity, mmap=False)
-    out = cluster.validate_planted(aff, ids, samples, quanta, corpus.read_tokens(args.tokens),
+    out = clustering.validate_planted(aff, ids, samples, quanta, corpus.read_tokens(args.tokens),
                                    pd.read_parquet(args.clusters), cfg)
-    io.write_json(out, args.out)
+    files.write_json(out, args.out)
     print(f"validate: {out}")
 
 

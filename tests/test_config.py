@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config
-from pipeline.config import ConfigError
+from pipeline.core import config
+from pipeline.core.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""pipeline.corpus and stages.corpus: sources, stable ids, tokens, windows, bad input."""
+"""pipeline.lm.corpus and stages.corpus: sources, stable ids, tokens, windows, bad input."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from conftest import corpus_texts, make_neox, make_tokenizer
-from pipeline import corpus
-from pipeline.config import ConfigError, CorpusConfig
-from pipeline.corpus import CorpusError, Window, make_windows
-from pipeline.errors import QuantaError
-from pipeline.io import read_config
+from pipeline.lm import corpus
+from pipeline.core.config import ConfigError, CorpusConfig
+from pipeline.lm.corpus import CorpusError, Window, make_windows
+from pipeline.core.errors import QuantaError
+from pipeline.core.files import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 N_DOCS = len(corpus_texts())
@@ -280,7 +280,7 @@ def stage_main():
 
 
 def run_stage(argv, capsys):
-    from pipeline import stage
+    from pipeline.core import stage
 
     main = stage_main()
     with pytest.raises(SystemExit) as e:

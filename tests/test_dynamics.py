@@ -1,4 +1,4 @@
-"""pipeline/dynamics.py: per-token drops across checkpoints, phase-change flags, emergence vs p_k.
+"""pipeline/laws/dynamics.py: per-token drops across checkpoints, phase-change flags, emergence vs p_k.
 
 Tiers: planted sigmoid drops (in log step, at known steps) are found within one
 checkpoint and flagged; smooth power-law declines are not flagged; the vectorised pass
@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import dynamics
-from pipeline.config import ConfigError
-from pipeline.dynamics import DynamicsConfig, DynamicsError
+from pipeline.laws import dynamics
+from pipeline.core.config import ConfigError
+from pipeline.laws.dynamics import DynamicsConfig, DynamicsError
 
 STEPS = np.unique(np.round(np.logspace(1, 5, 33)).astype(np.int64))  # 10 .. 1e5, 8 per decade
 LOG = DynamicsConfig(window="log10", window_log10=0.5)
@@ -240,7 +240,7 @@ def test_bad_input():
 
 
 def test_one_checkpoint_is_skipped_with_the_schema_and_a_reason():
-    from pipeline.config import DynamicsConfig
+    from pipeline.core.config import DynamicsConfig
 
     cfg = DynamicsConfig()
     assert dynamics.skip_reason(["m"], ["step1", "step2"], cfg) == ""

@@ -229,3 +229,25 @@ def test_unknown_params_key_fails_in_one_line(scratch):
         assert "Traceback" not in r.stderr
     finally:
         params.write_text(good)
+
+
+@pytest.mark.e2e
+def test_params_typo_fails_dvc_repro_when_nothing_else_reruns(scratch):
+    """A misspelled section appended to a finished run's params.yaml: no stage lists it, so
+    only the check_params stage (which depends on the whole file) can catch it."""
+    params = scratch / "params.yaml"
+    good = params.read_text()
+    _run([sys.executable, "-m", "dvc", "repro"], scratch)  # a no-op after test_dvc_repro_tiny_suite
+    status = _run([sys.executable, "-m", "dvc", "status"], scratch).stdout
+    assert "up to date" in status, f"the finished run is not up to date:\n{status}"
+    try:
+        params.write_text(good + "gradient:\n  k: 64\n")
+        r = _run([sys.executable, "-m", "dvc", "repro"], scratch, check=False)
+        assert r.returncode != 0, f"dvc repro accepted a misspelled section:\n{r.stdout[-2000:]}"
+        err = r.stdout + r.stderr
+        assert "unknown section 'gradient'" in err and "check_params" in err
+        assert "Running stage 'losses" not in err and "Running stage 'planted'" not in err
+    finally:
+        params.write_text(good)
+    r = _run([sys.executable, "-m", "dvc", "repro"], scratch)
+    assert "Running stage 'check_params'" in r.stdout and "Running stage 'planted'" not in r.stdout

@@ -1,4 +1,4 @@
-"""pipeline/fits.py: L(x) = E + A·x^-α by multi-start L-BFGS-B on Huber log-residuals, bootstraps.
+"""pipeline/laws/fits.py: L(x) = E + A·x^-α by multi-start L-BFGS-B on Huber log-residuals, bootstraps.
 
 Tiers: synthetic recovery within the bootstrap CI (seeded); the fast fit against a slow
 reference (Nelder-Mead from many starts on an independently written objective); the
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from pipeline import fits
-from pipeline.errors import QuantaError
+from pipeline.laws import fits
+from pipeline.core.errors import QuantaError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CURVES = DATA / "pythia-mean-curves"
@@ -228,7 +228,7 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_ols_is_least_squares_batched_and_nan_on_constant_x():
-    from pipeline.fits import ols
+    from pipeline.laws.fits import ols
 
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, 40))

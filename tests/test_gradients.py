@@ -16,11 +16,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import config as config_lib
-from pipeline import gradients, models
-from pipeline.config import ConfigError
-from pipeline.memory import Peak, resident_bytes
-from pipeline.gradients import BadGradientWarning, GradientError, GradientsConfig, compute_gradients, select_params
+from pipeline.core import config as config_lib
+from pipeline.qdg import gradients
+from pipeline.lm import models
+from pipeline.core.config import ConfigError
+from pipeline.core.resources import Peak, resident_bytes
+from pipeline.qdg.gradients import BadGradientWarning, GradientError, GradientsConfig, compute_gradients, select_params
 
 VOCAB = 320  # tiny_neox_dir's model vocabulary (conftest.MODEL_VOCAB)
 EXACT = GradientsConfig(projection="none")

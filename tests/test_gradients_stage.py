@@ -7,17 +7,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import distributed, gradients, io, models
-from pipeline.config import GradientsConfig
-from pipeline.gradients import GradientError, compute_gradients, run_gradients
-from pipeline.select import SCHEMA
+from pipeline.core import execution
+from pipeline.qdg import gradients
+from pipeline.core import files
+from pipeline.lm import models
+from pipeline.core.config import GradientsConfig
+from pipeline.qdg.gradients import GradientError, compute_gradients, run_gradients
+from pipeline.qdg.selection import SCHEMA
 
 VOCAB = 300  # the conftest model's tokenizer has 300 tokens
 
 
 @pytest.fixture(autouse=True)
 def _no_external_scheduler(monkeypatch):
-    monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
+    monkeypatch.delenv(execution.ENV_SCHEDULER, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +31,13 @@ def inputs(tmp_path_factory, tiny_neox_dir):
     doc = np.concatenate([np.full(len(t), k, dtype=np.int64) for k, t in docs.items()])
     pos = np.concatenate([np.arange(len(t), dtype=np.int32) for t in docs.values()])
     tok = np.concatenate(list(docs.values())).astype(np.int32)
-    io.write_parquet(pa.table({"doc_id": doc, "pos": pos, "token_id": tok,
+    files.write_parquet(pa.table({"doc_id": doc, "pos": pos, "token_id": tok,
                                "token_str": pa.array([f"t{t}" for t in tok]).dictionary_encode()}), d / "tokens.parquet")
     chosen = np.sort(rng.choice(np.flatnonzero(pos >= 1), size=57, replace=False))
     samples = pa.Table.from_arrays(
         [pa.array(np.arange(57, dtype=np.int32)), pa.array(doc[chosen]), pa.array(pos[chosen]),
          pa.array(tok[chosen]), pa.array(np.zeros(57, dtype=np.float32))], schema=SCHEMA)
-    io.write_parquet(samples, d / "samples.parquet")
+    files.write_parquet(samples, d / "samples.parquet")
     spec = models.ModelSpec("tiny", str(tiny_neox_dir))
     return d, spec, docs, samples.to_pandas()
 
@@ -103,7 +106,7 @@ def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, in
 def test_damaged_or_nan_parts_are_logged_by_name_and_recomputed(tmp_path, inputs, monkeypatch, caplog):
     import logging
 
-    from pipeline import shards
+    from pipeline.core import shards
 
     d, spec, _, _ = inputs
     real = gradients.compute_part
@@ -165,12 +168,12 @@ def test_local_cluster_of_two_workers_gives_the_inprocess_array(tmp_path, inputs
 
 
 def test_a_model_with_another_tokenizer_is_refused(tmp_path, inputs, tiny_tokenizer):
-    from pipeline import planted
-    from pipeline.config import PlantedConfig
+    from pipeline.planted import suite
+    from pipeline.core.config import PlantedConfig
 
     d, spec, _, _ = inputs
     other = models.ModelSpec("planted", str(tmp_path / "unused"), revision="step10")
-    toks = {"tiny": tiny_tokenizer, "planted": planted.make_tokenizer(planted.make_language(PlantedConfig()))}
+    toks = {"tiny": tiny_tokenizer, "planted": suite.make_tokenizer(suite.make_language(PlantedConfig()))}
     with pytest.raises(GradientError, match=r"gradients.model planted@step10 has a different tokenizer .* select.model tiny@main"):
         run_gradients(str(d / "samples.parquet"), str(d / "tokens.parquet"), str(tmp_path / "g.npy"),
                       str(tmp_path / "g.parquet"), cfg=GradientsConfig(), select_spec=spec, spec=other,
@@ -183,7 +186,7 @@ def test_a_model_with_another_tokenizer_is_refused(tmp_path, inputs, tiny_tokeni
 def test_samples_from_another_corpus_are_refused(tmp_path, inputs):
     d, spec, _, samples = inputs
     bad = pa.Table.from_pandas(samples.assign(doc_id=samples["doc_id"] + 1), schema=SCHEMA, preserve_index=False)
-    io.write_parquet(bad, tmp_path / "samples.parquet")
+    files.write_parquet(bad, tmp_path / "samples.parquet")
     (tmp_path / "tokens.parquet").symlink_to(d / "tokens.parquet")
     with pytest.raises(GradientError, match="document 3 is not in"):
         stage(tmp_path, spec, tmp_path)

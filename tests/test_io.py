@@ -3,20 +3,20 @@
 import pyarrow as pa
 import pytest
 
-from pipeline import io
+from pipeline.core import files
 
 
 def test_write_parquet_round_trips_config(tmp_path):
     path = tmp_path / "t.parquet"
-    io.write_parquet(pa.table({"x": [1, 2]}), path, config={"a": 1})
-    assert io.read_config(path) == {"a": 1}
+    files.write_parquet(pa.table({"x": [1, 2]}), path, config={"a": 1})
+    assert files.read_config(path) == {"a": 1}
     assert pa.parquet.read_table(path).column("x").to_pylist() == [1, 2]
 
 
 def test_crash_inside_atomic_path_leaves_nothing(tmp_path):
     target = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):
-        with io.atomic_path(target) as tmp:
+        with files.atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
@@ -26,7 +26,7 @@ def test_atomic_path_replaces_a_directory(tmp_path):
     target = tmp_path / "d"
     target.mkdir()
     (target / "old").write_text("old")
-    with io.atomic_path(target) as tmp:
+    with files.atomic_path(target) as tmp:
         tmp.mkdir()
         (tmp / "new").write_text("new")
     assert [p.name for p in target.iterdir()] == ["new"]
@@ -37,7 +37,7 @@ def test_write_json_handles_numpy(tmp_path):
 
     import numpy as np
 
-    io.write_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "m.json")
+    files.write_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": [0, 1]}
 
 
@@ -48,10 +48,10 @@ def test_run_facts_stay_out_of_the_output(tmp_path, monkeypatch):
     first = {"tokens": 10, "wall_seconds": 1.5, "models": {"a": {"width": 4, "train_seconds": 2.0}}}
     second = {"tokens": 10, "wall_seconds": 9.0, "models": {"a": {"width": 4, "train_seconds": 7.0}}}
     out = tmp_path / "out" / "_meta.json"
-    io.write_meta(first, out)
+    files.write_meta(first, out)
     data = out.read_bytes()
-    assert io.read_json(out) == {"tokens": 10, "models": {"a": {"width": 4}}}
-    assert io.read_meta(out) == first
-    assert io.run_log_path(out) == tmp_path / "log" / "out" / "_meta.json"
-    io.write_meta(second, out)
-    assert out.read_bytes() == data and io.read_meta(out) == second
+    assert files.read_json(out) == {"tokens": 10, "models": {"a": {"width": 4}}}
+    assert files.read_meta(out) == first
+    assert files.run_log_path(out) == tmp_path / "log" / "out" / "_meta.json"
+    files.write_meta(second, out)
+    assert out.read_bytes() == data and files.read_meta(out) == second

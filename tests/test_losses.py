@@ -20,9 +20,13 @@ import pytest
 import torch
 import yaml
 
-from pipeline import corpus, distributed, io, losses, models
-from pipeline.config import CorpusConfig, LossesConfig, SuiteConfig
-from pipeline.errors import QuantaError
+from pipeline.lm import corpus
+from pipeline.core import execution
+from pipeline.core import files
+from pipeline.lm import losses
+from pipeline.lm import models
+from pipeline.core.config import CorpusConfig, LossesConfig, SuiteConfig
+from pipeline.core.errors import QuantaError
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 320  # tiny_neox_dir's model vocabulary (conftest.MODEL_VOCAB)
@@ -42,7 +46,7 @@ def write_tokens(path: Path, docs: dict[int, np.ndarray]) -> Path:
     pos = np.concatenate([np.arange(len(t), dtype=np.int32) for t in docs.values()])
     tok = np.concatenate(list(docs.values())).astype(np.int32)
     table = pa.table({"doc_id": doc, "pos": pos, "token_id": tok, "token_str": pa.array([f"t{t}" for t in tok]).dictionary_encode()})
-    io.write_parquet(table, path)
+    files.write_parquet(table, path)
     return path
 
 
@@ -86,7 +90,7 @@ def read_dir(path: Path) -> pa.Table:
 @pytest.fixture(autouse=True)
 def _no_external_scheduler(monkeypatch):
     # DASK_SCHEDULER_ADDRESS overrides losses.scheduler; a developer's shell may set it
-    monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
+    monkeypatch.delenv(execution.ENV_SCHEDULER, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +231,10 @@ def test_stage_output_is_hive_partitioned_and_read_by_pandas_polars_duckdb(tmp_p
 
     part_dir = out / "model=tiny-a" / "revision=step2"
     assert [p.name for p in part_dir.iterdir() if not p.name.startswith("_")] == ["part-00000.parquet"]
-    cfg = io.read_config(part_dir / "part-00000.parquet")
+    cfg = files.read_config(part_dir / "part-00000.parquet")
     assert cfg["model"]["revision"] == "step2" and cfg["part"]["rows"] == n_scored
     assert cfg["compute"] == {"device_type": "cpu", "weights_dtype": "float32", "compute_dtype": "float32"}
-    meta = __import__("pipeline.io").io.read_meta(part_dir / "_meta.json")
+    meta = files.read_meta(part_dir / "_meta.json")
     assert meta["tokens"] == n_scored and meta["params"]["total"] > meta["params"]["non_embedding"] > 0
     assert meta["tokens_per_s"] > 0 and meta["peak_rss_bytes"] > 0 and meta["execution"] == "inprocess"
 
@@ -256,7 +260,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, tiny_neox_dir):
     with pytest.raises(QuantaError, match="empty"):
         corpus.read_tokens(empty)
     gap = tmp_path / "gap.parquet"
-    io.write_parquet(pa.table({"doc_id": [1, 1, 1], "pos": pa.array([0, 1, 3], pa.int32()),
+    files.write_parquet(pa.table({"doc_id": [1, 1, 1], "pos": pa.array([0, 1, 3], pa.int32()),
                                "token_id": pa.array([1, 2, 3], pa.int32())}), gap)
     with pytest.raises(QuantaError, match="document 1 has position 3 where 2"):
         corpus.read_tokens(gap)
@@ -275,7 +279,7 @@ def test_tokens_table_in_any_row_order_gives_the_same_losses(tmp_path, tiny_neox
     tokens = write_tokens(tmp_path / "tokens.parquet", docs)
     shuffled = pq.read_table(tokens)
     shuffled = shuffled.take(np.random.default_rng(0).permutation(shuffled.num_rows))
-    io.write_parquet(shuffled, tmp_path / "shuffled.parquet")
+    files.write_parquet(shuffled, tmp_path / "shuffled.parquet")
     run(tiny_neox_dir, tokens, tmp_path / "a")
     run(tiny_neox_dir, tmp_path / "shuffled.parquet", tmp_path / "b")
     part = Path("model=tiny") / "revision=main"
@@ -301,9 +305,9 @@ def test_rerun_reuses_valid_parts_and_recomputes_damaged_or_foreign_ones(tmp_pat
 
     (d / "part-00001.parquet").write_bytes(b"PAR1 truncated by a crash")
     t = pq.read_table(d / "part-00002.parquet")
-    cfg = io.read_config(d / "part-00002.parquet")
+    cfg = files.read_config(d / "part-00002.parquet")
     cfg["model"]["source"] = "some/other-model"
-    io.write_parquet(t.replace_schema_metadata(None), d / "part-00002.parquet", config=cfg)
+    files.write_parquet(t.replace_schema_metadata(None), d / "part-00002.parquet", config=cfg)
     (d / ".part-00003.parquet.abc123.tmp").write_bytes(b"half a file")
     shutil.copy(d / "part-00000.parquet", d / "part-00999.parquet")  # left by a run with more shards
 
@@ -342,7 +346,7 @@ def test_a_part_damaged_inside_its_data_pages_is_recomputed(tmp_path, tiny_neox_
     d = out / "model=tiny" / "revision=main"
     first = read_dir(d)
     _flip_bytes_in_loss_pages(d / "part-00001.parquet")
-    assert io.read_config(d / "part-00001.parquet") is not None  # the footer still reads
+    assert files.read_config(d / "part-00001.parquet") is not None  # the footer still reads
     with caplog.at_level(logging.INFO, logger="pipeline"):
         again = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
     assert again["computed_parts"] == 1 and again["reused_parts"] == meta["parts"] - 1
@@ -351,7 +355,7 @@ def test_a_part_damaged_inside_its_data_pages_is_recomputed(tmp_path, tiny_neox_
 
 
 def test_a_part_holding_nan_is_recomputed_not_reused(tmp_path, tiny_neox_dir, caplog):
-    from pipeline import shards
+    from pipeline.core import shards
 
     tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(30, 40, seed=7))
     out = tmp_path / "out"
@@ -470,31 +474,31 @@ def test_a_model_rewritten_in_place_is_rescored(tmp_path, tiny_tokenizer_dir):
 
 
 def test_scheduler_address_and_per_process_cache(monkeypatch):
-    monkeypatch.delenv(distributed.ENV_SCHEDULER, raising=False)
-    assert distributed.scheduler_address("local") == "local"
-    monkeypatch.setenv(distributed.ENV_SCHEDULER, "tcp://10.0.0.1:8786")
-    assert distributed.scheduler_address("inprocess") == "tcp://10.0.0.1:8786"
+    monkeypatch.delenv(execution.ENV_SCHEDULER, raising=False)
+    assert execution.scheduler_address("local") == "local"
+    monkeypatch.setenv(execution.ENV_SCHEDULER, "tcp://10.0.0.1:8786")
+    assert execution.scheduler_address("inprocess") == "tcp://10.0.0.1:8786"
 
-    distributed.clear_cache()
+    execution.clear_cache()
     calls = []
     make = lambda k: (lambda: calls.append(k) or k)  # noqa: E731
-    assert distributed.cached("a", make("a")) == "a"
-    assert distributed.cached("a", make("a")) == "a"
-    assert distributed.cached("b", make("b")) == "b"  # evicts "a": one model per process
-    assert distributed.cached("a", make("a")) == "a"
+    assert execution.cached("a", make("a")) == "a"
+    assert execution.cached("a", make("a")) == "a"
+    assert execution.cached("b", make("b")) == "b"  # evicts "a": one model per process
+    assert execution.cached("a", make("a")) == "a"
     assert calls == ["a", "b", "a"]
-    distributed.clear_cache()
+    execution.clear_cache()
 
 
 def test_choose_mode_and_run_tasks_in_process():
-    L, I = distributed.LOCAL, distributed.INPROCESS
-    assert distributed.choose_mode(I, 5, 4) == I
-    assert distributed.choose_mode(L, 1, 4) == I  # one task: a LocalCluster only adds start-up
-    assert distributed.choose_mode(L, 5, 1) == I
-    assert distributed.choose_mode(L, 5, 2) == L
-    assert distributed.choose_mode("tcp://h:1", 1, 1) == "tcp://h:1"  # an external cluster is always used
+    L, I = execution.LOCAL, execution.INPROCESS
+    assert execution.choose_mode(I, 5, 4) == I
+    assert execution.choose_mode(L, 1, 4) == I  # one task: a LocalCluster only adds start-up
+    assert execution.choose_mode(L, 5, 1) == I
+    assert execution.choose_mode(L, 5, 2) == L
+    assert execution.choose_mode("tcp://h:1", 1, 1) == "tcp://h:1"  # an external cluster is always used
     seen = []
-    out = distributed.run_tasks(
+    out = execution.run_tasks(
         lambda task, scale=1: {"v": task[0] * scale, "threads": task[1]}, [1, 2, 3], lambda item, th: (item, th),
         mode=I, n_workers=2, threads_per_worker=3, key_prefix="t", on_result=seen.append,
         inprocess_kwargs={"scale": 10},
@@ -521,17 +525,17 @@ def test_vocab_tiled_cross_entropy_equals_full_log_softmax(vocab_block):
 
 def test_tasks_carry_absolute_paths(tmp_path, monkeypatch):
     """Dask workers start in their own directory: a task's model source and cache are absolute."""
-    from pipeline import distributed
-    from pipeline.models import ModelSpec
+    from pipeline.core import execution
+    from pipeline.lm.models import ModelSpec
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "m").mkdir(parents=True)
     local = ModelSpec(name="m", source="models/m", revision="step1")
-    spec, kwargs = distributed.for_workers(local, {"cache_dir": "cache/hf", "dtype": "auto"})
+    spec, kwargs = execution.for_workers(local, {"cache_dir": "cache/hf", "dtype": "auto"})
     assert spec.source == str(tmp_path / "models" / "m") and spec.revision == "step1"
     assert kwargs == {"cache_dir": str(tmp_path / "cache" / "hf"), "dtype": "auto"}
     hub = ModelSpec(name="p", source="EleutherAI/pythia-70m")
-    assert distributed.for_workers(hub, {"cache_dir": None})[0] == hub  # a hub id is not a path
+    assert execution.for_workers(hub, {"cache_dir": None})[0] == hub  # a hub id is not a path
     assert local.source == "models/m"  # the stage's own spec (its identity) is untouched
 
 

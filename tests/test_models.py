@@ -1,4 +1,4 @@
-"""pipeline.models, offline: every source kind, revisions, the not-cached error, counts.
+"""pipeline.lm.models, offline: every source kind, revisions, the not-cached error, counts.
 
 The hub path is exercised against a hand-built hub-style cache
 (models--org--name/{refs,snapshots}) with HF_HUB_OFFLINE=1, which is exactly what
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import models
-from pipeline.config import ConfigError, SuiteConfig
-from pipeline.errors import QuantaError
-from pipeline.models import ModelSpec
+from pipeline.lm import models
+from pipeline.core.config import ConfigError, SuiteConfig
+from pipeline.core.errors import QuantaError
+from pipeline.lm.models import ModelSpec
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -2,7 +2,7 @@
 
 Everything runs on a tiny suite built here (two 1-layer models of width 8 and 16, a few
 steps). Whether the *default* suite shows the quantization model's predictions is checked
-by the end-to-end `dvc repro` (metrics/planted.json, via planted_metrics.check_acceptance).
+by the end-to-end `dvc repro` (metrics/planted.json, via scorecard.check_acceptance).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import planted, planted_metrics
-from pipeline.config import PlantedConfig, SuiteConfig
+from pipeline.planted import suite as planted
+from pipeline.planted import scorecard
+from pipeline.core.config import PlantedConfig, SuiteConfig
 
 TINY = PlantedConfig(
     n_quanta=6,
@@ -268,7 +269,7 @@ def test_layout_and_saved_models_load(built):
             model = GPTNeoXForCausalLM.from_pretrained(root / "models" / name / rev)
             tok = AutoTokenizer.from_pretrained(root / "models" / name / rev)
             assert model.config.vocab_size == len(tok)
-        assert summary["models"][name]["non_embedding_params"] == planted_metrics.saved_param_counts(
+        assert summary["models"][name]["non_embedding_params"] == scorecard.saved_param_counts(
             root / "models" / name / "step6"
         )["non_embedding"]
     w0 = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step0").state_dict()
@@ -302,7 +303,7 @@ def test_corpus_tokenizes_to_the_labelled_tokens(built):
     q = pd.read_parquet(root / "quanta.parquet")
     assert np.allclose(q["frequency"], planted.zipf_frequencies(TINY.n_quanta, TINY.alpha))
     assert q["n_eval_tokens"].sum() == (quanta >= 0).sum()
-    from pipeline.io import read_config
+    from pipeline.core.files import read_config
 
     assert read_config(root / "labels.parquet")["planted"]["seed"] == TINY.seed
 
@@ -356,7 +357,7 @@ def test_reference_losses_and_metrics_on_the_tiny_suite(built, tmp_path):
         hf = model(input_ids=x, labels=x).loss.item()  # mean over positions 1..T-1
     assert np.isclose(table[table.doc_id == 3]["loss"].mean(), hf, atol=1e-5)
 
-    m = planted_metrics.evaluate(root, losses, ["tiny-a", "tiny-b"], REVISIONS, alpha=TINY.alpha)
+    m = scorecard.evaluate(root, losses, ["tiny-a", "tiny-b"], REVISIONS, alpha=TINY.alpha)
     assert m["sizes"] == ["tiny-a", "tiny-b"] and m["final_revision"] == "step6"
     assert m["models"]["tiny-b"]["non_embedding_params"] > m["models"]["tiny-a"]["non_embedding_params"]
     assert len(m["emergence"]["step"]) == len(m["per_quantum"]["rank"]) == TINY.n_quanta
@@ -383,7 +384,7 @@ def test_metrics_on_a_perfect_quantized_suite_pass_acceptance():
     K, sizes = 30, 5
     # size i knows the 5 (i + 1) most frequent quanta: the quantization model, exactly
     learned = np.array([[k < 5 * (i + 1) for k in range(K)] for i in range(sizes)])
-    m = planted_metrics.compute_metrics(*_synthetic_losses(learned), ["step10"])
+    m = scorecard.compute_metrics(*_synthetic_losses(learned), ["step10"])
     assert m["n_learned_by_size"] == [5, 10, 15, 20, 25]
     assert m["spearman_rank_vs_first_size"] > 0.95
     assert m["abruptness"]["median"] == pytest.approx(1.0)
@@ -395,7 +396,7 @@ def test_metrics_catch_a_suite_that_breaks_each_criterion():
     rng = np.random.default_rng(0)
     # learned at random, regardless of frequency and size
     learned = rng.random((sizes, K)) < 0.5
-    m = planted_metrics.compute_metrics(*_synthetic_losses(learned), ["step10"])
+    m = scorecard.compute_metrics(*_synthetic_losses(learned), ["step10"])
     fails = " ".join(m["acceptance_failures"])
     assert "Spearman" in fails and "learned quanta" in fails
     # a slow slide: every quantum's loss falls the same amount at every size step
@@ -403,6 +404,6 @@ def test_metrics_catch_a_suite_that_breaks_each_criterion():
     for i in range(sizes):
         t = losses[(f"m{i}", "step10")]
         t["loss"] = np.float32(2.0 * (1 - i / (sizes - 1)) + 0.01)
-    m = planted_metrics.compute_metrics(labels, quanta, losses, counts, ["step10"])
+    m = scorecard.compute_metrics(labels, quanta, losses, counts, ["step10"])
     assert m["abruptness"]["median"] == pytest.approx(0.25)
-    assert any("slide" in f for f in planted_metrics.check_acceptance(m))
+    assert any("slide" in f for f in scorecard.check_acceptance(m))

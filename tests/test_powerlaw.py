@@ -1,4 +1,4 @@
-"""pipeline/powerlaw.py: the paper's envelope slope, CSN's discrete power-law fit, bootstraps, LR tests.
+"""pipeline/laws/powerlaw.py: the paper's envelope slope, CSN's discrete power-law fit, bootstraps, LR tests.
 
 Tiers: exponent bookkeeping; the fast vectorised MLE + KS scan against a slow, plainly
 written reference; synthetic recovery (seeded); the ``powerlaw`` package's pitfalls that
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
-from pipeline import powerlaw as pl
-from pipeline.errors import QuantaError
+from pipeline.laws import cluster_sizes as pl
+from pipeline.core.errors import QuantaError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLUSTERS = DATA / "original-quanta-clusters" / "ERIC-QUANTA-CLUSTERS-GRADIENTS.json"

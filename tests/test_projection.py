@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import projection
-from pipeline.projection import LoGraProjector, NoProjection, ProjectionError, SparseJLProjector, make_projector
+from pipeline.qdg import projection
+from pipeline.qdg.projection import LoGraProjector, NoProjection, ProjectionError, SparseJLProjector, make_projector
 
 
 def fmix32_reference(x: int) -> int:

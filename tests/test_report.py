@@ -18,9 +18,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline import cluster, io, report
-from pipeline.config import ClusterConfig, ReportConfig
-from pipeline.errors import QuantaError
+from pipeline.qdg import clustering
+from pipeline.core import files
+from pipeline.report import page as report
+from pipeline.core.config import ClusterConfig, ReportConfig
+from pipeline.core.errors import QuantaError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,7 @@ def make_inputs(tmp_path: Path, n_docs: int = 30, doc_len: int = 40, n_samples: 
     pos = np.tile(np.arange(doc_len, dtype=np.int32), n_docs)
     strs = pa.DictionaryArray.from_arrays(pa.array(ids.ravel()), pa.array(list(VOCAB)))
     tokens = pa.table({"doc_id": doc, "pos": pos, "token_id": ids.ravel(), "token_str": strs})
-    io.write_parquet(tokens, tmp_path / "tokens.parquet")
+    files.write_parquet(tokens, tmp_path / "tokens.parquet")
 
     flat = rng.choice(np.flatnonzero(pos >= 1), size=n_samples, replace=False)
     flat[0] = 5  # doc 0, pos 5: its context is the five hostile tokens
@@ -61,7 +63,7 @@ def make_inputs(tmp_path: Path, n_docs: int = 30, doc_len: int = 40, n_samples: 
     main[:k] = np.arange(k)  # every cluster non-empty
     clusters = pd.DataFrame({"sample": samples["sample"], "cluster": main, f"k{k}": main, f"k{k - 1}": main % (k - 1)})
     clusters.loc[n_samples - 1, ["cluster", f"k{k}", f"k{k - 1}"]] = -1  # one bad sample, never clustered
-    summary = cluster.summarise(clusters, samples, dict(enumerate(VOCAB)), ClusterConfig(n_clusters=(k, k - 1)))
+    summary = clustering.summarise(clusters, samples, dict(enumerate(VOCAB)), ClusterConfig(n_clusters=(k, k - 1)))
     quanta = rng.integers(-1, 3, n_samples)
     return tokens, samples, clusters, summary.to_pandas(), quanta
 
@@ -156,19 +158,19 @@ def _browser_or_fail():
     """The browser test is required (CI installs Chromium); QUANTA_SKIP_BROWSER=1 opts out."""
     if os.environ.get("QUANTA_SKIP_BROWSER") == "1":
         pytest.skip("QUANTA_SKIP_BROWSER=1")
-    from pipeline import browser
+    from pipeline.report import chromium
 
     try:
-        browser.chromium_path()
+        chromium.chromium_path()
         import playwright  # noqa: F401
     except (QuantaError, ImportError) as e:
         pytest.fail(f"{e} (the README test command installs both; QUANTA_SKIP_BROWSER=1 skips this test)")
-    return browser
+    return chromium
 
 
 @pytest.mark.browser
 def test_report_in_chromium(tmp_path):
-    browser = _browser_or_fail()
+    chromium = _browser_or_fail()
     # every sample shown, so that sample 0 (the hostile context) is among the examples
     page_html, _ = _page(tmp_path, ReportConfig(n_examples=200), n_docs=60, n_samples=200)
     path = tmp_path / "index.html"
@@ -177,7 +179,7 @@ def test_report_in_chromium(tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
 
     problems, dialogs = [], []
-    with browser.browser() as b:
+    with chromium.browser() as b:
         page = b.new_page(viewport={"width": 1400, "height": 1000})
         page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))

@@ -1,4 +1,4 @@
-"""pipeline/scaling.py: per-token scaling curves, population statistics, L(N), bad input.
+"""pipeline/laws/scaling.py: per-token scaling curves, population statistics, L(N), bad input.
 
 Tiers: the vectorised per-token pass against a slow per-token reference loop (np.polyfit
 and the paper's definitions written out literally); hand-made tokens at the edges of the
@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import scaling
-from pipeline.config import ConfigError
-from pipeline.io import write_parquet
-from pipeline.scaling import MONOGENIC, OTHER, POLYGENIC, ScalingConfig, ScalingError
+from pipeline.laws import scaling
+from pipeline.core.config import ConfigError
+from pipeline.core.files import write_parquet
+from pipeline.laws.scaling import MONOGENIC, OTHER, POLYGENIC, ScalingConfig, ScalingError
 
 N7 = np.array([19e6, 85e6, 302e6, 805e6, 1.2e9, 2.5e9, 6.4e9])  # Pythia-like non-embedding N
 CFG = ScalingConfig()

@@ -1,5 +1,5 @@
 """The scaling-analysis stages: scaling.run (L(N) and L(S) from hive loss tables),
-dynamics.run, powerlaw.analyze_clusters, theory.theory_table, the plots, and the stage
+dynamics.run, cluster_sizes.analyze_clusters, theory.theory_table, the plots, and the stage
 mains' one-line errors. Loss tables, labels and cluster tables are built here, small.
 """
 
@@ -13,8 +13,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import config, dynamics, io, plots, powerlaw, scaling, stage, theory
-from pipeline.config import DynamicsConfig, PowerlawConfig, ScalingConfig, TheoryConfig
+from pipeline.core import config
+from pipeline.laws import dynamics
+from pipeline.core import files
+from pipeline.report import plots
+from pipeline.laws import cluster_sizes
+from pipeline.laws import scaling
+from pipeline.core import stage
+from pipeline.laws import theory
+from pipeline.core.config import DynamicsConfig, PowerlawConfig, ScalingConfig, TheoryConfig
 
 N4 = {"m-s": 1e4, "m-m": 4e4, "m-l": 1.6e5, "m-xl": 6.4e5}  # 4 models: E + A·N^-α needs >= 4 points
 STEPS = [100, 300, 1000, 3000, 10000]
@@ -23,7 +30,7 @@ STEPS = [100, 300, 1000, 3000, 10000]
 def write_losses(root: Path, model: str, revision: str, doc, pos, loss, n_params: float) -> None:
     d = root / f"model={model}" / f"revision={revision}"
     d.mkdir(parents=True, exist_ok=True)
-    io.write_parquet(pd.DataFrame({"doc_id": np.asarray(doc, np.int64), "pos": np.asarray(pos, np.int32),
+    files.write_parquet(pd.DataFrame({"doc_id": np.asarray(doc, np.int64), "pos": np.asarray(pos, np.int32),
                                    "loss": np.asarray(loss, np.float32)}), d / "part-00000.parquet")
     (d / "_meta.json").write_text(json.dumps({"params": {"non_embedding": n_params, "total": n_params * 2}}))
 
@@ -185,7 +192,7 @@ def test_analyze_clusters_mle_and_envelope():
     rng = np.random.default_rng(0)
     sweep = {60: _zipf_labels(60, 1.5, 6000, rng), 30: _zipf_labels(30, 1.5, 6000, rng)}
     cfg = PowerlawConfig(n_boot_ci=40, n_boot_gof=20, envelope_rank_lo=1, envelope_rank_hi=None)
-    res = powerlaw.analyze_clusters(_clusters(sweep), cfg)
+    res = cluster_sizes.analyze_clusters(_clusters(sweep), cfg)
     m = res.metrics
     assert m["k"] == 60 and m["n_clusters"] == 60 and m["n_samples"] == 6000
     assert m["mle"]["fittable"] and m["mle"]["alpha"] == pytest.approx(m["mle"]["rank_exponent"] - 1)
@@ -195,25 +202,25 @@ def test_analyze_clusters_mle_and_envelope():
     # sizes of a Zipf(1.5) draw: the envelope's OLS slope is near -1.5 at these ranks
     assert -2.0 < m["envelope"]["slope"] < -1.0
     # the paper's default ranks 100..1000 do not fit a sweep of k <= 60: reported, not fitted
-    short = powerlaw.analyze_clusters(_clusters(sweep), dataclasses.replace(cfg, envelope_rank_lo=100, envelope_rank_hi=1000))
+    short = cluster_sizes.analyze_clusters(_clusters(sweep), dataclasses.replace(cfg, envelope_rank_lo=100, envelope_rank_hi=1000))
     assert "only 60 ranks" in short.metrics["envelope"]["skipped"]
-    with pytest.raises(powerlaw.QuantaError, match="powerlaw.k = 7 is not in the cluster sweep"):
-        powerlaw.analyze_clusters(_clusters(sweep), dataclasses.replace(cfg, k=7))
-    assert powerlaw.analyze_clusters(_clusters(sweep), dataclasses.replace(cfg, k=30)).metrics["n_clusters"] == 30
+    with pytest.raises(cluster_sizes.QuantaError, match="powerlaw.k = 7 is not in the cluster sweep"):
+        cluster_sizes.analyze_clusters(_clusters(sweep), dataclasses.replace(cfg, k=7))
+    assert cluster_sizes.analyze_clusters(_clusters(sweep), dataclasses.replace(cfg, k=30)).metrics["n_clusters"] == 30
     # planted truth: the same fit on the true partition, reported beside the clustering's
     truth = np.where(np.arange(6000) % 2 == 0, sweep[30], -1)
-    t = powerlaw.analyze_clusters(_clusters(sweep), cfg, truth=truth).metrics["planted_partition"]
+    t = cluster_sizes.analyze_clusters(_clusters(sweep), cfg, truth=truth).metrics["planted_partition"]
     assert t["fittable"] and t["n_quanta"] == np.unique(sweep[30][::2]).size
 
 
 def test_all_cluster_sizes_equal_is_reported():
     lab = np.repeat(np.arange(20), 5).astype(np.int32)
-    res = powerlaw.analyze_clusters(_clusters({20: lab}), PowerlawConfig(n_boot_ci=10, n_boot_gof=10, envelope_rank_lo=1,
+    res = cluster_sizes.analyze_clusters(_clusters({20: lab}), PowerlawConfig(n_boot_ci=10, n_boot_gof=10, envelope_rank_lo=1,
                                                                         envelope_rank_hi=None))
     assert res.metrics["mle"]["fittable"] is False and res.metrics["mle"]["reason"]
     assert "flat" in res.metrics["envelope"]["skipped"]
     json.dumps(res.metrics, allow_nan=False)
-    few = powerlaw.analyze_clusters(_clusters({4: np.arange(40, dtype=np.int32) % 4}), PowerlawConfig())
+    few = cluster_sizes.analyze_clusters(_clusters({4: np.arange(40, dtype=np.int32) % 4}), PowerlawConfig())
     assert few.metrics["mle"]["fittable"] is False and "only 4 cluster sizes" in few.metrics["mle"]["reason"]
 
 
@@ -303,7 +310,7 @@ def test_plots_are_written(tmp_path):
         fn(res, tmp_path / name)
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rng = np.random.default_rng(1)
-    cpl = powerlaw.analyze_clusters(_clusters({30: _zipf_labels(30, 1.5, 3000, rng)}),
+    cpl = cluster_sizes.analyze_clusters(_clusters({30: _zipf_labels(30, 1.5, 3000, rng)}),
                                     PowerlawConfig(n_boot_ci=10, n_boot_gof=0, envelope_rank_lo=1, envelope_rank_hi=None))
     plots.cluster_rank_frequency(cpl, tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 1000

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError, SelectConfig, build
-from pipeline.errors import QuantaError
-from pipeline.corpus import TokenTable
-from pipeline.select import SCHEMA, SelectWarning, repeated_ngram, select_samples
+from pipeline.core.config import ConfigError, SelectConfig, build
+from pipeline.core.errors import QuantaError
+from pipeline.lm.corpus import TokenTable
+from pipeline.qdg.selection import SCHEMA, SelectWarning, repeated_ngram, select_samples
 
 
 def make_tokens(docs):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline import similarity as sim
-from pipeline.config import SimilarityConfig
-from pipeline.errors import QuantaError
+from pipeline.qdg import similarity as sim
+from pipeline.core.config import SimilarityConfig
+from pipeline.core.errors import QuantaError
 
 
 def vectors(n=60, dim=32, seed=0):

@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = """
 import sys, time
-from pipeline import stage
+from pipeline.core import stage
 def main(argv):
     try:
         print("ready", flush=True)

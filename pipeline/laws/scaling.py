@@ -28,7 +28,7 @@ losses in nats; thresholds are :class:`ScalingConfig` fields, defaults the paper
   every larger size. Reported as a fraction of the tokens that ever go below it.
 
 Mean-loss L(N): per-document mean losses (documents are the bootstrap units) are fitted
-with :func:`pipeline.fits.bootstrap_units`, L = E + A·N^-α_N (or A·N^-α_N), which gives
+with :func:`pipeline.laws.fits.bootstrap_units`, L = E + A·N^-α_N (or A·N^-α_N), which gives
 α_N with a percentile CI. The paper fitted OLS of log L on log N (in bits); α is the
 same in bits or nats.
 
@@ -49,9 +49,10 @@ from typing import Literal, Mapping, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline import fits, layout
-from pipeline.config import ConfigError, ScalingConfig, step_of  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
-from pipeline.errors import QuantaError
+from pipeline.laws import fits
+from pipeline.lm import partitions
+from pipeline.core.config import ConfigError, ScalingConfig, step_of  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
+from pipeline.core.errors import QuantaError
 
 KINDS = ("monogenic", "polygenic", "other")  # dictionary of the `kind` column; codes 0, 1, 2
 MONOGENIC, POLYGENIC, OTHER = 0, 1, 2
@@ -84,10 +85,10 @@ class Aligned:
 
 
 def read_loss_partition(root: str | Path, model: str, revision: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc_id int64, pos int32, loss float32) of one loss partition (pipeline/layout.py)."""
+    """(doc_id int64, pos int32, loss float32) of one loss partition (pipeline/lm/partitions.py)."""
     try:
-        table = layout.read_loss_partition(root, model, revision)
-    except layout.LayoutError as e:
+        table = partitions.read_loss_partition(root, model, revision)
+    except partitions.LayoutError as e:
         raise ScalingError(str(e)) from None
     doc = table.column("doc_id").to_numpy().astype(np.int64, copy=False)
     pos = table.column("pos").to_numpy().astype(np.int32, copy=False)
@@ -457,7 +458,7 @@ def mean_loss_fit(
 
     doc_id: (tokens,) sorted; losses: (tokens, models) nats, columns in size order;
     n_params: (models,) non-embedding parameter counts. Calls
-    :func:`pipeline.fits.bootstrap_units` on :func:`doc_mean_losses`.
+    :func:`pipeline.laws.fits.bootstrap_units` on :func:`doc_mean_losses`.
     """
     _, values = doc_mean_losses(doc_id, losses, cfg.doc_weighting)
     return fits.bootstrap_units(
@@ -588,7 +589,7 @@ def analyze_suite(
 
 def read_n_params(root: str | Path, model: str, revision: str) -> float:
     """Non-embedding parameter count N of ``model`` from its loss table's ``_meta.json``."""
-    path = layout.partition_dir(root, model, revision) / layout.META_FILE
+    path = partitions.partition_dir(root, model, revision) / partitions.META_FILE
     try:
         meta = json.loads(path.read_text())
         n = (meta.get("params") or {}).get("non_embedding")

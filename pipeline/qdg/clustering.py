@@ -43,8 +43,8 @@ import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
 
-from pipeline.config import ClusterConfig
-from pipeline.errors import QuantaError
+from pipeline.core.config import ClusterConfig
+from pipeline.core.errors import QuantaError
 
 METHODS = ("agglomerative", "leiden", "spectral")  # cluster.method; the first is the default
 

@@ -48,7 +48,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import optimize
 
-from pipeline.errors import QuantaError
+from pipeline.core.errors import QuantaError
 
 HUBER_DELTA = 1e-3  # Chinchilla's δ, on natural-log residuals
 ALPHA_MAX = 10.0  # upper bound of α; an estimate there is reported as not converged

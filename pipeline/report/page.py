@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from pipeline.config import ReportConfig
-from pipeline.errors import QuantaError
+from pipeline.core.config import ReportConfig
+from pipeline.core.errors import QuantaError
 
 #: The figures of the report, in order: (key, title, caption). Keys name PNG files given to
 #: :func:`render` (a missing one shows a note saying which stage makes it).
@@ -137,7 +137,7 @@ def collect(
     Examples per cluster are a seeded random choice of cfg.n_examples samples, shown with up
     to cfg.context_tokens tokens before the target.
     """
-    from pipeline.corpus import read_tokens
+    from pipeline.lm.corpus import read_tokens
 
     col, k = cluster_column(clusters, cfg.k, main_k)
     df = clusters[["sample", col]].rename(columns={col: "c"}).merge(samples, on="sample", how="left")
@@ -217,7 +217,7 @@ def _json_for_script(obj: Any) -> str:
 
 
 def _asset(name: str) -> str:
-    return resources.files("pipeline").joinpath("report_assets", name).read_text(encoding="utf-8")
+    return resources.files("pipeline.report").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _csp_hash(text: str) -> str:
@@ -384,16 +384,17 @@ def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str
     `default_k` is the browsed k when the clusters table does not name its main k. A missing
     metrics file or figure shows as a note in the page.
     """
-    from pipeline import planted, plots
-    from pipeline import similarity as sim
-    from pipeline.io import read_config, read_json
-    from pipeline.select import read_samples
+    from pipeline.planted import suite
+    from pipeline.report import plots
+    from pipeline.qdg import similarity as sim
+    from pipeline.core.files import read_config, read_json
+    from pipeline.qdg.selection import read_samples
 
     clusters = pd.read_parquet(clusters_path)
     meta = read_config(clusters_path) or {}
     main_k = int(meta.get("main_k") or meta.get("n_clusters", [0])[0]) or default_k
     samples = read_samples(samples_path)
-    quanta = planted.sample_quanta(planted_dir, samples)
+    quanta = suite.sample_quanta(planted_dir, samples)
     data = collect(clusters, samples, pd.read_parquet(summary_path), tokens_path, cfg, main_k, quanta)
 
     # The similarity matrix of the clustered rows, sorted by the browsed clustering.

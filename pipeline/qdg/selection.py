@@ -22,9 +22,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import SelectConfig
-from pipeline.errors import QuantaError
-from pipeline.corpus import TokenTable
+from pipeline.core.config import SelectConfig
+from pipeline.core.errors import QuantaError
+from pipeline.lm.corpus import TokenTable
 
 SCHEMA = pa.schema(
     [

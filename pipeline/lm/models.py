@@ -39,8 +39,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from pipeline.config import ConfigError, SuiteConfig
-from pipeline.errors import QuantaError
+from pipeline.core.config import ConfigError, SuiteConfig
+from pipeline.core.errors import QuantaError
 
 # --------------------------------------------------------------------------- errors
 
@@ -665,7 +665,7 @@ def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
     if body is model or head is None:
         raise QuantaError(
             f"{type(model).__name__} is not a Hugging Face causal LM with a base model and an output "
-            f"embedding; pipeline/losses.py needs both (any *ForCausalLM does)"
+            f"embedding; pipeline/lm/losses.py needs both (any *ForCausalLM does)"
         )
     return body, head
 
@@ -695,6 +695,6 @@ def check_output_head(model: torch.nn.Module, n_positions: int = 8) -> None:
     if not err <= tol:
         raise QuantaError(
             f"{type(model).__name__}: model(...).logits differs from get_output_embeddings()(last_hidden_state) "
-            f"by {err:.3g}; this architecture post-processes its logits in a way pipeline/losses.py does not "
+            f"by {err:.3g}; this architecture post-processes its logits in a way pipeline/lm/losses.py does not "
             f"know (add it to models.logit_transform)"
         )

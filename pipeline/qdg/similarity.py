@@ -42,9 +42,9 @@ from typing import Optional
 import numpy as np
 import scipy.sparse as sp
 
-from pipeline import io
-from pipeline.config import SimilarityConfig, to_dict
-from pipeline.errors import QuantaError
+from pipeline.core import files
+from pipeline.core.config import SimilarityConfig, to_dict
+from pipeline.core.errors import QuantaError
 
 try:  # tqdm is a dependency; the guard keeps the library importable in odd environments
     from tqdm.auto import tqdm
@@ -245,17 +245,17 @@ def compute(
 def write(out_dir: str | Path, affinity, ids: np.ndarray, meta: dict) -> None:
     """Write a similarity folder atomically (the whole folder appears at once)."""
     out_dir = Path(out_dir)
-    with io.atomic_path(out_dir) as tmp:
+    with files.atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         if sp.issparse(affinity):
             sp.save_npz(tmp / "affinity.npz", affinity, compressed=False)
         else:
             np.save(tmp / "affinity.npy", affinity)
         np.save(tmp / "samples.npy", ids)
-        data, run = io.split_run(meta)
+        data, run = files.split_run(meta)
         (tmp / "meta.json").write_text(json.dumps(data, indent=2) + "\n")
     if run is not None:
-        io.write_json(run, io.run_log_path(out_dir / "meta.json"))
+        files.write_json(run, files.run_log_path(out_dir / "meta.json"))
 
 
 def read(out_dir: str | Path, mmap: bool = True) -> tuple[np.ndarray | sp.csr_matrix, np.ndarray, dict]:
@@ -263,7 +263,7 @@ def read(out_dir: str | Path, mmap: bool = True) -> tuple[np.ndarray | sp.csr_ma
     out_dir = Path(out_dir)
     if not (out_dir / "meta.json").exists():
         raise QuantaError(f"no similarity output in {out_dir}; run the similarity stage first (dvc repro similarity)")
-    meta = io.read_meta(out_dir / "meta.json")
+    meta = files.read_meta(out_dir / "meta.json")
     if (out_dir / "affinity.npz").exists():
         aff = sp.load_npz(out_dir / "affinity.npz").tocsr()
     else:

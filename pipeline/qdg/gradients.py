@@ -6,7 +6,7 @@ tokens ``0..pos-1``, with respect to the model's non-embedding, non-layer-norm w
 and biases. The paper ran one backward pass per sample on its own truncated context and,
 to fit memory, recomputed every gradient ~21 times. Here each gradient is computed
 exactly once, many samples per forward/backward, and streamed one parameter tensor at a
-time into a projector (pipeline/projection.py), so the (n_samples x n_params) matrix
+time into a projector (pipeline/qdg/projection.py), so the (n_samples x n_params) matrix
 never exists.
 
 How it stays exact (DESIGN.md §5: never a slice of a summed-loss backward pass):
@@ -78,14 +78,14 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline import models as models_lib
-from pipeline import shards
-from pipeline.config import GRADIENT_GROUPS as GROUPS
-from pipeline.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
-from pipeline.errors import QuantaError
-from pipeline.models import check_output_head, logit_transform, model_device
-from pipeline.memory import Peak, peak_rss_bytes, resident_bytes
-from pipeline.projection import NoProjection, Projector, make_projector
+from pipeline.lm import models as models_lib
+from pipeline.core import shards
+from pipeline.core.config import GRADIENT_GROUPS as GROUPS
+from pipeline.core.config import ConfigError, GradientsConfig  # noqa: F401  (GradientsConfig: re-exported)
+from pipeline.core.errors import QuantaError
+from pipeline.lm.models import check_output_head, logit_transform, model_device
+from pipeline.core.resources import Peak, peak_rss_bytes, resident_bytes
+from pipeline.qdg.projection import NoProjection, Projector, make_projector
 
 class GradientError(QuantaError, ValueError):
     """Samples, tokens or parameter choices the gradient stage cannot use as given."""
@@ -923,7 +923,7 @@ def per_target_gradients(
 
 # --------------------------------------------------------------------------- the stage: shards on Dask, resumable
 
-GRADIENTS_FORMAT = 2  # 2: parts carry a content checksum (pipeline/shards.py)
+GRADIENTS_FORMAT = 2  # 2: parts carry a content checksum (pipeline/core/shards.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -953,14 +953,14 @@ _on_batch: Optional[Callable[[int], None]] = None
 
 def compute_part(task: GradientShardTask) -> dict:
     """Compute one shard's projected gradients and write its part file (.npz) atomically."""
-    from pipeline import distributed
-    from pipeline.memory import peak_rss_bytes, torch_threads
+    from pipeline.core import execution
+    from pipeline.core.resources import peak_rss_bytes, torch_threads
 
     with torch_threads(task.torch_threads):
-        kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
+        kwargs = dict(task.load_kwargs, device=execution.worker_device(task.load_kwargs["device"]))
         # the weights' fingerprint too: a long-lived worker must not serve a model retrained in place
         key = ("gradients", repr(task.spec), repr(sorted(kwargs.items())), task.identity.get("weights"))
-        model = distributed.cached(key, lambda: _load_for_gradients(task.spec, kwargs))
+        model = execution.cached(key, lambda: _load_for_gradients(task.spec, kwargs))
         cfg = dataclasses.replace(task.cfg, max_len=task.max_len)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", BadGradientWarning)
@@ -1048,8 +1048,8 @@ def run_gradients(
 
 def _read_inputs(samples_path: str, tokens_path: str) -> tuple[Any, Any]:
     """(samples, tokens), with every sample's document present in the tokens table."""
-    from pipeline.corpus import read_tokens
-    from pipeline.select import read_samples
+    from pipeline.lm.corpus import read_tokens
+    from pipeline.qdg.selection import read_samples
 
     samples = read_samples(samples_path)
     if len(samples) == 0:
@@ -1104,10 +1104,10 @@ def _tasks(todo_index: list[int], shard_bounds: list[tuple[int, int]], identitie
            tokens: Any, store: "shards.ShardStore", cfg: GradientsConfig, spec: Any, load_kwargs: dict,
            max_len: int) -> list["GradientShardTask"]:
     """One task per part to compute: its samples and the token ids of just their documents."""
-    from pipeline import distributed
+    from pipeline.core import execution
 
     doc, pos, tok = _sample_columns(samples)
-    task_spec, task_kwargs = distributed.for_workers(spec, load_kwargs)
+    task_spec, task_kwargs = execution.for_workers(spec, load_kwargs)
     todo = []
     for index in todo_index:
         a, b = shard_bounds[index]
@@ -1117,14 +1117,14 @@ def _tasks(todo_index: list[int], shard_bounds: list[tuple[int, int]], identitie
         todo.append(GradientShardTask(
             spec=task_spec, load_kwargs=task_kwargs, cfg=cfg, max_len=max_len, torch_threads=0, index=index,
             samples={"doc_id": doc[a:b], "pos": pos[a:b], "token_id": tok[a:b]}, docs=docs,
-            path=distributed.absolute(store.path(index)), identity=identities[index],
+            path=execution.absolute(store.path(index)), identity=identities[index],
         ))
     return todo
 
 
 def _compute(todo: list["GradientShardTask"], cfg: GradientsConfig) -> tuple[list[dict], str, float]:
     """Run the tasks in-process or on Dask, with a progress bar; (their results, the mode, seconds)."""
-    from pipeline import distributed
+    from pipeline.core import execution
 
     global _on_batch
     bar = None
@@ -1133,13 +1133,13 @@ def _compute(todo: list["GradientShardTask"], cfg: GradientsConfig) -> tuple[lis
 
         bar = tqdm(total=sum(len(t.samples["pos"]) for t in todo), desc="gradients", unit="sample")
     t_compute = time.perf_counter()
-    mode = distributed.choose_mode(distributed.scheduler_address(cfg.scheduler), len(todo), cfg.n_workers)
+    mode = execution.choose_mode(execution.scheduler_address(cfg.scheduler), len(todo), cfg.n_workers)
     # in this process, 0 threads means all the cores (a shard is one big job)
-    threads = distributed.local_threads(cfg.threads_per_worker, 1) if mode == distributed.INPROCESS else cfg.threads_per_worker
-    per_batch = bar is not None and mode == distributed.INPROCESS
+    threads = execution.local_threads(cfg.threads_per_worker, 1) if mode == execution.INPROCESS else cfg.threads_per_worker
+    per_batch = bar is not None and mode == execution.INPROCESS
     _on_batch = bar.update if per_batch else None
     try:
-        results = distributed.run_tasks(
+        results = execution.run_tasks(
             compute_part, todo, lambda t, th: dataclasses.replace(t, torch_threads=th),
             mode=mode, n_workers=cfg.n_workers, threads_per_worker=threads, key_prefix="gradients",
             on_result=None if bar is None or per_batch else (lambda r: bar.update(r["n"])),
@@ -1160,7 +1160,7 @@ def _assemble(store: "shards.ShardStore", shard_bounds: list[tuple[int, int]], i
     memmap, and the per-sample table; remove the parts. Returns the outputs' part of the meta."""
     import pyarrow as pa
 
-    from pipeline import io
+    from pipeline.core import files
 
     n = len(samples)
     first = store.read(0)[1]["grads"]
@@ -1169,7 +1169,7 @@ def _assemble(store: "shards.ShardStore", shard_bounds: list[tuple[int, int]], i
     norms = np.zeros(n, dtype=np.float32)
     bad = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
-    with io.atomic_path(out_npy) as tmp:
+    with files.atomic_path(out_npy) as tmp:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
         for index, (a, b) in enumerate(shard_bounds):
             part = store.read(index)[1]
@@ -1187,7 +1187,7 @@ def _assemble(store: "shards.ShardStore", shard_bounds: list[tuple[int, int]], i
             "reason": pa.array([r or None for r in reasons], pa.string()),
         }
     )
-    io.write_parquet(table, out_table, config={k: v for k, v in identities[0].items() if k != "part"})
+    files.write_parquet(table, out_table, config={k: v for k, v in identities[0].items() if k != "part"})
     store.remove_parts()
     return {
         "n_samples": n,

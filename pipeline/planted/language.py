@@ -34,8 +34,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from pipeline.config import PlantedConfig
-from pipeline.errors import QuantaError
+from pipeline.core.config import PlantedConfig
+from pipeline.core.errors import QuantaError
 
 EOS = "<|endoftext|>"  # Pythia's bos/eos/unk token, id 0 as in Pythia
 PAD = "<|padding|>"  # Pythia's padding token, id 1 as in Pythia

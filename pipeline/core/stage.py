@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from pipeline.errors import QuantaError
+from pipeline.core.errors import QuantaError
 
 
 def parser(description: str, *paths: str) -> argparse.ArgumentParser:

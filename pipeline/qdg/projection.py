@@ -5,7 +5,7 @@ full gradient (~19M fp32 numbers per sample for pythia-70m), which caps it at ~1
 samples and forces recomputation. A Johnson-Lindenstrauss projection to k dimensions
 (default 8192) keeps every inner product, hence every cosine, up to an error of about
 ``(1 - cos^2) / sqrt(k)`` (~0.011 at k = 8192), so 10^5-10^6 samples fit in memory. The
-projection is applied to the *exact* per-target gradient (pipeline/gradients.py): it
+projection is applied to the *exact* per-target gradient (pipeline/qdg/gradients.py): it
 changes how the gradient is stored, never how it is computed.
 
 The projection (``sjlt``) is a sparse JL transform (Kane & Nelson, "Sparser
@@ -41,7 +41,7 @@ it), so ``sjlt`` stays the default. Here it is applied to the exact per-target g
 every projection in this module is; LoGra's own speed-up (projecting inputs and output
 gradients before their outer product) is not taken.
 
-``none`` keeps the exact gradient (P columns, in :func:`pipeline.gradients.select_params`
+``none`` keeps the exact gradient (P columns, in :func:`pipeline.qdg.gradients.select_params`
 order): for tiny models and for tests.
 """
 
@@ -52,8 +52,8 @@ from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
-from pipeline.config import PROJECTIONS  # noqa: F401  (the list lives in the config)
-from pipeline.errors import QuantaError
+from pipeline.core.config import PROJECTIONS  # noqa: F401  (the list lives in the config)
+from pipeline.core.errors import QuantaError
 
 ProjectionKind = Literal["none", "sjlt", "logra"]
 

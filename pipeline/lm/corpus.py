@@ -59,8 +59,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, CorpusConfig, SuiteConfig, to_dict
-from pipeline.errors import QuantaError
+from pipeline.core.config import ConfigError, CorpusConfig, SuiteConfig, to_dict
+from pipeline.core.errors import QuantaError
 
 
 class CorpusError(QuantaError):
@@ -197,7 +197,7 @@ def _iter_parquet(path: Path, cfg: CorpusConfig) -> Iterator[tuple[str, str]]:
 
 
 def _offline() -> bool:
-    from pipeline.models import hub_offline
+    from pipeline.lm.models import hub_offline
 
     return hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -457,7 +457,7 @@ def corpus_tokenizer(cfg: CorpusConfig, suite: SuiteConfig) -> str:
 
 def _warn_if_tokenizers_differ(suite: SuiteConfig, name: str, tokenizer) -> None:
     """Every model is scored on one tokenization; say so when some model's vocabulary differs."""
-    from pipeline import models
+    from pipeline.lm import models
 
     vocab = tokenizer.get_vocab()
     for other in suite.models:
@@ -477,9 +477,9 @@ def build_for_suite(cfg: CorpusConfig, suite: SuiteConfig, progress: bool = Fals
     """(docs, tokens, meta) of the suite's corpus, tokenized by :func:`corpus_tokenizer` at the
     suite's last revision. `meta` (the corpus config and the tokenizer's origin) goes into
     both tables' Parquet metadata. ``corpus.max_len`` is checked against that model's context
-    before any document is read. (pipeline.models is imported here, not at the top, so that
+    before any document is read. (pipeline.lm.models is imported here, not at the top, so that
     reading tokens never imports torch.)"""
-    from pipeline import models
+    from pipeline.lm import models
 
     name = corpus_tokenizer(cfg, suite)
     spec = models.spec_from_suite(suite, name, suite.revisions[-1])

@@ -14,7 +14,7 @@ every part carries, inside the file:
 - the names of the arrays that must be finite, checked on reuse as when computed.
 
 Anything that fails is logged by name with the reason, deleted, and recomputed. Parts are
-written through :func:`pipeline.io.atomic_path`, so a part file is whole or absent.
+written through :func:`pipeline.core.files.atomic_path`, so a part file is whole or absent.
 
 The checksum is of the decoded arrays rather than of the file's bytes so that it is one
 definition for Parquet and npz parts alike, and so that it lives inside the part (no
@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from pipeline import io
+from pipeline.core import files
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def write_part(fmt: PartFormat, path: str | Path, arrays: Mapping[str, np.ndarra
     """
     meta = dict(identity, **(extra or {}))
     meta[CONTENT] = {"sha256": content_digest(arrays), "rows": int(len(next(iter(arrays.values()))))}
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fmt.write(tmp, arrays, json.loads(json.dumps(meta, sort_keys=True, default=str)))
     return Path(path)
 
@@ -213,7 +213,7 @@ def _write_parquet(schema):
 
     def write(tmp: Path, arrays: Mapping[str, np.ndarray], meta: dict) -> None:
         table = pa.Table.from_arrays([pa.array(np.asarray(arrays[f.name])) for f in schema], schema=schema)
-        table = table.replace_schema_metadata({io.CONFIG_KEY: json.dumps(meta, sort_keys=True).encode()})
+        table = table.replace_schema_metadata({files.CONFIG_KEY: json.dumps(meta, sort_keys=True).encode()})
         pq.write_table(table, tmp)
 
     return write
@@ -226,7 +226,7 @@ def _read_parquet(schema):
         table = pq.read_table(path)
         if not table.schema.remove_metadata().equals(schema):
             raise ValueError(f"schema {table.schema.remove_metadata()} is not {schema}")
-        meta = json.loads((table.schema.metadata or {}).get(io.CONFIG_KEY, b"{}"))
+        meta = json.loads((table.schema.metadata or {}).get(files.CONFIG_KEY, b"{}"))
         return meta, {f.name: table.column(f.name).to_numpy() for f in schema}
 
     return read

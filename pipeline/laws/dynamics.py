@@ -59,10 +59,11 @@ import pandas as pd
 import pyarrow as pa
 from scipy import stats
 
-from pipeline.config import ConfigError, DynamicsConfig, step_of  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
-from pipeline import fits, layout
-from pipeline.errors import QuantaError
-from pipeline.scaling import Aligned, align_tokens, key_codec, read_loss_partition
+from pipeline.core.config import ConfigError, DynamicsConfig, step_of  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
+from pipeline.laws import fits
+from pipeline.lm import partitions
+from pipeline.core.errors import QuantaError
+from pipeline.laws.scaling import Aligned, align_tokens, key_codec, read_loss_partition
 
 _CHUNK_ELEMENTS = 1 << 18  # (tokens, windows) float32 temporaries of 1 MiB: cache-sized, ~2x faster than 16 MiB
 
@@ -96,7 +97,7 @@ class Checkpoints:
 
 def list_revisions(root: str | Path, model: str) -> list[str]:
     """The ``stepN`` revisions on disk under ``<root>/model=<model>/`` (others are ignored)."""
-    base = layout.model_dir(root, model)
+    base = partitions.model_dir(root, model)
     if not base.is_dir():
         raise DynamicsError(f"no losses for model {model!r}: {base} does not exist; run its losses stages first")
     return [p.name[len("revision="):] for p in sorted(base.glob("revision=step*")) if step_of(p.name[len("revision="):]) is not None]

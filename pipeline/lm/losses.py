@@ -17,10 +17,10 @@ vocabulary at every position. Here, with the same numbers in fp32:
   over the vocabulary is written out (on CPUs the vocabulary is also cut into
   cache-sized tiles, folded into an online logsumexp);
 - the windows are cut into shards of about ``losses.shard_tokens`` scored tokens; each
-  shard is one task (in this process, or on a Dask cluster, see pipeline/distributed.py)
+  shard is one task (in this process, or on a Dask cluster, see pipeline/core/execution.py)
   that writes one part file atomically; a rerun reuses a finished part only when its
   identity (config, input digest, weights) matches and its content verifies (checksum,
-  row count, finite losses), so a killed run resumes where it stopped (pipeline/shards.py).
+  row count, finite losses), so a killed run resumes where it stopped (pipeline/core/shards.py).
 
 Units: nats. The row for ``pos`` is the loss of predicting token ``pos`` of a document
 from its tokens ``0..pos-1`` (pos >= 1), DESIGN.md §4. Output layout (hive partitioned,
@@ -50,24 +50,24 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from pipeline import corpus as corpus_lib
-from pipeline.corpus import TokenTable, read_tokens
-from pipeline import distributed
-from pipeline import io
-from pipeline import models as models_lib
-from pipeline.memory import peak_rss_bytes, torch_threads
-from pipeline.models import body_and_head, check_output_head, logit_transform, model_device
-from pipeline import shards as shards_lib
-from pipeline.layout import META_FILE, partition_dir  # noqa: F401 (re-exported)
-from pipeline.config import CorpusConfig, LossesConfig, SuiteConfig
-from pipeline.errors import QuantaError
+from pipeline.lm import corpus as corpus_lib
+from pipeline.lm.corpus import TokenTable, read_tokens
+from pipeline.core import execution
+from pipeline.core import files
+from pipeline.lm import models as models_lib
+from pipeline.core.resources import peak_rss_bytes, torch_threads
+from pipeline.lm.models import body_and_head, check_output_head, logit_transform, model_device
+from pipeline.core import shards as shards_lib
+from pipeline.lm.partitions import META_FILE, partition_dir  # noqa: F401 (re-exported)
+from pipeline.core.config import CorpusConfig, LossesConfig, SuiteConfig
+from pipeline.core.errors import QuantaError
 
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a part file changes: old parts are then recomputed, not reused.
-FORMAT_VERSION = 2  # 2: parts carry a content checksum (pipeline/shards.py)
+FORMAT_VERSION = 2  # 2: parts carry a content checksum (pipeline/core/shards.py)
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("loss", pa.float32())])
-#: a losses part: a Parquet table of SCHEMA (see pipeline/shards.py for the resume protocol)
+#: a losses part: a Parquet table of SCHEMA (see pipeline/core/shards.py for the resume protocol)
 PARTS = shards_lib.parquet_format(SCHEMA)
 
 
@@ -378,11 +378,11 @@ def _load(spec: Any, load_kwargs: dict, autocast: str) -> LoadedModel:
 
 
 def loaded_model(task: ShardTask) -> LoadedModel:
-    """The task's model, loaded at most once per process (pipeline.distributed.cached)."""
-    kwargs = dict(task.load_kwargs, device=distributed.worker_device(task.load_kwargs["device"]))
+    """The task's model, loaded at most once per process (pipeline.core.execution.cached)."""
+    kwargs = dict(task.load_kwargs, device=execution.worker_device(task.load_kwargs["device"]))
     # the weights' fingerprint too: a long-lived worker must not serve a model retrained in place
     key = ("losses", _json(_spec_dict(task.spec)), _json(kwargs), task.autocast, task.config.get("weights"))
-    return distributed.cached(key, lambda: _load(task.spec, kwargs, task.autocast))
+    return execution.cached(key, lambda: _load(task.spec, kwargs, task.autocast))
 
 
 def compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]] = None) -> dict:
@@ -564,21 +564,21 @@ def _compute(spec: Any, todo: list[tuple[Shard, list[np.ndarray], dict]], store:
              total_tokens: int) -> tuple[list[dict], str, float]:
     """Run one task per part to compute, in-process or on Dask, with a progress bar over
     all tokens; (the results, the mode, seconds)."""
-    address = distributed.scheduler_address(losses.scheduler)
-    mode = distributed.choose_mode(address, len(todo), losses.n_workers)
-    if mode == distributed.INPROCESS and address == distributed.LOCAL and todo:
+    address = execution.scheduler_address(losses.scheduler)
+    mode = execution.choose_mode(address, len(todo), losses.n_workers)
+    if mode == execution.INPROCESS and address == execution.LOCAL and todo:
         log.info(
             "%d shard(s) to compute with n_workers=%d: running in-process (a LocalCluster would "
             "only add its start-up time)", len(todo), losses.n_workers,
         )
-    task_spec, task_kwargs = distributed.for_workers(spec, models_lib.load_kwargs(suite, suite.dtype))
+    task_spec, task_kwargs = execution.for_workers(spec, models_lib.load_kwargs(suite, suite.dtype))
 
     def task_of(item: tuple[Shard, list[np.ndarray], dict], threads: int) -> ShardTask:
         shard, pieces, cfg = item
         return ShardTask(
             spec=task_spec, load_kwargs=task_kwargs, corpus=corpus, batch_tokens=losses.batch_tokens,
             logits_chunk=losses.logits_chunk, autocast=losses.autocast, torch_threads=threads, index=shard.index,
-            windows=shard.windows, tokens=tuple(pieces), path=distributed.absolute(store.path(shard.index)), config=cfg,
+            windows=shard.windows, tokens=tuple(pieces), path=execution.absolute(store.path(shard.index)), config=cfg,
         )
 
     t_compute = time.perf_counter()
@@ -591,8 +591,8 @@ def _compute(spec: Any, todo: list[tuple[Shard, list[np.ndarray], dict]], store:
         disable=not losses.progress,
         mininterval=1.0,
     ) as bar:
-        inprocess = mode == distributed.INPROCESS  # then progress comes per batch, not per part
-        results = distributed.run_tasks(
+        inprocess = mode == execution.INPROCESS  # then progress comes per batch, not per part
+        results = execution.run_tasks(
             compute_part, todo, task_of, mode=mode, n_workers=losses.n_workers,
             threads_per_worker=losses.threads_per_worker, key_prefix=f"losses-{spec.name}-{spec.revision}",
             on_result=None if inprocess else (lambda r: bar.update(r["rows"])),
@@ -612,15 +612,15 @@ def _write_meta(spec: Any, store: "shards_lib.ShardStore", results: list[dict], 
         # written back through write_meta, which gives the same bytes, except that run
         # facts an older run left inside move to the run log.
         log.info("%s@%s: all %d parts were already done", spec.name, spec.revision, len(shards))
-        meta = io.read_meta(meta_path)
-        io.write_meta(meta, meta_path)
+        meta = files.read_meta(meta_path)
+        files.write_meta(meta, meta_path)
         return meta
     meta = stage_meta(
         spec, out_dir, results, shards, tokens, mode, compute, compute_seconds, time.perf_counter() - t_start
     )
     if meta["params"] is None:  # killed between its last part and _meta.json: read the config
         meta["params"] = models_lib.config_param_counts(spec, cache_dir=suite.cache_dir)
-    io.write_meta(meta, meta_path)
+    files.write_meta(meta, meta_path)
     log.info(
         "%s@%s: %d tokens in %d parts (%d computed at %.0f tokens/s)",
         spec.name, spec.revision, sum(s.n_tokens for s in shards), len(shards), meta["computed_tokens"],
@@ -634,7 +634,7 @@ def check_compute_consistent(store: "shards_lib.ShardStore", n_parts: int) -> di
     machine with ``dtype: auto`` could otherwise mix fp32 and bf16 losses silently."""
     seen: dict[str, list[int]] = {}
     for i in range(n_parts):
-        cfg = io.read_config(store.path(i)) or {}
+        cfg = files.read_config(store.path(i)) or {}
         seen.setdefault(_json(cfg.get("compute")), []).append(i)
     if len(seen) > 1:
         desc = "; ".join(f"parts {v[:3]}{'...' if len(v) > 3 else ''}: {k}" for k, v in seen.items())
@@ -661,7 +661,7 @@ def stage_meta(
     meta_path = out_dir / META_FILE
     if meta_path.exists():
         with contextlib.suppress(Exception):
-            previous = io.read_meta(meta_path)
+            previous = files.read_meta(meta_path)
     computed = sum(r["rows"] for r in results)
     busy = sum(r["seconds"] for r in results)
     cuda = [r["peak_cuda_bytes"] for r in results if r["peak_cuda_bytes"] is not None]

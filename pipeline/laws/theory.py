@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.config import TheoryConfig
+from pipeline.core.config import TheoryConfig
 
 ROUTES = ("alpha_N", "alpha_S", "zipf")
 # The target on the planted suite: the cluster-size route. α_N = α holds only if capacity

@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from pipeline.errors import QuantaError
+from pipeline.core.errors import QuantaError
 
 
 class ConfigError(QuantaError, ValueError):
@@ -30,7 +30,7 @@ class ConfigError(QuantaError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class PlantedConfig:
-    """The embedded planted-quanta suite (pipeline/planted.py, pipeline/planted_language.py): a language, a model family."""
+    """The embedded planted-quanta suite (pipeline/planted/suite.py, pipeline/planted/language.py): a language, a model family."""
 
     n_quanta: int = 100
     # p_k ∝ k^-(alpha+1); the quantization model predicts alpha_N = alpha.
@@ -38,7 +38,7 @@ class PlantedConfig:
     # pair: quantum k is the cue pair u_k v_k, answered by one word "!" shared by all quanta;
     # table: quantum k maps each argument to an answer (a permutation); gate: quantum k
     # answers its one word on n_active of the arguments, filler follows on the others
-    # (pipeline/planted_language.py explains all three; docs/planted-languages.md compares them).
+    # (pipeline/planted/language.py explains all three; docs/planted-languages.md compares them).
     rule: str = "pair"
     n_active: int = 4  # gate: arguments on which a quantum answers
     answer_noise: float = 0.01  # an instance's answer replaced by filler with this probability
@@ -111,7 +111,7 @@ class SuiteConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusConfig:
-    """Documents and their tokenization (pipeline/corpus.py)."""
+    """Documents and their tokenization (pipeline/lm/corpus.py)."""
 
     # A Hugging Face dataset id (streamed), a local .jsonl/.txt/.parquet file.
     source: str = "cache/planted/corpus.jsonl"
@@ -147,7 +147,7 @@ class CorpusConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LossesConfig:
-    """Per-token loss evaluation (pipeline/losses.py)."""
+    """Per-token loss evaluation (pipeline/lm/losses.py)."""
 
     # Padded tokens per forward pass, and positions per chunk of the unembedding +
     # cross-entropy. 0 = auto by device: 16384 / 4096 on GPUs, 1024 / 256 on CPUs (whose
@@ -173,7 +173,7 @@ PROJECTIONS = ("none", "sjlt", "logra")
 
 @dataclasses.dataclass(frozen=True)
 class SelectConfig:
-    """Which tokens QDG studies (pipeline/select.py): low-loss tokens of one model."""
+    """Which tokens QDG studies (pipeline/qdg/selection.py): low-loss tokens of one model."""
 
     # The model and checkpoint whose loss table decides (a name in suite.models and one in
     # suite.revisions). Explicit, not null: dvc.yaml names that loss table as a dependency.
@@ -200,7 +200,7 @@ class SelectConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GradientsConfig:
-    """Per-target gradients and their projection (pipeline/gradients.py, projection.py)."""
+    """Per-target gradients and their projection (pipeline/qdg/gradients.py, projection.py)."""
 
     # The model whose gradients are taken; null: select.model / select.revision (the
     # paper's choice). Another model must share the corpus tokenizer.
@@ -267,7 +267,7 @@ class GradientsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SimilarityConfig:
-    """Cosine similarity of the gradients and the affinity clustering uses (pipeline/similarity.py)."""
+    """Cosine similarity of the gradients and the affinity clustering uses (pipeline/qdg/similarity.py)."""
 
     # angular: 1 - arccos(C)/pi (the paper's); shifted: (1 + C)/2. Both map [-1, 1] to [0, 1].
     affinity: Literal["angular", "shifted"] = "angular"
@@ -290,7 +290,7 @@ class SimilarityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
-    """Clustering of the affinity (pipeline/cluster.py)."""
+    """Clustering of the affinity (pipeline/qdg/clustering.py)."""
 
     # One k, or a sweep (the paper: 10 ... 1500). The first is the main k: it gets the
     # `cluster` column, the summary's order and the stability score.
@@ -339,7 +339,7 @@ class ClusterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ScalingConfig:
-    """Per-token scaling curves, mean-loss L(N) and learning-curve L(S) fits (pipeline/scaling.py). Nats."""
+    """Per-token scaling curves, mean-loss L(N) and learning-curve L(S) fits (pipeline/laws/scaling.py). Nats."""
 
     mono_high: float = 5.0  # monogenic: every model smaller than the emergence size is above this
     mono_low: float = 0.3  # ... and the emergence size and every larger one are below this
@@ -394,7 +394,7 @@ class ScalingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DynamicsConfig:
-    """Per-token training dynamics and emergence vs frequency (pipeline/dynamics.py). Losses in nats."""
+    """Per-token training dynamics and emergence vs frequency (pipeline/laws/dynamics.py). Losses in nats."""
 
     model: Optional[str] = None  # whose checkpoints (its stepN revisions in suite.revisions); null: the last of suite.models
     # log10: a window is half a decade of steps (x3.2), whatever the checkpoint spacing;
@@ -440,7 +440,7 @@ POWERLAW_ALTERNATIVES = ("lognormal", "exponential", "truncated_power_law")
 
 @dataclasses.dataclass(frozen=True)
 class PowerlawConfig:
-    """Cluster-size power laws (pipeline/powerlaw.py): CSN's discrete MLE, and the paper's envelope."""
+    """Cluster-size power laws (pipeline/laws/cluster_sizes.py): CSN's discrete MLE, and the paper's envelope."""
 
     k: Optional[int] = None  # the clustering whose sizes the MLE fits; null: the main k (cluster.n_clusters[0])
     xmin: Optional[int] = None  # null: chosen by KS over every candidate (CSN); a value fixes it
@@ -474,7 +474,7 @@ class PowerlawConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TheoryConfig:
-    """The quantization model's predictions against the measured exponents (pipeline/theory.py)."""
+    """The quantization model's predictions against the measured exponents (pipeline/laws/theory.py)."""
 
     tolerance: float = 0.1  # planted suite: a route passes when |α recovered - α planted| <= this
     # Which cluster-size exponent feeds the Zipf route: rank_mle (finite-Zipf MLE over ranks,
@@ -491,7 +491,7 @@ class TheoryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ReportConfig:
-    """The HTML cluster browser (pipeline/report.py)."""
+    """The HTML cluster browser (pipeline/report/page.py)."""
 
     k: Optional[int] = None  # which clustering of the sweep to browse; null = the main k (cluster.n_clusters[0])
     n_examples: int = 10  # example contexts shown per cluster (seeded random choice)
@@ -674,7 +674,7 @@ def step_of(revision: object) -> Optional[int]:
     """N of a Pythia-style checkpoint name ``stepN`` (None for any other revision, e.g. ``main``).
 
     The one parser of suite.revisions names; it lives here, with the suite's config, so that
-    the stages that need it do not import torch (as pipeline.models does).
+    the stages that need it do not import torch (as pipeline.lm.models does).
     """
     m = _STEP.match(revision) if isinstance(revision, str) else None
     return int(m.group(1)) if m else None

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline import io
+from pipeline.core import files
 
 
 def _plt():
@@ -33,7 +33,7 @@ def _save(fig, path: str | Path) -> Path:
     for ax in fig.axes:  # minor-tick labels of log axes spanning < 2 decades overprint each other
         if ax.get_xscale() == "log":
             ax.xaxis.set_minor_formatter(NullFormatter())
-    with io.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, metadata={"Software": None})
     plt.close(fig)
     return Path(path)
@@ -155,7 +155,7 @@ def emergence(dyn, path: str | Path) -> Path:
 
 def cluster_rank_frequency(cpl, path: str | Path) -> Path:
     """Cluster size against rank (log-log): one clustering, the sweep's envelope, the MLE tail and the envelope OLS."""
-    from pipeline.powerlaw import tail_rank_curve
+    from pipeline.laws.cluster_sizes import tail_rank_curve
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -8,7 +8,7 @@ models of log-spaced width is trained on it and saved in Hugging Face format wit
 Pythia-style ``stepN`` revisions, so every later stage runs exactly the code path a Pythia run
 uses, and the ground truth (which token is governed by which quantum) lets us score it.
 
-The language (:mod:`pipeline.planted_language`) is generated from ``planted`` params; this
+The language (:mod:`pipeline.planted.language`) is generated from ``planted`` params; this
 module writes its corpus and ground truth, trains the models and saves their revisions.
 
 "Learned" (>= 90% of a quantum's answers under 0.1 nats) is decided on the probe set
@@ -32,13 +32,13 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.config import PlantedConfig, SuiteConfig, step_of, to_dict
-from pipeline import layout
-from pipeline.planted_language import (  # noqa: F401 (re-exported: the suite's public names)
+from pipeline.core.config import PlantedConfig, SuiteConfig, step_of, to_dict
+from pipeline.lm import partitions
+from pipeline.planted.language import (  # noqa: F401 (re-exported: the suite's public names)
     Language, PlantedError, docs_text, language_json, make_language, make_tokenizer, quanta_table, sample_docs,
     zipf_frequencies,
 )
-from pipeline.io import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
+from pipeline.core.files import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
 
 
 # What "learned" means for a quantum: at least LEARNED_FRACTION of its answer tokens under
@@ -236,7 +236,7 @@ embedded planted-quanta suite.
 README = """\
 # The planted-quanta suite
 
-Written by the `planted` stage (pipeline/planted.py; pipeline/planted_language.py describes the language).
+Written by the `planted` stage (pipeline/planted/suite.py; pipeline/planted/language.py describes the language).
 
 - `corpus.jsonl`: the evaluation corpus, one {{"text": ...}} per line; line i is doc_id i.
 - `labels.parquet`: doc_id, pos, quantum (-1: none), one row per token of each document.
@@ -437,7 +437,7 @@ def _train_job(job: dict) -> dict:
     batches = training_batches(lang, cfg)
     by_step = {n: rev for rev, n in steps.items()}
     probe_losses = []
-    from pipeline.memory import torch_threads
+    from pipeline.core.resources import torch_threads
 
     with torch_threads(cfg.threads), atomic_path(job["model_dir"]) as tmp:
 
@@ -529,4 +529,4 @@ def write_reference_losses(
     for m in models:
         for r in revisions:
             model = GPTNeoXForCausalLM.from_pretrained(root / "models" / m / r, dtype="float32").eval()
-            write_parquet(loss_table(token_losses(model, tokens)), layout.partition_dir(losses_dir, m, r) / "part-00000.parquet")
+            write_parquet(loss_table(token_losses(model, tokens)), partitions.partition_dir(losses_dir, m, r) / "part-00000.parquet")

@@ -18,7 +18,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from pipeline.errors import QuantaError
+from pipeline.core.errors import QuantaError
 
 META_FILE = "_meta.json"
 LOSS_COLUMNS = ("doc_id", "pos", "loss")

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Optional
 
-from pipeline.errors import QuantaError
+from pipeline.core.errors import QuantaError
 
 CHROMIUM_ARGS = (
     "--no-sandbox",
@@ -72,9 +72,9 @@ def screenshot(html_path: str | Path, png_path: str | Path, width: int = 1400, h
         if errors:
             raise QuantaError(f"the report logged errors in Chromium: {errors[:3]}")
         png_path.parent.mkdir(parents=True, exist_ok=True)
-        from pipeline import io
+        from pipeline.core import files
 
-        with io.atomic_path(png_path) as tmp:
+        with files.atomic_path(png_path) as tmp:
             page.screenshot(path=str(tmp.with_suffix(".png")))
             tmp.with_suffix(".png").rename(tmp)
     return png_path

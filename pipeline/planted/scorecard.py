@@ -1,7 +1,7 @@
 """The planted suite's scorecard (metrics/planted.json): is each quantum learned, by which size and when.
 
 The `planted_metrics` stage scores the suite's per-token losses against the ground truth that
-:mod:`pipeline.planted` wrote: per quantum, whether it is learned (LEARNED_FRACTION of its
+:mod:`pipeline.planted.suite` wrote: per quantum, whether it is learned (LEARNED_FRACTION of its
 answers under LEARNED_LOSS nats, decided on the probe set) at each size and checkpoint; then
 the criteria a quantized suite must meet (the learned count rises with size, frequent quanta
 are learned first, learning is abrupt) and the scaling quantities the theory check reads
@@ -11,12 +11,12 @@ Two quantities share a name with others of the pipeline and differ on purpose:
 
 - the answer-loss α_N is the log-log slope of the answer tokens' mean loss against N with no
   offset, since a perfect model scores them at 0 nats; scaling's α_N fits L = E + A·N^-α to the
-  mean loss of all tokens (:func:`pipeline.fits.fit_curve`), where E is unknown;
+  mean loss of all tokens (:func:`pipeline.laws.fits.fit_curve`), where E is unknown;
 - a quantum's emergence step here is the first checkpoint from which it stays learned on the
-  probe set (the ground truth decides "learned"); :func:`pipeline.dynamics.emergence_vs_frequency`
+  probe set (the ground truth decides "learned"); :func:`pipeline.laws.dynamics.emergence_vs_frequency`
   has no ground truth on a real model and reads emergence from the loss curves alone.
 
-Every straight-line fit is :func:`pipeline.fits.ols`.
+Every straight-line fit is :func:`pipeline.laws.fits.ols`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline import fits, layout
-from pipeline.config import step_of
-from pipeline.planted import LEARNED_FRACTION, LEARNED_LOSS, PlantedError, non_embedding_params
+from pipeline.laws import fits
+from pipeline.lm import partitions
+from pipeline.core.config import step_of
+from pipeline.planted.suite import LEARNED_FRACTION, LEARNED_LOSS, PlantedError, non_embedding_params
 
 def saved_param_counts(model_dir: str | Path) -> dict[str, int]:
     """total and non-embedding (Pythia's count) parameters of a saved model, from its config alone."""
@@ -294,7 +295,7 @@ def evaluate(
     losses = {}
     for m in models:
         for r in revisions:
-            losses[(m, r)] = layout.read_loss_partition(losses_dir, m, r).to_pandas()
+            losses[(m, r)] = partitions.read_loss_partition(losses_dir, m, r).to_pandas()
     probe = None
     if (root / "probe.parquet").exists():
         probe = {}

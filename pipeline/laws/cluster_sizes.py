@@ -86,9 +86,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import special, stats
 
-from pipeline.errors import QuantaError
+from pipeline.core.errors import QuantaError
 
-# NOTE: this file is pipeline/powerlaw.py; `import powerlaw` inside it resolves to the
+# NOTE: this file is pipeline/laws/cluster_sizes.py; `import powerlaw` inside it resolves to the
 # installed package (absolute imports), as long as pipeline/ itself is not on sys.path.
 
 GAMMA_MAX = 50.0  # upper end of the exponent search; an MLE this steep means "no tail"
@@ -921,7 +921,7 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
     """CSN's fit of one clustering's sizes, and the paper's envelope across the k sweep.
 
     clusters: the cluster stage's table (pandas: sample, cluster, k<k> per k; -1 = a bad
-    sample, not counted). cfg: :class:`pipeline.config.PowerlawConfig`. An envelope the
+    sample, not counted). cfg: :class:`pipeline.core.config.PowerlawConfig`. An envelope the
     sweep cannot support (too few ranks, flat) is reported with its reason, not fitted;
     all sizes equal gives an unfittable MLE with its reason. truth: (samples,) planted
     quantum of each row (-1 = none), planted suite only: adds ``planted_partition``.
