@@ -76,9 +76,8 @@ def knn_recall(x: np.ndarray, aff, n_neighbors: int, queries: int = 500, seed: i
 def run_one(args) -> dict:
     from sklearn.metrics import adjusted_rand_score
 
-    from pipeline.qdg import clustering
-    from pipeline.qdg import similarity
     from pipeline.core.config import ClusterConfig, SimilarityConfig
+    from pipeline.qdg import clustering, similarity
 
     t0 = time.perf_counter()
     x, truth = synthetic(args.n, args.dim, args.k, args.cos, args.seed)
@@ -161,7 +160,8 @@ def main() -> None:
         rows.append(json.loads(out))
         print(json.dumps(rows[-1]), flush=True)
     print()
-    print("| mode | N | k | similarity s | cluster s | total s | peak RSS GiB | ARI vs truth | stability ARI | kNN recall | nbr cos ratio |")
+    print("| mode | N | k | similarity s | cluster s | total s | peak RSS GiB | ARI vs truth | stability ARI "
+          "| kNN recall | nbr cos ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(

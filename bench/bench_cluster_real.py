@@ -38,9 +38,9 @@ torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import models  # noqa: E402
-from pipeline.qdg import similarity as sim  # noqa: E402
 from pipeline.core.config import GradientsConfig  # noqa: E402
+from pipeline.lm import models  # noqa: E402
+from pipeline.qdg import similarity as sim  # noqa: E402
 from pipeline.qdg.gradients import compute_gradients, select_params  # noqa: E402
 from pipeline.qdg.projection import SparseJLProjector  # noqa: E402
 
@@ -169,8 +169,8 @@ def compare(path: Path, k: int = 20) -> None:
     """Every method at k (Leiden also at its own k): ARI vs the answer token, largest cluster."""
     from sklearn.metrics import adjusted_rand_score
 
-    from pipeline.qdg import clustering
     from pipeline.core.config import ClusterConfig
+    from pipeline.qdg import clustering
 
     d = np.load(path)
     aff = sim.to_affinity(d["affinity"].astype(np.float32), "angular")  # the similarity stage's

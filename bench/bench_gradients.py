@@ -155,11 +155,6 @@ def paper_param_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if id(p) not in skip]
 
 
-def non_embedding_params(model) -> int:
-    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
-
-
 # --------------------------------------------------------------------------- the reference
 
 
@@ -282,7 +277,9 @@ def our_similarity(model, docs, doc_ids, positions, projection: str, k: int, sta
 
 def useful_flops(model, positions, vector_dim: int) -> float:
     """Minimum work of samples -> C (module docstring): sum_s (6 P T_s + 4 V H) + N^2 D."""
-    P = non_embedding_params(model)
+    from pipeline.lm.models import param_counts
+
+    P = param_counts(model)["non_embedding"]
     V, H = model.get_output_embeddings().weight.shape
     T = positions.astype(np.float64)  # context tokens 0..pos-1
     return float((6 * P * T + 4 * V * H).sum() + len(positions) ** 2 * vector_dim)

@@ -33,9 +33,9 @@ def one(gguf: str, n: int, memory_gb: float) -> dict:
     import numpy as np
     import torch
 
-    from pipeline.qdg import gradients
-    from pipeline.lm import models
     from pipeline.core.config import GradientsConfig
+    from pipeline.lm import models
+    from pipeline.qdg import gradients, memory_plan, per_sample
 
     torch.set_num_threads(2)
     spec = models.ModelSpec(name="smollm2", source=gguf)
@@ -49,14 +49,14 @@ def one(gguf: str, n: int, memory_gb: float) -> dict:
     pos = rng.integers(256, 512, n)
     cfg = GradientsConfig(max_len=512, k=8192, memory_gb=memory_gb, verify=False, progress=False)
     params = gradients.select_params(model, cfg.include, cfg.exclude)
-    engine = gradients._Engine(model, params, gradients.build_projector(params, cfg))
+    engine = per_sample.Engine(model, params, gradients.build_projector(params, cfg))
     held = n * (cfg.k + 1) * 4
     try:
-        with gradients._grad_mode(model, params):
-            mem = gradients.plan_memory(engine, 512, memory_gb, held)
+        with per_sample.grad_mode(model, params):
+            mem = memory_plan.plan_memory(engine, 512, memory_gb, held)
     except gradients.GradientError as e:
         return {"memory_gb": memory_gb, "n": n, "error": str(e)}
-    batches = gradients.plan(doc, pos, 512, cfg.share_context, cfg.batch_tokens, cfg.batch_rows, mem)
+    batches = memory_plan.plan(doc, pos, 512, cfg.share_context, cfg.batch_tokens, cfg.batch_rows, mem)
     est = max(mem.batch_bytes(len(b), max(r.length for r in b)) for b in batches)
     fixed = memory_gb * 2**30 - mem.budget  # what the process held, the outputs and the reserve
     del engine  # compute_gradients builds (and calibrates) its own

@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import PeakRSS  # noqa: E402
 
-from pipeline import losses  # noqa: E402
 from pipeline.core.config import LossesConfig  # noqa: E402
+from pipeline.lm import losses  # noqa: E402
 
 # Pythia shapes (hidden, layers, heads); all: vocab 50304, rotary_pct 0.25, max_pos 2048.
 SHAPES = {
@@ -199,7 +199,7 @@ def bench_shape(shape: str, docs: list[np.ndarray], args) -> dict:
     for r in range(args.rounds):
         idx = list(range(r, len(docs), args.rounds))
         for name in names[r % len(names):] + names[: r % len(names)]:
-            m = timed(lambda: runners[name]([docs[i] for i in idx]), device)
+            m = timed(lambda name=name, idx=idx: runners[name]([docs[i] for i in idx]), device)
             st = stats[name]
             st["seconds"] += m["seconds"]
             st["peak_rss_bytes"] = max(st["peak_rss_bytes"], m["peak_rss_bytes"])
@@ -259,8 +259,8 @@ def cluster_overhead(args) -> dict:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from pipeline.core import files
-    from pipeline.lm import models
     from pipeline.core.config import CorpusConfig, SuiteConfig
+    from pipeline.lm import models
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
     torch.manual_seed(0)
@@ -323,8 +323,10 @@ def main(argv=None) -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--sigma", type=float, default=1.3, help="lognormal sigma of document lengths")
     defaults = LossesConfig()
-    ap.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens, help="ours: padded tokens per batch (losses.batch_tokens; 0: the device's default)")
-    ap.add_argument("--logits-chunk", type=int, default=defaults.logits_chunk, help="ours: rows per unembedding chunk (losses.logits_chunk; 0: the device's default)")
+    ap.add_argument("--batch-tokens", type=int, default=defaults.batch_tokens,
+                    help="ours: padded tokens per batch (losses.batch_tokens; 0: the device's default)")
+    ap.add_argument("--logits-chunk", type=int, default=defaults.logits_chunk,
+                    help="ours: rows per unembedding chunk (losses.logits_chunk; 0: the device's default)")
     ap.add_argument("--autocast", default="auto", choices=["auto", "bfloat16", "float16", "none"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip: paper, paper+nograd")

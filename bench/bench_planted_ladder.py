@@ -23,8 +23,7 @@ import pandas as pd
 import yaml
 
 from pipeline.core import config
-from pipeline.planted import suite
-from pipeline.planted import scorecard
+from pipeline.planted import scorecard, suite
 
 
 def _cfg(seed: int, steps: int, overrides: dict) -> config.PlantedConfig:

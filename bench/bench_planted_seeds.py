@@ -25,13 +25,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.qdg import clustering
 from pipeline.core import config
-from pipeline.qdg import gradients
-from pipeline.planted import suite
-from pipeline import planted_metrics  # noqa: E402
-from pipeline.qdg import similarity as sim  # noqa: E402
 from pipeline.core.config import ClusterConfig, GradientsConfig  # noqa: E402
+from pipeline.lm import models  # noqa: E402
+from pipeline.planted import scorecard as planted_metrics  # noqa: E402
+from pipeline.planted import suite
+from pipeline.qdg import clustering, gradients
+from pipeline.qdg import similarity as sim  # noqa: E402
 
 
 def margins(m: dict) -> dict:
@@ -121,7 +121,7 @@ def main() -> None:
         losses[(name, "final")] = suite.loss_table(corpus)
         pl = suite.token_losses(model, probe_tokens)[probe["doc_id"], probe["pos"]]
         probes[(name, "final")] = probe.assign(loss=pl)
-        sizes[name] = suite.non_embedding_params(model)
+        sizes[name] = models.param_counts(model)["non_embedding"]
     m = planted_metrics.compute_metrics(labels, suite.quanta_table(lang, quanta), losses, sizes, ["final"],
                                 alpha=cfg.alpha, probe=probes)
     out = {

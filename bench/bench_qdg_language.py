@@ -52,12 +52,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.qdg import clustering
-from pipeline.qdg import gradients
-from pipeline.planted import suite
-from pipeline import planted_metrics  # noqa: E402
-from pipeline.qdg import similarity as sim  # noqa: E402
 from pipeline.core.config import ClusterConfig, GradientsConfig, PlantedConfig  # noqa: E402
+from pipeline.lm import models  # noqa: E402
+from pipeline.planted import scorecard as planted_metrics  # noqa: E402
+from pipeline.planted import suite
+from pipeline.qdg import clustering, gradients
+from pipeline.qdg import similarity as sim  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -262,7 +262,7 @@ def main() -> None:
         t = time.perf_counter()
         model = suite.train_model(lang, cfg, w, batches, desc=f"width {w}")
         losses = token_losses(model, tokens)
-        by_width[f"w{w}"], sizes[f"w{w}"] = losses, suite.non_embedding_params(model)
+        by_width[f"w{w}"], sizes[f"w{w}"] = losses, models.param_counts(model)["non_embedding"]
         ok.append(learned(losses, quanta, lang.n_quanta))
         result["widths"][w] = {"n_learned": int(ok[-1].sum()), "train_s": round(time.perf_counter() - t, 1)}
         print(json.dumps({"width": w, **result["widths"][w]}), flush=True)

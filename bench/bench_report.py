@@ -65,9 +65,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the repo
 
-from pipeline.report import chromium
-from pipeline import report  # noqa: E402
 from pipeline.core.config import ClusterConfig, ReportConfig  # noqa: E402
+from pipeline.report import chromium  # noqa: E402
+from pipeline.report import page as report  # noqa: E402
 
 TARGET_LOAD_S = 3.0
 TARGET_SIZE_MB = 20.0  # 10^6 bytes

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import PeakRSS  # noqa: E402
 
-from pipeline import scaling  # noqa: E402
+from pipeline.laws import scaling  # noqa: E402
 from pipeline.laws.scaling import ScalingConfig  # noqa: E402
 
 N7 = np.array([18.9e6, 85.1e6, 302e6, 805e6, 1.21e9, 2.52e9, 6.44e9])  # Pythia 70m..6.9b, non-embedding

@@ -29,19 +29,8 @@ def _fmt_count(n: Optional[int]) -> str:
     return str(n)
 
 
-def _loss_partition(losses_dir: Path, model: str, revision: str) -> tuple[int, Optional[dict]]:
-    """(rows, meta) of the loss table of one (model, revision), rows 0 when absent."""
-    import pyarrow.parquet as pq
-
-    from pipeline.lm import partitions
-
-    part_dir = partitions.partition_dir(losses_dir, model, revision)
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(part_dir.glob("part-*.parquet")))
-    return rows, partitions.read_partition_meta(losses_dir, model, revision)
-
-
 def cmd_info(args) -> None:
-    from pipeline.lm import models
+    from pipeline.lm import corpus, models, partitions
 
     params = config.load_params(args.params)
     suite = config.section(params, "suite")
@@ -60,7 +49,7 @@ def cmd_info(args) -> None:
             cached = why is None
             if why is not None:
                 missing.append(f"  {name} @ {revision}: {why}")
-            rows, _ = _loss_partition(losses_dir, name, revision)
+            rows = partitions.count_loss_rows(losses_dir, name, revision)
             total = counts["total"] if counts else None
             non_emb = counts["non_embedding"] if counts else None
             print(f"{name:<22} {revision:<12} {_fmt_count(total):>8} {_fmt_count(non_emb):>8} "
@@ -70,9 +59,7 @@ def cmd_info(args) -> None:
         print("\n".join(missing))
     corpus_tokens = Path(args.tokens)
     if corpus_tokens.exists():
-        import pyarrow.parquet as pq
-
-        n = pq.ParquetFile(corpus_tokens).metadata.num_rows
+        n = corpus.count_tokens(corpus_tokens)
         print(f"\ncorpus: {corpus_tokens} holds {n:,} tokens")
     else:
         print(f"\ncorpus: {corpus_tokens} not built yet (dvc repro corpus)")

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.core import stage
+from pipeline.core import config, stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -10,20 +10,11 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import pyarrow.parquet as pq
-
+from pipeline.core import config, files, stage
+from pipeline.lm import corpus
 from pipeline.qdg import clustering
-from pipeline.core import config
-from pipeline.core import files
-from pipeline.core import stage
 from pipeline.qdg import similarity as sim
 from pipeline.qdg.selection import read_samples
-
-
-def token_strings(tokens_path: str) -> dict[int, str]:
-    """token id -> its text, from the corpus tokens table."""
-    t = pq.read_table(tokens_path, columns=["token_id", "token_str"]).to_pandas().drop_duplicates("token_id")
-    return dict(zip(t["token_id"].astype(int), t["token_str"].astype(str)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -40,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     aff, ids, sim_meta = sim.read(args.similarity, mmap=False)
     samples = read_samples(args.samples)
     table, metrics = clustering.run_clustering(aff, ids, len(samples), cfg)
-    summary = clustering.summarise(table.to_pandas(), samples, token_strings(args.tokens), cfg)
+    summary = clustering.summarise(table.to_pandas(), samples, corpus.read_token_strings(args.tokens), cfg)
     meta = {**config.to_dict(cfg), "main_k": metrics["k"]}  # leiden: the data's k, not n_clusters[0]
     files.write_parquet(table, args.out, config=meta)
     files.write_parquet(summary, args.summary, config=meta)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.lm import corpus
-from pipeline.core import stage
+from pipeline.core import config, stage
 from pipeline.core.files import write_parquet
+from pipeline.lm import corpus
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

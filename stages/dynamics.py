@@ -12,11 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.core import config
+from pipeline.core import config, files, stage
 from pipeline.laws import dynamics
-from pipeline.core import files
 from pipeline.report import plots
-from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

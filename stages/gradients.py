@@ -14,11 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.qdg import gradients
-from pipeline.core import files
+from pipeline.core import config, files, stage
 from pipeline.lm import models
-from pipeline.core import stage
+from pipeline.qdg import gradients
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

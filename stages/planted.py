@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline.core import config
+from pipeline.core import config, stage
 from pipeline.planted import suite as planted
-from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

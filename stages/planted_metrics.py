@@ -13,13 +13,12 @@ one-line "skipped" metrics file.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.planted import scorecard
-from pipeline.core import stage
+from pipeline.core import config, stage
 from pipeline.core.files import write_json
+from pipeline.planted import scorecard
+from pipeline.planted import suite as planted_suite
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -32,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     params = config.load_params(args.params)
     cfg = config.section(params, "planted")
     suite = config.section(params, "suite")
-    if not (Path(args.planted) / "labels.parquet").exists():
+    if not planted_suite.has_ground_truth(args.planted):
         write_json({"skipped": f"no planted suite under {args.planted} (this run does not use it)"}, args.out)
         return
     metrics = scorecard.evaluate(args.planted, args.losses, suite.models, suite.revisions, alpha=cfg.alpha)

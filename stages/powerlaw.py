@@ -1,11 +1,14 @@
-"""Stage `powerlaw`: power laws of QDG cluster sizes (CSN's MLE and the paper's envelope).
+"""Stage `powerlaw`: the Zipf exponent of QDG cluster sizes by the rank MLE, with CSN's tail
+MLE and the paper's envelope slope as the reported alternatives.
 
     python -m stages.powerlaw [--params params.yaml] --clusters cache/qdg/clusters.parquet \
         --samples cache/qdg/samples.parquet --planted cache/planted \
         --metrics metrics/powerlaw.json --plots plots/powerlaw
 
-On the planted suite it also fits the sizes of the planted quanta among the same samples
-(`planted_partition`): what a perfect clustering would give.
+The rank MLE (a finite Zipf law fitted over the ranks of all clusters) is the exponent the
+theory stage reads by default (`theory.zipf_from: rank_mle`). On the planted suite the stage
+also fits the sizes of the planted quanta among the same samples (`planted_partition`): what
+a perfect clustering would give.
 """
 
 from __future__ import annotations
@@ -13,15 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-import pandas as pd
-
-from pipeline.core import config
-from pipeline.core import files
-from pipeline.planted import suite
-from pipeline.report import plots
+from pipeline.core import config, files, stage
 from pipeline.laws import cluster_sizes
-from pipeline.core import stage
+from pipeline.planted import suite
+from pipeline.qdg import clustering
 from pipeline.qdg.selection import read_samples
+from pipeline.report import plots
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -29,7 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
 
     cfg = config.load("powerlaw", args.params)
-    clusters = pd.read_parquet(args.clusters)
+    clusters = clustering.read_clusters(args.clusters)
     truth = suite.sample_quanta(args.planted, read_samples(args.samples), order=clusters["sample"])
     res = cluster_sizes.analyze_clusters(clusters, cfg, truth=truth)
     files.write_json(res.metrics, args.metrics)

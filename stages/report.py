@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.core import files
+from pipeline.core import config, files, stage
 from pipeline.report import page as report
-from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = stage.parser("clusters -> HTML report", "clusters", "summary", "samples", "tokens", "similarity", "planted", "metrics", "plots", "out")
+    ap = stage.parser("clusters -> HTML report", "clusters", "summary", "samples", "tokens", "similarity", "planted",
+                      "metrics", "plots", "out")
     args = ap.parse_args(argv)
     cfg = config.load("report", args.params)
     page, data = report.build(args.clusters, args.summary, args.samples, args.tokens, args.similarity, args.planted,

@@ -13,12 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.core import files
+from pipeline.core import config, files, stage
+from pipeline.laws import scaling
 from pipeline.lm import models
 from pipeline.report import plots
-from pipeline.laws import scaling
-from pipeline.core import stage
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -12,11 +12,8 @@ from __future__ import annotations
 import warnings
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.lm import corpus
-from pipeline.core import files
-from pipeline.lm import partitions
-from pipeline.core import stage
+from pipeline.core import config, files, stage
+from pipeline.lm import corpus, partitions
 from pipeline.qdg import selection as select_lib
 
 

@@ -14,10 +14,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.core import config
-from pipeline.core import stage
-from pipeline.qdg import similarity as sim
+from pipeline.core import config, stage
 from pipeline.core.errors import QuantaError
+from pipeline.qdg import similarity as sim
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -14,10 +14,9 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline.core import config
-from pipeline.core import files
-from pipeline.core import stage
+from pipeline.core import config, files, stage
 from pipeline.laws import theory
+from pipeline.planted import suite
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -28,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     params = config.load_params(args.params)
     cfg = config.section(params, "theory")
     planted_alpha = None
-    if (Path(args.planted) / "labels.parquet").exists():
+    if suite.has_ground_truth(args.planted):
         planted_alpha = config.section(params, "planted").alpha
     read = lambda p: json.loads(Path(p).read_text())  # noqa: E731
     learned = None

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import pandas as pd
-
-from pipeline.qdg import clustering
-from pipeline.core import config
+from pipeline.core import config, files, stage
 from pipeline.lm import corpus
-from pipeline.core import files
 from pipeline.planted import suite
-from pipeline.core import stage
+from pipeline.qdg import clustering
 from pipeline.qdg import similarity as sim
 from pipeline.qdg.selection import read_samples
+
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = stage.parser("clusters vs planted quanta", "planted", "samples", "similarity", "clusters", "tokens", "out")
@@ -36,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = config.load("cluster", args.params)
     aff, ids, _ = sim.read(args.similarity, mmap=False)
     out = clustering.validate_planted(aff, ids, samples, quanta, corpus.read_tokens(args.tokens),
-                                   pd.read_parquet(args.clusters), cfg)
+                                   clustering.read_clusters(args.clusters), cfg)
     files.write_json(out, args.out)
     print(f"validate: {out}")
 

@@ -39,6 +39,21 @@ from pathlib import Path
 
 import pytest
 
+# The paper's published acceptance data (its QDG cluster labels, Pythia mean-loss curves).
+# Its README asks projects to read it in place, not copy it: tests find it beside the
+# checkout (../shared/data) or where QUANTA_DATA points, and skip with a message otherwise.
+SHARED_DATA = Path(os.environ.get("QUANTA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data(relative: str) -> Path:
+    """The published data file `relative` under SHARED_DATA; skips the test when it is absent."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"published data {relative} not found under {SHARED_DATA} (set QUANTA_DATA to the folder "
+                    "that holds original-quanta-clusters/ and pythia-mean-curves/)")
+    return path
+
+
 TOKENIZER_VOCAB = 300
 MODEL_VOCAB = 320  # padded past the tokenizer, as Pythia pads 50277 to 50304
 

@@ -1,16 +1,17 @@
-"""Spectral clustering: recovers planted blocks, invariances, sweeps, summaries, validation, bad input."""
+"""pipeline/qdg/clustering.py: agglomerative (the default), spectral and Leiden clustering recover
+planted blocks; invariances, sweeps and their ``k<k>`` columns, summaries, validation, bad input."""
 
 import numpy as np
-import scipy.sparse as sp
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 from sklearn.cluster import SpectralClustering
 from sklearn.metrics import adjusted_rand_score
 
-from pipeline.qdg import clustering
-from pipeline.qdg import similarity as sim
 from pipeline.core.config import ClusterConfig, ConfigError, build
 from pipeline.core.errors import QuantaError
+from pipeline.qdg import clustering
+from pipeline.qdg import similarity as sim
 
 
 def blobs(sizes=(40, 25, 15, 10, 6), dim=64, noise=0.35, seed=0):

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import corpus_texts, make_neox, make_tokenizer
-from pipeline.lm import corpus
+
 from pipeline.core.config import ConfigError, CorpusConfig
-from pipeline.lm.corpus import CorpusError, Window, make_windows
 from pipeline.core.errors import QuantaError
 from pipeline.core.files import read_config
+from pipeline.lm import corpus
+from pipeline.lm.corpus import CorpusError, Window, make_windows
 
 REPO = Path(__file__).resolve().parents[1]
 N_DOCS = len(corpus_texts())

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.laws import dynamics
 from pipeline.core.config import ConfigError
+from pipeline.laws import dynamics
 from pipeline.laws.dynamics import DynamicsConfig, DynamicsError
 
 STEPS = np.unique(np.round(np.logspace(1, 5, 33)).astype(np.int64))  # 10 .. 1e5, 8 per decade

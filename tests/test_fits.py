@@ -8,17 +8,15 @@ when absent); cases that must be reported as not converged, with a reason; bad i
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import shared_data
+from helpers import pythia_steps
 from scipy import optimize
 
-from pipeline.laws import fits
 from pipeline.core.errors import QuantaError
+from pipeline.laws import fits
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CURVES = DATA / "pythia-mean-curves"
 # Steps 2000..50000: after Pythia's learning-rate warmup (1% of 143k = 1430 steps, where
 # the loss still falls steeply for reasons that are not the power law), and before the
 # late-training rise of the smallest models (70m reaches its minimum at step 51000,
@@ -30,9 +28,7 @@ S_LO, S_HI = 2000, 50000
 
 
 def _curve(name: str) -> np.ndarray:
-    path = CURVES / f"{name}-mean-curve.npy"
-    if not path.exists():
-        pytest.skip(f"Pythia mean curves not found at {path} (../shared/data is absent on this machine)")
+    path = shared_data(f"pythia-mean-curves/{name}-mean-curve.npy")
     y = np.load(path).astype(np.float64)
     assert y.shape == (154,)
     return y
@@ -124,7 +120,7 @@ def test_window_ignores_points_outside():
 
 
 def test_pythia_steps():
-    s = fits.pythia_steps()
+    s = pythia_steps()
     assert s.size == 154 and s[0] == 0 and s[-1] == 143000
     assert s[:12].tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
     assert np.all(np.diff(s[11:]) == 1000)
@@ -143,12 +139,12 @@ def test_pythia_learning_curve_fit(name):
     seeds 1-3), 0.67 (410m); E just below the window's last losses.
     """
     y = _curve(name)
-    b = fits.bootstrap_residuals(fits.pythia_steps(), y, x_lo=S_LO, x_hi=S_HI, n_boot=60, seed=0)
+    b = fits.bootstrap_residuals(pythia_steps(), y, x_lo=S_LO, x_hi=S_HI, n_boot=60, seed=0)
     f = b.fit
     assert f.converged, f.reason
     assert f.n_points == 49 and f.n_starts >= 1
     assert 0 < f.alpha < 1 and np.isfinite(f.alpha)
-    assert 2.0 < f.E < y[fits.pythia_steps() == S_HI][0]
+    assert 2.0 < f.E < y[pythia_steps() == S_HI][0]
     lo, hi = b.alpha_ci
     assert np.isfinite(lo) and np.isfinite(hi) and hi - lo > 0
     assert lo <= f.alpha <= hi
@@ -156,7 +152,7 @@ def test_pythia_learning_curve_fit(name):
 
 
 def test_pythia_160m_seeds_agree():
-    steps = fits.pythia_steps()
+    steps = pythia_steps()
     alphas = [fits.fit_curve(steps, _curve(n), x_lo=S_LO, x_hi=S_HI).alpha for n in PYTHIA[1:5]]
     assert max(alphas) - min(alphas) < 0.1
     assert np.std(alphas) / np.mean(alphas) < 0.06
@@ -164,10 +160,10 @@ def test_pythia_160m_seeds_agree():
 
 def test_block_residual_bootstrap():
     y = _curve("pythia-160m")
-    b = fits.bootstrap_residuals(fits.pythia_steps(), y, x_lo=S_LO, x_hi=S_HI, n_boot=30, seed=0, block=7)
+    b = fits.bootstrap_residuals(pythia_steps(), y, x_lo=S_LO, x_hi=S_HI, n_boot=30, seed=0, block=7)
     assert b.method == "residuals" and b.block == 7 and b.ci is not None
     with pytest.raises(QuantaError, match="longer than"):
-        fits.bootstrap_residuals(fits.pythia_steps(), y, x_lo=S_LO, x_hi=S_HI, n_boot=5, block=100)
+        fits.bootstrap_residuals(pythia_steps(), y, x_lo=S_LO, x_hi=S_HI, n_boot=5, block=100)
 
 
 # --------------------------------------------------------------------------- not converged
@@ -196,7 +192,7 @@ def test_constant_and_increasing_data_not_converged():
 
 def test_floor_at_min_loss_is_flagged():
     """A curve that falls and then rises (Pythia-70m over all steps) pushes E to min(L)."""
-    f = fits.fit_curve(fits.pythia_steps(), _curve("pythia-70m"), x_lo=2000)
+    f = fits.fit_curve(pythia_steps(), _curve("pythia-70m"), x_lo=2000)
     assert not f.converged and "E reached its bound" in f.reason and "E" in f.on_bound
 
 
@@ -204,7 +200,7 @@ def test_floor_at_min_loss_is_flagged():
 
 
 def test_bad_input_raises_clear_errors():
-    steps = fits.pythia_steps()
+    steps = pythia_steps()
     y = np.linspace(10, 3, 154)
     with pytest.raises(QuantaError, match="x must be > 0"):
         fits.fit_curve(steps, y)  # step 0 inside the window

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -17,10 +16,10 @@ import pytest
 import torch
 
 from pipeline.core import config as config_lib
-from pipeline.qdg import gradients
-from pipeline.lm import models
 from pipeline.core.config import ConfigError
 from pipeline.core.resources import Peak, resident_bytes
+from pipeline.lm import models
+from pipeline.qdg import gradients, memory_plan, per_sample
 from pipeline.qdg.gradients import BadGradientWarning, GradientError, GradientsConfig, compute_gradients, select_params
 
 VOCAB = 320  # tiny_neox_dir's model vocabulary (conftest.MODEL_VOCAB)
@@ -141,7 +140,8 @@ def test_gpt2_conv1d_rule_is_exact():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0)).eval()
     params = select_params(gpt2)
     names = [n for n, _ in params]
     assert all(("attn" in n or "mlp" in n) for n in names), names  # no wte, wpe, ln_*, tied lm_head
@@ -313,7 +313,8 @@ def test_default_selection_is_the_papers(model):
     norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert sum(p.numel() for _, p in params) == models.param_counts(model)["non_embedding"] - norms
     mlp = select_params(model, include=[r"\.mlp\."], exclude=[r"\.bias$"])
-    assert [n for n, _ in mlp] == [f"gpt_neox.layers.{i}.mlp.{w}.weight" for i in (0, 1) for w in ("dense_h_to_4h", "dense_4h_to_h")]
+    assert [n for n, _ in mlp] == [f"gpt_neox.layers.{i}.mlp.{w}.weight"
+                                   for i in (0, 1) for w in ("dense_h_to_4h", "dense_4h_to_h")]
 
 
 def test_patterns_that_match_nothing_list_the_parameters(model):
@@ -352,13 +353,13 @@ def test_bad_samples_input(model):
 def test_plan_rows_shares_only_when_it_saves_work():
     doc_ids = np.array([1, 1, 1, 1, 2])
     pos = np.array([20, 25, 5, 60, 25])
-    rows = gradients.plan_rows(doc_ids, pos, max_len=1000, share_context="auto")
+    rows = memory_plan.plan_rows(doc_ids, pos, max_len=1000, share_context="auto")
     groups = sorted(sorted(int(pos[i]) for i in r.samples) for r in rows)
     assert groups == [[5], [20, 25], [25], [60]]
-    assert len(gradients.plan_rows(doc_ids, pos, 1000, "always")) == 2
-    assert len(gradients.plan_rows(doc_ids, pos, 1000, "never")) == 5
+    assert len(memory_plan.plan_rows(doc_ids, pos, 1000, "always")) == 2
+    assert len(memory_plan.plan_rows(doc_ids, pos, 1000, "never")) == 5
     # a different window start is a different context
-    windowed = gradients.plan_rows(np.array([1, 1]), np.array([30, 31]), max_len=10, share_context="always")
+    windowed = memory_plan.plan_rows(np.array([1, 1]), np.array([30, 31]), max_len=10, share_context="always")
     assert sorted((r.start, r.end) for r in windowed) == [(21, 30), (22, 31)]
 
 
@@ -367,17 +368,17 @@ def test_plan_rows_shares_only_when_it_saves_work():
 
 def test_measured_row_memory_grows_with_length_and_bounds_the_batches(model):
     params = select_params(model)
-    engine = gradients._Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
-    with gradients._grad_mode(model, params):
+    engine = per_sample.Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
+    with per_sample.grad_mode(model, params):
         short, long = engine.measure(16), engine.measure(64)
-        mem = gradients.plan_memory(engine, 64, memory_gb=64.0)
+        mem = memory_plan.plan_memory(engine, 64, memory_gb=64.0)
     assert 0 < short < long
     # the fitted memory model reproduces both measurements
     assert mem.row_bytes(16) == pytest.approx(short, rel=1e-6) and mem.row_bytes(64) == pytest.approx(long, rel=1e-6)
     # a budget of ~3 rows of 64 tokens gives batches the model estimates within the budget
     tight = dataclasses.replace(mem, budget=3.5 * mem.batch_bytes(1, 64))
-    rows = gradients.plan_rows(np.arange(20) % 10, np.full(20, 63), max_len=64, share_context="never")
-    batches = gradients.plan_batches(rows, batch_tokens=10**9, batch_rows=10**6, memory=tight)
+    rows = memory_plan.plan_rows(np.arange(20) % 10, np.full(20, 63), max_len=64, share_context="never")
+    batches = memory_plan.plan_batches(rows, batch_tokens=10**9, batch_rows=10**6, memory=tight)
     assert max(len(b) for b in batches) == 3 and sum(len(b) for b in batches) == 20
     assert all(tight.batch_bytes(len(b), max(r.length for r in b)) <= tight.budget for b in batches)
 
@@ -388,11 +389,11 @@ def test_memory_bound_changes_batches_not_gradients(model):
     free = compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=None))
     # room for a few of the longest rows beyond what this process holds (and 32 MiB for its noise)
     params = select_params(model)
-    engine = gradients._Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
-    with gradients._grad_mode(model, params):
-        mem = gradients.plan_memory(engine, 90, memory_gb=64.0)
+    engine = per_sample.Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
+    with per_sample.grad_mode(model, params):
+        mem = memory_plan.plan_memory(engine, 90, memory_gb=64.0)
     held = free.grads.nbytes + free.norms.nbytes
-    gb = (resident_bytes() + held + gradients.RESERVE_BYTES + 3.5 * mem.batch_bytes(1, 90) + 2**25) / 2**30
+    gb = (resident_bytes() + held + memory_plan.RESERVE_BYTES + 3.5 * mem.batch_bytes(1, 90) + 2**25) / 2**30
     bounded = compute_gradients(model, samples, docs, dataclasses.replace(EXACT, memory_gb=gb))
     np.testing.assert_allclose(bounded.grads, free.grads, rtol=1e-5, atol=1e-6 * np.abs(free.grads).max())
     with pytest.raises(GradientError, match="leaves no room.*gradients.memory_gb"):
@@ -411,24 +412,24 @@ def test_calibrated_memory_model_bounds_the_measured_peak():
                         intermediate_size=1024, max_position_embeddings=512)
     model = GPTNeoXForCausalLM(cfg).eval()
     params = select_params(model)
-    engine = gradients._Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
+    engine = per_sample.Engine(model, params, gradients.NoProjection([(n, p.numel()) for n, p in params]))
     rng = np.random.default_rng(5)
     docs = {d: rng.integers(0, 512, 385) for d in range(16)}
     doc_ids, pos = np.arange(16), np.full(16, 384)
     targets = np.array([docs[d][p] for d, p in zip(doc_ids, pos)])
-    with gradients._grad_mode(model, params):
-        probe = gradients.plan_memory(engine, 384, memory_gb=64.0)
+    with per_sample.grad_mode(model, params):
+        probe = memory_plan.plan_memory(engine, 384, memory_gb=64.0)
         assert probe.scale >= 1.0
-        gb = (resident_bytes() + gradients.RESERVE_BYTES + 4.5 * probe.batch_bytes(1, 384)) / 2**30
-        mem = gradients.plan_memory(engine, 384, memory_gb=gb)
-        batches = gradients.plan(doc_ids, pos, 384, "never", 10**9, 10**6, mem)
+        gb = (resident_bytes() + memory_plan.RESERVE_BYTES + 4.5 * probe.batch_bytes(1, 384)) / 2**30
+        mem = memory_plan.plan_memory(engine, 384, memory_gb=gb)
+        batches = memory_plan.plan(doc_ids, pos, 384, "never", 10**9, 10**6, mem)
         assert 1 < max(len(b) for b in batches) < 16
         for batch in batches:
             with Peak() as peak:
                 engine.run(batch, lambda r: docs[r.doc_id][r.start : r.end], targets, verify=False)
             assert peak.bytes <= gb * 2**30
         with pytest.raises(GradientError, match="one row of 384 tokens.*raise gradients.memory_gb or lower gradients.max_len"):
-            gradients.plan_memory(engine, 384, memory_gb=(resident_bytes() + gradients.RESERVE_BYTES + 2**20) / 2**30)
+            memory_plan.plan_memory(engine, 384, memory_gb=(resident_bytes() + memory_plan.RESERVE_BYTES + 2**20) / 2**30)
 
 
 def test_auto_sharing_never_plans_more_work_than_never():
@@ -439,7 +440,7 @@ def test_auto_sharing_never_plans_more_work_than_never():
                  np.concatenate([np.sort(rng.choice(np.arange(27, 500), 12, replace=False)) for _ in range(40)]))
     short_docs = (np.repeat(np.arange(100), 4), np.tile(np.array([22, 25, 28, 31]), 100))
     for (doc_ids, pos), sharing_helps in ((long_docs, False), (short_docs, True)):
-        work = {share: gradients.planned_work(gradients.plan(doc_ids, pos, 512, share, 8192, 32))
+        work = {share: memory_plan.planned_work(memory_plan.plan(doc_ids, pos, 512, share, 8192, 32))
                 for share in ("auto", "always", "never")}
         print(work)
         assert (work["always"] < work["never"]) == sharing_helps

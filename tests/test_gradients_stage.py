@@ -7,11 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.core import execution
-from pipeline.qdg import gradients
-from pipeline.core import files
-from pipeline.lm import models
+from pipeline.core import execution, files
 from pipeline.core.config import GradientsConfig
+from pipeline.lm import models
+from pipeline.qdg import gradients
 from pipeline.qdg.gradients import GradientError, compute_gradients, run_gradients
 from pipeline.qdg.selection import SCHEMA
 
@@ -68,11 +67,11 @@ def dies_on_call(n: int, calls: list):
     """compute_part, killed (KeyboardInterrupt) on its n-th call; `calls` records the shards."""
     real = gradients.compute_part
 
-    def part(task):
+    def part(task, on_rows=None):
         calls.append(task.index)
         if len(calls) == n:
             raise KeyboardInterrupt("killed")
-        return real(task)
+        return real(task, on_rows)
 
     return part
 
@@ -158,6 +157,23 @@ def test_a_model_rewritten_in_place_is_recomputed(tmp_path, inputs, tiny_tokeniz
     np.testing.assert_array_equal(np.load(tmp_path / "run" / "g.npy"), np.load(tmp_path / "clean" / "g.npy"))
 
 
+def test_a_part_made_under_another_numerics_version_is_recomputed(tmp_path, inputs, monkeypatch, caplog):
+    import logging
+
+    d, spec, _, _ = inputs
+    real = gradients.compute_part
+    monkeypatch.setattr(gradients, "compute_part", dies_on_call(4, []))
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, tmp_path / "run")
+    monkeypatch.setattr(gradients, "compute_part", real)
+    monkeypatch.setattr(gradients, "NUMERICS_VERSION", gradients.NUMERICS_VERSION + 1)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        meta = stage(d, spec, tmp_path / "run")
+    assert meta["reused_parts"] == 0 and meta["computed_samples"] == 57
+    assert "part-00000.npz was made with a different config (differs in numerics)" in caplog.text
+    assert meta["identity"]["numerics"] == gradients.NUMERICS_VERSION
+
+
 @pytest.mark.slow
 def test_local_cluster_of_two_workers_gives_the_inprocess_array(tmp_path, inputs):
     d, spec, _, _ = inputs
@@ -168,13 +184,14 @@ def test_local_cluster_of_two_workers_gives_the_inprocess_array(tmp_path, inputs
 
 
 def test_a_model_with_another_tokenizer_is_refused(tmp_path, inputs, tiny_tokenizer):
-    from pipeline.planted import suite
     from pipeline.core.config import PlantedConfig
+    from pipeline.planted import suite
 
     d, spec, _, _ = inputs
     other = models.ModelSpec("planted", str(tmp_path / "unused"), revision="step10")
     toks = {"tiny": tiny_tokenizer, "planted": suite.make_tokenizer(suite.make_language(PlantedConfig()))}
-    with pytest.raises(GradientError, match=r"gradients.model planted@step10 has a different tokenizer .* select.model tiny@main"):
+    refused = r"gradients.model planted@step10 has a different tokenizer .* select.model tiny@main"
+    with pytest.raises(GradientError, match=refused):
         run_gradients(str(d / "samples.parquet"), str(d / "tokens.parquet"), str(tmp_path / "g.npy"),
                       str(tmp_path / "g.parquet"), cfg=GradientsConfig(), select_spec=spec, spec=other,
                       load_kwargs={}, max_len=32, tokenizer_loader=lambda s: toks[s.name])

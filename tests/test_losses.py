@@ -20,13 +20,10 @@ import pytest
 import torch
 import yaml
 
-from pipeline.lm import corpus
-from pipeline.core import execution
-from pipeline.core import files
-from pipeline.lm import losses
-from pipeline.lm import models
+from pipeline.core import execution, files
 from pipeline.core.config import CorpusConfig, LossesConfig, SuiteConfig
 from pipeline.core.errors import QuantaError
+from pipeline.lm import corpus, losses, models
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 320  # tiny_neox_dir's model vocabulary (conftest.MODEL_VOCAB)
@@ -45,7 +42,8 @@ def write_tokens(path: Path, docs: dict[int, np.ndarray]) -> Path:
     doc = np.concatenate([np.full(len(t), d, dtype=np.int64) for d, t in docs.items()])
     pos = np.concatenate([np.arange(len(t), dtype=np.int32) for t in docs.values()])
     tok = np.concatenate(list(docs.values())).astype(np.int32)
-    table = pa.table({"doc_id": doc, "pos": pos, "token_id": tok, "token_str": pa.array([f"t{t}" for t in tok]).dictionary_encode()})
+    token_str = pa.array([f"t{t}" for t in tok]).dictionary_encode()
+    table = pa.table({"doc_id": doc, "pos": pos, "token_id": tok, "token_str": token_str})
     files.write_parquet(table, path)
     return path
 
@@ -329,6 +327,22 @@ def test_rerun_reuses_valid_parts_and_recomputes_damaged_or_foreign_ones(tmp_pat
     assert "differs in losses.batch_tokens" in caplog.text
 
 
+def test_a_part_made_under_another_numerics_version_is_recomputed(tmp_path, tiny_neox_dir, monkeypatch, caplog):
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(30, 40, seed=7))
+    out = tmp_path / "out"
+    meta = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
+    d = out / "model=tiny" / "revision=main"
+    first = read_dir(d)
+    assert files.read_config(d / "part-00000.parquet")["numerics"] == losses.NUMERICS_VERSION
+    monkeypatch.setattr(losses, "NUMERICS_VERSION", losses.NUMERICS_VERSION + 1)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        again = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)
+    assert again["computed_parts"] == meta["parts"] and again["reused_parts"] == 0
+    assert "part-00000.parquet was made with a different config (differs in numerics)" in caplog.text
+    assert files.read_config(d / "part-00000.parquet")["numerics"] == losses.NUMERICS_VERSION
+    assert read_dir(d).equals(first)
+
+
 def _flip_bytes_in_loss_pages(path: Path) -> None:
     """Overwrite 8 bytes in the middle of the loss column's pages; the footer stays intact."""
     col = pq.read_metadata(path).row_group(0).column(2)
@@ -383,7 +397,7 @@ def test_a_failed_start_leaves_no_empty_partition_folders(tmp_path, tiny_neox_di
     shutil.copytree(tiny_neox_dir, broken)
     for w in broken.glob("*.safetensors"):
         w.write_bytes(b"not weights")  # found and fingerprinted; fails only when loaded
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the loader raises on bad weights)
         run(broken, tokens, out)
     assert out.is_dir() and not (out / "model=tiny").exists()
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import is_cached
 
-from pipeline.lm import models
 from pipeline.core.config import ConfigError, SuiteConfig
 from pipeline.core.errors import QuantaError
+from pipeline.lm import models
 from pipeline.lm.models import ModelSpec
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -190,9 +191,9 @@ def test_param_counts_pythia70m_published():
 def test_config_param_counts_and_is_cached(tiny_neox_dir, tmp_path):
     spec = ModelSpec("tiny", str(tiny_neox_dir))
     assert models.config_param_counts(spec)["non_embedding"] == 2 * (12 * 32 * 32 + 13 * 32) + 64
-    assert models.is_cached(spec)
+    assert is_cached(spec)
     missing = ModelSpec("p", "EleutherAI/pythia-70m", "step3000")
-    assert not models.is_cached(missing, cache_dir=str(tmp_path))
+    assert not is_cached(missing, cache_dir=str(tmp_path))
     assert models.config_param_counts(missing, cache_dir=str(tmp_path)) is None
 
 
@@ -212,7 +213,7 @@ def test_hub_cache_offline(tmp_path, tiny_neox_dir, no_network):
     hub_cache(cache, "EleutherAI/pythia-70m", "step1000", tiny_neox_dir)
     spec = ModelSpec("pythia-70m", "EleutherAI/pythia-70m", "step1000")
     assert models.source_kind(spec) == "hub"
-    assert models.is_cached(spec, cache_dir=str(cache))
+    assert is_cached(spec, cache_dir=str(cache))
     model = models.load_model(spec, cache_dir=str(cache), device="cpu")
     ref = models.load_model(ModelSpec("t", str(tiny_neox_dir)), device="cpu")
     assert torch.equal(logits(model), logits(ref))

@@ -8,17 +8,18 @@ by the end-to-end `dvc repro` (metrics/planted.json, via scorecard.check_accepta
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import read_corpus_tokens, write_reference_losses
 
-from pipeline.planted import suite as planted
-from pipeline.planted import scorecard
 from pipeline.core.config import PlantedConfig, SuiteConfig
+from pipeline.planted import scorecard
+from pipeline.planted import suite as planted
 
 TINY = PlantedConfig(
     n_quanta=6,
@@ -346,9 +347,9 @@ def test_reference_losses_and_metrics_on_the_tiny_suite(built, tmp_path):
 
     root, _ = built
     losses = tmp_path / "losses"
-    planted.write_reference_losses(root, losses, ["tiny-a", "tiny-b"], REVISIONS)
+    write_reference_losses(root, losses, ["tiny-a", "tiny-b"], REVISIONS)
     table = pd.read_parquet(losses / "model=tiny-a" / "revision=step6")
-    tokens = planted.read_corpus_tokens(root)
+    tokens = read_corpus_tokens(root)
     assert len(table) == tokens.shape[0] * (tokens.shape[1] - 1) and table["pos"].min() == 1
     # the batched reference equals a one-document forward with the HF loss
     model = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step6").eval()

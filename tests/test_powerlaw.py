@@ -1,4 +1,6 @@
-"""pipeline/laws/powerlaw.py: the paper's envelope slope, CSN's discrete power-law fit, bootstraps, LR tests.
+"""pipeline/laws/cluster_sizes.py: the rank MLE of a finite Zipf law over the clusters' ranks (the
+exponent the theory check reads), and its reported alternatives, CSN's discrete power-law fit
+of the size tail (bootstraps, LR tests) and the paper's envelope slope.
 
 Tiers: exponent bookkeeping; the fast vectorised MLE + KS scan against a slow, plainly
 written reference; synthetic recovery (seeded); the ``powerlaw`` package's pitfalls that
@@ -9,19 +11,18 @@ the module works around; acceptance against the paper's own cluster labels in
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import shared_data
+from helpers import predicted_gamma, sample_discrete_power_law
 from scipy import optimize, special, stats
 
-from pipeline.laws import cluster_sizes as pl
 from pipeline.core.errors import QuantaError
+from pipeline.laws import cluster_sizes as pl
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-CLUSTERS = DATA / "original-quanta-clusters" / "ERIC-QUANTA-CLUSTERS-GRADIENTS.json"
+CLUSTERS = "original-quanta-clusters/ERIC-QUANTA-CLUSTERS-GRADIENTS.json"
 
 # The pitfall tests drive the powerlaw package on purpose; its per-fit warnings are noise.
 pytestmark = pytest.mark.filterwarnings("ignore:::powerlaw")
@@ -30,9 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:::powerlaw")
 @pytest.fixture(scope="module")
 def paper_labels() -> dict[int, np.ndarray]:
     """k -> labels_C (index 0, the cosine affinity the paper uses) for the 27 values of k."""
-    if not CLUSTERS.exists():
-        pytest.skip(f"paper cluster labels not found at {CLUSTERS} (../shared/data is absent here)")
-    raw = json.loads(CLUSTERS.read_text())
+    raw = json.loads(shared_data(CLUSTERS).read_text())
     return {int(k): np.asarray(v[0], dtype=np.int64) for k, v in raw.items()}
 
 
@@ -58,8 +57,8 @@ def test_exponent_conversions_round_trip_and_paper_prediction():
     # γ = 2 <-> b = 1 (Zipf's law); the paper's α_N = 0.083 predicts b = 1.083, γ = 1.923.
     assert pl.rank_exponent_from_gamma(2.0) == pytest.approx(1.0)
     assert pl.predicted_rank_exponent(0.083) == pytest.approx(1.083)
-    assert pl.predicted_gamma(0.083) == pytest.approx(1 + 1 / 1.083)
-    assert pl.alpha_from_gamma(pl.predicted_gamma(0.083)) == pytest.approx(0.083)
+    assert predicted_gamma(0.083) == pytest.approx(1 + 1 / 1.083)
+    assert pl.alpha_from_gamma(predicted_gamma(0.083)) == pytest.approx(0.083)
     with pytest.raises(QuantaError):
         pl.rank_exponent_from_gamma(1.0)
     with pytest.raises(QuantaError):
@@ -68,7 +67,7 @@ def test_exponent_conversions_round_trip_and_paper_prediction():
 
 def test_rank_exponent_matches_ols_rank_slope_on_ideal_zipf_sizes():
     """b = 1/(γ-1): the MLE γ of sizes drawn from p(s) ∝ s^-γ gives the rank-plot slope."""
-    x = pl.sample_discrete_power_law(2.5, 10, 20_000, 3)
+    x = sample_discrete_power_law(2.5, 10, 20_000, 3)
     fit = pl.fit_discrete_power_law(x, xmin=10)
     r, s = pl.rank_frequency(x)
     top = r <= 2000  # the bulk of the ranks; the extreme top is noisy
@@ -96,7 +95,9 @@ def _slow_csn_fit(x: np.ndarray, min_tail: int) -> tuple[float, int, float]:
         tail = x[x >= xm]
         if tail.size < min_tail:
             continue
-        nll = lambda g: tail.size * np.log(special.zeta(g, xm)) + g * np.log(tail).sum()
+        def nll(g, tail=tail, xm=xm):
+            return tail.size * np.log(special.zeta(g, xm)) + g * np.log(tail).sum()
+
         opts = {"xatol": 1e-10}
         g = optimize.minimize_scalar(nll, bounds=(1.0 + 1e-9, 50.0), method="bounded", options=opts).x
         s = np.arange(xm, tail.max() + 1)
@@ -111,7 +112,7 @@ def _slow_csn_fit(x: np.ndarray, min_tail: int) -> tuple[float, int, float]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_vectorised_fit_matches_slow_reference(seed):
     rng = np.random.default_rng(seed)
-    x = np.concatenate([pl.sample_discrete_power_law(2.1, 8, 150, rng), rng.integers(1, 8, 80)])
+    x = np.concatenate([sample_discrete_power_law(2.1, 8, 150, rng), rng.integers(1, 8, 80)])
     fit = pl.fit_discrete_power_law(x, min_tail=5)
     g, xm, d = _slow_csn_fit(x.astype(float), 5)
     assert fit.xmin == xm
@@ -120,14 +121,14 @@ def test_vectorised_fit_matches_slow_reference(seed):
 
 
 def test_fisher_se_matches_bootstrap_spread_at_fixed_xmin():
-    x = pl.sample_discrete_power_law(2.2, 1, 2000, 7)
+    x = sample_discrete_power_law(2.2, 1, 2000, 7)
     fit = pl.fit_discrete_power_law(x, xmin=1)
     lo, hi, _ = pl.bootstrap_gamma_ci(x, xmin=1, n_boot=200, seed=1)
     assert (hi - lo) / 3.92 == pytest.approx(fit.gamma_se, rel=0.25)
 
 
 def test_sampler_pmf_matches_theory():
-    x = pl.sample_discrete_power_law(1.8, 5, 200_000, 0)
+    x = sample_discrete_power_law(1.8, 5, 200_000, 0)
     assert x.min() == 5
     ks = np.arange(5, 15)
     emp = np.array([(x == k).mean() for k in ks])
@@ -142,7 +143,7 @@ def test_sampler_pmf_matches_theory():
 def test_recovers_known_exponent_and_xmin_within_ci():
     """A power-law tail (γ = 2.2 above 20) over a uniform body: γ inside the bootstrap CI."""
     rng = np.random.default_rng(11)
-    x = np.concatenate([pl.sample_discrete_power_law(2.2, 20, 600, rng), rng.integers(1, 20, 300)])
+    x = np.concatenate([sample_discrete_power_law(2.2, 20, 600, rng), rng.integers(1, 20, 300)])
     rep = pl.analyze_cluster_sizes(x, n_boot_ci=100, n_boot_gof=0, seed=0, alternatives=())
     assert rep.fit.fittable and 15 <= rep.fit.xmin <= 25
     lo, hi = rep.gamma_ci
@@ -154,7 +155,7 @@ def test_recovers_known_exponent_and_xmin_within_ci():
 
 def test_gof_high_for_power_law_low_for_exponential():
     rng = np.random.default_rng(5)
-    power = pl.sample_discrete_power_law(2.3, 1, 500, rng)
+    power = sample_discrete_power_law(2.3, 1, 500, rng)
     g_pl = pl.gof_pvalue(power, n_boot=100, seed=0)
     assert g_pl.p > 0.1 and g_pl.n_boot + g_pl.n_failed == 100
     # The whole distribution (xmin = 1) of geometric sizes: firmly rejected. (With the
@@ -166,7 +167,7 @@ def test_gof_high_for_power_law_low_for_exponential():
 
 
 def test_gof_is_seeded():
-    x = pl.sample_discrete_power_law(2.0, 1, 300, 2)
+    x = sample_discrete_power_law(2.0, 1, 300, 2)
     a = pl.gof_pvalue(x, n_boot=40, seed=3)
     b = pl.gof_pvalue(x, n_boot=40, seed=3)
     assert a == b
@@ -174,7 +175,7 @@ def test_gof_is_seeded():
 
 def test_likelihood_ratio_prefers_the_true_distribution():
     rng = np.random.default_rng(1)
-    power = pl.sample_discrete_power_law(2.3, 1, 400, rng)
+    power = sample_discrete_power_law(2.3, 1, 400, rng)
     lr = pl.likelihood_ratio_tests(power, pl.fit_discrete_power_law(power), ("exponential",))
     assert lr["exponential"].R > 0 and lr["exponential"].favored == "power_law"
 
@@ -192,7 +193,7 @@ def test_vuong_statistic_matches_powerlaw_package():
     """Our R, normalised R and p equal powerlaw.statistics.loglikelihood_ratio's on one tail."""
     from powerlaw.statistics import loglikelihood_ratio
 
-    x = pl.sample_discrete_power_law(2.0, 3, 300, 4)
+    x = sample_discrete_power_law(2.0, 3, 300, 4)
     fit = pl.fit_discrete_power_law(x, xmin=3)
     tail = np.sort(x[x >= 3]).astype(float)
     ll_pl = -fit.gamma * np.log(tail) - np.log(special.zeta(fit.gamma, 3.0))
@@ -210,7 +211,7 @@ def test_vuong_statistic_matches_powerlaw_package():
 
 def test_pitfall_exponent_range_caps_steep_tails():
     """powerlaw's default alpha range (0, 3) pins a γ = 3.5 tail at 3; ours recovers it."""
-    x = pl.sample_discrete_power_law(3.5, 1, 2000, 0)
+    x = sample_discrete_power_law(3.5, 1, 2000, 0)
     pkg = _quiet_powerlaw_fit(x, discrete=True)
     assert pkg.power_law.alpha <= 3.0 + 1e-9
     fit = pl.fit_discrete_power_law(x)
@@ -220,7 +221,7 @@ def test_pitfall_exponent_range_caps_steep_tails():
 def test_pitfall_nested_flag_is_overridden_by_operator_precedence():
     """`(d1 in d2) or (d2 in d1) and nested is None` forces nested=True whenever d1 is a
     substring of d2, even with nested=False passed. Ours takes nesting from NESTED."""
-    x = pl.sample_discrete_power_law(2.0, 2, 300, 1)
+    x = sample_discrete_power_law(2.0, 2, 300, 1)
     pkg = _quiet_powerlaw_fit(x, discrete=True, xmin=2, estimate_discrete=False)
     ll1 = pkg.lognormal.loglikelihoods(pkg.data)
     ll2 = pkg.lognormal_positive.loglikelihoods(pkg.data)
@@ -251,7 +252,7 @@ def test_pitfall_exponential_noise_flag_and_our_closed_form():
 
 
 def test_pitfall_estimate_discrete_default_is_not_the_exact_mle():
-    x = pl.sample_discrete_power_law(2.4, 12, 400, 9)
+    x = sample_discrete_power_law(2.4, 12, 400, 9)
     approx = _quiet_powerlaw_fit(x, discrete=True, xmin=12).power_law.alpha  # estimate_discrete on
     exact = _quiet_powerlaw_fit(x, discrete=True, xmin=12, estimate_discrete=False).power_law.alpha
     ours = pl.fit_discrete_power_law(x, xmin=12).gamma
@@ -344,7 +345,7 @@ def test_too_few_and_invalid_sizes_raise_clear_errors():
     with pytest.raises(QuantaError):
         pl.cluster_sizes(np.array([0.5, 1.0]))
     with pytest.raises(QuantaError, match="unknown alternative"):
-        x = pl.sample_discrete_power_law(2.0, 1, 100, 0)
+        x = sample_discrete_power_law(2.0, 1, 100, 0)
         pl.likelihood_ratio_tests(x, pl.fit_discrete_power_law(x), ("weibull",))
 
 

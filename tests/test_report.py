@@ -18,11 +18,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from pipeline.qdg import clustering
 from pipeline.core import files
-from pipeline.report import page as report
 from pipeline.core.config import ClusterConfig, ReportConfig
 from pipeline.core.errors import QuantaError
+from pipeline.qdg import clustering
+from pipeline.report import page as report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,7 @@ def test_json_for_script_cannot_close_its_block():
     assert json.loads(text) == obj
 
 
-def _page(tmp_path, cfg: ReportConfig = ReportConfig(), **kw) -> tuple[str, report.ReportData]:
+def _page(tmp_path, cfg: ReportConfig = ReportConfig(), **kw) -> tuple[str, report.ReportData]:  # noqa: B008 (frozen)
     tokens, samples, clusters, summary, quanta = make_inputs(tmp_path, **kw)
     data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, 4, quanta)
     theory = {"planted": True, "pass": False, "planted_alpha": 0.5, "failures": ["<b>bold</b> claim"], "routes": {}}

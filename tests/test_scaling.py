@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.laws import scaling
 from pipeline.core.config import ConfigError
 from pipeline.core.files import write_parquet
+from pipeline.laws import scaling
 from pipeline.laws.scaling import MONOGENIC, OTHER, POLYGENIC, ScalingConfig, ScalingError
 
 N7 = np.array([19e6, 85e6, 302e6, 805e6, 1.2e9, 2.5e9, 6.4e9])  # Pythia-like non-embedding N

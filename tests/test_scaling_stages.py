@@ -13,15 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core import config
-from pipeline.laws import dynamics
-from pipeline.core import files
-from pipeline.report import plots
-from pipeline.laws import cluster_sizes
-from pipeline.laws import scaling
-from pipeline.core import stage
-from pipeline.laws import theory
+from pipeline.core import config, files, stage
 from pipeline.core.config import DynamicsConfig, PowerlawConfig, ScalingConfig, TheoryConfig
+from pipeline.laws import cluster_sizes, dynamics, scaling, theory
+from pipeline.report import plots
 
 N4 = {"m-s": 1e4, "m-m": 4e4, "m-l": 1.6e5, "m-xl": 6.4e5}  # 4 models: E + A·N^-α needs >= 4 points
 STEPS = [100, 300, 1000, 3000, 10000]

@@ -84,7 +84,9 @@ def test_filters_drop_induction_and_bigram_tokens():
     # doc: a b c a b c -> the second "c" completes the trigram "a b c"; its bigram "b c" too
     tokens = make_tokens([np.array([1, 2, 3, 1, 2, 3, 4, 2, 3])])
     frame = loss_frame(tokens, np.zeros(9, dtype=np.float32))
-    pos = lambda **kw: select_samples(frame, tokens, SelectConfig(n_samples=100, **kw)).to_pandas()["pos"].tolist()
+    def pos(**kw):
+        return select_samples(frame, tokens, SelectConfig(n_samples=100, **kw)).to_pandas()["pos"].tolist()
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SelectWarning)
         assert pos() == list(range(1, 9))

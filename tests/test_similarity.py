@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.qdg import similarity as sim
 from pipeline.core.config import SimilarityConfig
 from pipeline.core.errors import QuantaError
+from pipeline.qdg import similarity as sim
 
 
 def vectors(n=60, dim=32, seed=0):

@@ -79,7 +79,9 @@ def import_closure(path: Path) -> set[str]:
 
 
 def _stages() -> dict:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    """Stage name -> its definition (a foreach/matrix stage's `do` body)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    return {name: st.get("do", st) for name, st in stages.items()}
 
 
 def _stage_module(name: str, stage: dict) -> Path:

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
-import dataclasses
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Optional, Sequence

@@ -127,11 +127,6 @@ def predicted_rank_exponent(alpha: float) -> float:
     return alpha + 1.0
 
 
-def predicted_gamma(alpha: float) -> float:
-    """The paper's prediction as a pdf exponent of cluster sizes: γ = 1 + 1/(α+1)."""
-    return gamma_from_rank_exponent(predicted_rank_exponent(alpha))
-
-
 def alpha_from_gamma(gamma: float) -> float:
     """The quantization exponent α implied by a pdf exponent γ: α = 1/(γ-1) - 1."""
     return rank_exponent_from_gamma(gamma) - 1.0
@@ -228,6 +223,8 @@ def envelope_slope(
             f"the envelope is flat (every size is {sizes[0]}) over ranks {rank_lo}..{rank_hi}: "
             "no slope to fit; choose a rank window where sizes still fall"
         )
+    # linregress, not fits.ols: it gives the slope's standard error and r, and its sums
+    # (np.cov) round differently from ols' in the last bits of the reported slope.
     res = stats.linregress(np.log(ranks), np.log(sizes))
     return EnvelopeFit(
         slope=float(res.slope),
@@ -485,14 +482,6 @@ class DiscretePowerLawSampler:
             out = out.astype(np.float64)
             out[far] = np.maximum(approx, self._s_table + 1)
         return np.asarray(out, dtype=np.int64)
-
-
-def sample_discrete_power_law(
-    gamma: float, xmin: int, size: int, rng: np.random.Generator | int
-) -> np.ndarray:
-    """(size,) int64 draws from the discrete power law p(s) ∝ s^-γ, s >= xmin (γ: pdf exponent)."""
-    rng = np.random.default_rng(rng)
-    return DiscretePowerLawSampler(gamma, xmin).sample(size, rng)
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -871,12 +860,11 @@ def analyze_cluster_sizes(
 
 
 def sweep_labels(clusters) -> dict[int, np.ndarray]:
-    """k -> labels of every ``k<k>`` column of a clusters table (pandas DataFrame), k ascending."""
-    out = {}
-    for col in clusters.columns:
-        if isinstance(col, str) and col[:1] == "k" and col[1:].isdigit():
-            out[int(col[1:])] = clusters[col].to_numpy()
-    return dict(sorted(out.items()))
+    """k -> labels of every ``k<k>`` column of a clusters table (pandas DataFrame), k ascending;
+    the columns are those of :func:`pipeline.qdg.clustering.sweep_columns`."""
+    from pipeline.qdg.clustering import sweep_columns
+
+    return {k: clusters[col].to_numpy() for k, col in sorted(sweep_columns(clusters).items())}
 
 
 def tail_rank_curve(fit: PowerLawFit, s_max: int) -> tuple[np.ndarray, np.ndarray]:
@@ -918,7 +906,8 @@ def _mle(sizes: np.ndarray, cfg) -> tuple[PowerLawReport, dict]:
 
 
 def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> ClusterPowerLaw:
-    """CSN's fit of one clustering's sizes, and the paper's envelope across the k sweep.
+    """The rank MLE of one clustering's sizes, with CSN's tail MLE of the same sizes and the
+    paper's envelope across the k sweep as the reported alternatives.
 
     clusters: the cluster stage's table (pandas: sample, cluster, k<k> per k; -1 = a bad
     sample, not counted). cfg: :class:`pipeline.core.config.PowerlawConfig`. An envelope the
@@ -984,13 +973,20 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
 
 
 def summary_line(metrics: Mapping) -> str:
-    """The powerlaw stage's one-line summary of :func:`analyze_clusters`' metrics."""
-    m, e = metrics["mle"], metrics["envelope"]
-    mle = (f"Zipf b = {m['rank_exponent']:.3f} CI {m['rank_exponent_ci']}, GOF p {m['gof_p']}"
-           if m["fittable"] else f"no MLE: {m['reason']}")
+    """The powerlaw stage's one-line summary of :func:`analyze_clusters`' metrics: the rank
+    MLE first (the cluster-size exponent the theory check reads, ``theory.zipf_from``), then
+    the reported alternatives, CSN's tail MLE and the paper's envelope."""
+    r, m, e = metrics["rank_mle"], metrics["mle"], metrics["envelope"]
+    rank = (f"Zipf b = {r['rank_exponent']:.3f} CI {r['rank_exponent_ci']}" if r["fittable"]
+            else f"no fit: {r['reason']}")
+    csn = (f"b = {m['rank_exponent']:.3f} CI {m['rank_exponent_ci']}, GOF p {m['gof_p']}"
+           if m["fittable"] else f"no fit: {m['reason']}")
     env = f"slope {e['slope']:.4f}" if "slope" in e else f"skipped: {e['skipped']}"
-    line = f"powerlaw: k = {metrics['k']}, {metrics['n_clusters']} clusters; MLE {mle}; envelope {env}"
+    line = (f"powerlaw: k = {metrics['k']}, {metrics['n_clusters']} clusters; rank MLE {rank}; "
+            f"alternatives: CSN MLE {csn}; envelope {env}")
     t = metrics.get("planted_partition")
     if t is not None:
-        line += f"; planted quanta of the samples: Zipf b = {t['rank_exponent']}" if t["fittable"] else f"; planted quanta: {t['reason']}"
+        tr = t.get("rank_mle") or {}
+        line += (f"; planted quanta of the samples: rank MLE Zipf b = {tr['rank_exponent']:.3f}" if tr.get("fittable")
+                 else f"; planted quanta: {tr.get('reason', '')}")
     return line

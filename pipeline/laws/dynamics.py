@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -60,10 +60,10 @@ import pyarrow as pa
 from scipy import stats
 
 from pipeline.core.config import ConfigError, DynamicsConfig, step_of  # noqa: F401 (re-exported: DynamicsConfig lives in config.py)
-from pipeline.laws import fits
-from pipeline.lm import partitions
 from pipeline.core.errors import QuantaError
+from pipeline.laws import fits
 from pipeline.laws.scaling import Aligned, align_tokens, key_codec, read_loss_partition
+from pipeline.lm import partitions
 
 _CHUNK_ELEMENTS = 1 << 18  # (tokens, windows) float32 temporaries of 1 MiB: cache-sized, ~2x faster than 16 MiB
 
@@ -490,6 +490,8 @@ def emergence_vs_frequency(
     if np.ptp(x) == 0:
         return EmergenceFit(**base, slope=None, intercept=None, r2=None, ci=None, ci_boot=None,
                             reason="every emerged quantum has the same frequency: no slope")
+    # linregress, not fits.ols: it gives the slope's standard error for the t interval, and
+    # its sums (np.cov) round differently from ols' in the last bits of the reported slope.
     lr = stats.linregress(x, y)
     tq = stats.t.ppf(0.5 + cfg.level / 2, n_fit - 2)
     ci = (float(lr.slope - tq * lr.stderr), float(lr.slope + tq * lr.stderr))
@@ -556,15 +558,17 @@ def read_planted(planted_dir: str | Path) -> Optional[tuple[tuple[np.ndarray, np
     """((doc_id, pos, quantum), p_k) of a planted suite's ground truth, or None when there is none.
 
     labels.parquet: one row per token, quantum -1 off the rule answers; quanta.parquet:
-    quantum id 0..K-1 and its frequency p_k.
+    quantum id 0..K-1 and its frequency p_k. Both are read through :mod:`pipeline.planted.suite`.
     """
+    from pipeline.planted import suite
+
     d = Path(planted_dir)
-    if not (d / "labels.parquet").exists() or not (d / "quanta.parquet").exists():
+    if not suite.has_ground_truth(d) or not (d / suite.QUANTA_FILE).exists():
         return None
-    lab = pd.read_parquet(d / "labels.parquet", columns=["doc_id", "pos", "quantum"])
-    qt = pd.read_parquet(d / "quanta.parquet", columns=["quantum", "frequency"]).sort_values("quantum")
+    lab = suite.read_labels(d)
+    qt = suite.read_quanta(d, columns=["quantum", "frequency"]).sort_values("quantum")
     if not np.array_equal(qt["quantum"].to_numpy(), np.arange(len(qt))):
-        raise DynamicsError(f"{d / 'quanta.parquet'}: quantum ids must be 0..K-1, one row each; rebuild the planted suite")
+        raise DynamicsError(f"{d / suite.QUANTA_FILE}: quantum ids must be 0..K-1, one row each; rebuild the planted suite")
     labels = (lab["doc_id"].to_numpy(np.int64), lab["pos"].to_numpy(np.int64), lab["quantum"].to_numpy(np.int64))
     return labels, qt["frequency"].to_numpy(np.float64)
 

@@ -329,10 +329,15 @@ def ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(slope, intercept) of the least-squares line of y on x along the last axis; batched
     over leading axes, e.g. (replicates, n) for a bootstrap. A constant x gives NaN.
 
-    The one straight-line fit of the pipeline: the log-log slopes of the planted scorecard
-    (answer-token loss against N, learned count against N, emergence against 1/p) and of
-    emergence against frequency call it. Curves with an offset, L = E + A·x^-α, go through
-    :func:`fit_curve`."""
+    The straight-line fit of the pipeline: the log-log slopes of the planted scorecard
+    (answer-token loss against N, learned count against N, emergence against 1/p) and the
+    bootstrap of emergence against frequency call it. Curves with an offset, L = E + A·x^-α,
+    go through :func:`fit_curve`. Three fits keep their own arithmetic, because theirs
+    rounds differently in the last bits and their outputs are published as they compute
+    them: the point fit of emergence against frequency and the envelope slope of cluster
+    sizes use ``scipy.stats.linregress`` (which also gives the slope's standard error and
+    r), and :func:`pipeline.laws.scaling.token_curves` fits every token at once with
+    matrix products over a models-major layout, which is also ~3x faster there."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     xm, ym = x.mean(axis=-1, keepdims=True), y.mean(axis=-1, keepdims=True)
     xc = x - xm
@@ -525,8 +530,3 @@ def bootstrap_residuals(
         return _bootstrap(
             fit, reps, method="residuals", n_boot=n_boot, seed=seed, level=level, block=block, fit_kwargs=kw
         )
-
-
-def pythia_steps() -> np.ndarray:
-    """The 154 published Pythia checkpoint steps, in order: 0, 1, 2, 4, ..., 512, 1000, ..., 143000."""
-    return np.array([0] + [2**i for i in range(10)] + list(range(1000, 143001, 1000)), dtype=np.int64)

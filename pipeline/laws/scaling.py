@@ -39,20 +39,24 @@ temporaries (see bench/bench_scaling.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Iterator, Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.laws import fits
-from pipeline.lm import partitions
 from pipeline.core.config import ConfigError, ScalingConfig, step_of  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
 from pipeline.core.errors import QuantaError
+from pipeline.laws import fits
+from pipeline.lm import partitions
 
 KINDS = ("monogenic", "polygenic", "other")  # dictionary of the `kind` column; codes 0, 1, 2
 MONOGENIC, POLYGENIC, OTHER = 0, 1, 2
@@ -311,6 +315,8 @@ def token_curves(losses: np.ndarray, n_params: Sequence[float], cfg: ScalingConf
     if not np.all(np.diff(n) > 0) or n[0] <= 0:
         raise ScalingError("n_params must be positive and strictly increasing (columns in size order)")
     T = L_all.shape[0]
+    # OLS of L on ln N for every token at once, with matrix products over (models, chunk):
+    # the same line as pipeline.laws.fits.ols, vectorised for this layout and giving R² too.
     x = np.log(n)
     xc = x - x.mean()  # (models,) centred ln N
     sxx = float(xc @ xc)
@@ -591,12 +597,16 @@ def read_n_params(root: str | Path, model: str, revision: str) -> float:
     """Non-embedding parameter count N of ``model`` from its loss table's ``_meta.json``."""
     path = partitions.partition_dir(root, model, revision) / partitions.META_FILE
     try:
-        meta = json.loads(path.read_text())
-        n = (meta.get("params") or {}).get("non_embedding")
+        meta = partitions.read_partition_meta(root, model, revision)
     except (OSError, ValueError) as e:
         raise ScalingError(
             f"cannot read the parameter count of {model}@{revision} from {path} ({e}); rerun its losses stage"
         ) from None
+    if meta is None:
+        raise ScalingError(
+            f"cannot read the parameter count of {model}@{revision}: {path} does not exist; rerun its losses stage"
+        )
+    n = (meta.get("params") or {}).get("non_embedding")
     if n is None:
         raise ScalingError(f"{path} has no params.non_embedding; rerun the losses stage of {model}@{revision}")
     return float(n)
@@ -751,6 +761,23 @@ def _examples(aligned: Aligned, res: SuiteScaling, n: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _fit_pool(n_jobs: int) -> Iterator[Optional[ProcessPoolExecutor]]:
+    """Worker processes for `n_jobs` independent fits, one per core (None on one core).
+
+    Each fit is a pure function of its inputs, so the numbers do not depend on how many
+    processes run them; "spawn" starts workers that share no state (torch, thread pools)
+    with this process.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(cores, n_jobs)
+    if n <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
 def run(
     root: str | Path,
     models: Sequence[str],
@@ -780,11 +807,14 @@ def run(
     parts = [read_loss_partition(root, m, revision) for m in models]
     aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
     del parts
-    res = analyze(aligned, n_params, cfg)
-    examples = _examples(aligned, res, cfg.n_examples)
-    del aligned
-
-    curves = {m: learning_curve_fit(root, m, revisions, cfg) for m in res.models}
+    with _fit_pool(len(models)) as pool:
+        # The learning-curve fits (a 1000-replicate bootstrap per model) are most of the
+        # stage's time and independent of L(N): they run in the pool while L(N) is fitted here.
+        pending = {m: pool.submit(learning_curve_fit, root, m, revisions, cfg) for m in models} if pool else {}
+        res = analyze(aligned, n_params, cfg)
+        examples = _examples(aligned, res, cfg.n_examples)
+        del aligned
+        curves = {m: pending[m].result() if pool else learning_curve_fit(root, m, revisions, cfg) for m in res.models}
     head = cfg.alpha_s_model or res.models[-1]
     if head not in curves:
         raise ScalingError(f"scaling.alpha_s_model {head!r} is not in suite.models ({', '.join(models)})")

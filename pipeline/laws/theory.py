@@ -106,9 +106,12 @@ def theory_table(
 ) -> dict:
     """metrics/theory.json from the scaling and powerlaw metrics.
 
-    scaling: metrics/scaling.json (mean_loss.alpha_N, alpha_S); powerlaw: metrics/powerlaw.json
-    (mle or envelope, per ``cfg.zipf_from``); either may be {} when that stage did not
-    run. planted_alpha: the planted α (planted suite only). A route that did not converge
+    scaling: metrics/scaling.json (mean_loss.alpha_N, alpha_S); powerlaw: metrics/powerlaw.json,
+    whose ``rank_mle`` (the default ``cfg.zipf_from``), ``mle`` (CSN's tail MLE) or
+    ``envelope`` (the paper's OLS slope) gives the target route ``zipf``; CSN's MLE is also
+    reported beside it as ``zipf_csn`` when it is not the target, and on the planted suite
+    the same estimator on the planted quanta as ``zipf_planted_partition``. Either input may
+    be {} when that stage did not run. planted_alpha: the planted α (planted suite only). A route that did not converge
     keeps its best-attempt value, flagged, and fails its target.
     """
     ml = scaling.get("mean_loss") or {}

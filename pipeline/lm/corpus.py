@@ -605,3 +605,39 @@ def read_tokens(path: str | Path) -> TokenTable:
             f"(positions must be 0..len-1, each once); rebuild it with the corpus stage"
         )
     return TokenTable(doc_ids=doc[starts], offsets=offsets, token_ids=tok)
+
+
+def count_tokens(path: str | Path) -> int:
+    """Rows (tokens) of ``tokens.parquet``, from its footer (no data read)."""
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def read_token_strings(path: str | Path) -> dict[int, str]:
+    """token id -> its text, from the ``token_str`` column of ``tokens.parquet``.
+
+    Reads token_id and the dictionary-encoded token_str only; no tokenizer (and no torch) is
+    loaded, so the cluster stage names its clusters' top tokens cheaply.
+    """
+    t = pq.read_table(path, columns=["token_id", "token_str"]).to_pandas().drop_duplicates("token_id")
+    return dict(zip(t["token_id"].astype(int), t["token_str"].astype(str)))
+
+
+def read_token_texts(path: str | Path, flat: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Token texts at row indices `flat` of ``tokens.parquet`` in (doc_id, pos) order, i.e.
+    at flat positions of :func:`read_tokens`' ``token_ids``.
+
+    Returns (index into the returned list of distinct strings per entry of flat, that list).
+    Reads only doc_id, pos and the dictionary-encoded token_str, so a 100M-token corpus costs
+    a few hundred MB once.
+    """
+    t = pq.read_table(path, columns=["doc_id", "pos", "token_str"])
+    doc = t.column("doc_id").to_numpy()
+    pos = t.column("pos").to_numpy()
+    in_order = bool(np.all((doc[1:] > doc[:-1]) | ((doc[1:] == doc[:-1]) & (pos[1:] > pos[:-1]))))
+    rows = flat if in_order else np.lexsort((pos, doc))[flat]
+    col = t.column("token_str").take(rows).combine_chunks()
+    if hasattr(col, "dictionary"):  # the corpus stage writes a dictionary column
+        col = col.cast(col.type.value_type)
+    texts = col.to_pylist()
+    strings, index = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    return index.astype(np.int64), [str(s) for s in strings]

@@ -12,15 +12,17 @@ vocabulary at every position. Here, with the same numbers in fp32:
 - the transformer body runs once per batch (bf16 autocast on CUDA) up to its final
   hidden states; only the hidden states that predict a scored token go through the
   unembedding (``model.get_output_embeddings()``), ``losses.logits_chunk`` rows at a
-  time, and the cross-entropy is ``logsumexp(logits) - logits[target]`` in fp32. So
+  time, and the cross-entropy is ``logsumexp(logits) - logits[target]`` in fp32
+  (pipeline/lm/cross_entropy.py, which the gradients stage shares). So
   the (batch, pos, vocab) fp32 logits of a big batch never exist, and no log-softmax
   over the vocabulary is written out (on CPUs the vocabulary is also cut into
   cache-sized tiles, folded into an online logsumexp);
 - the windows are cut into shards of about ``losses.shard_tokens`` scored tokens; each
-  shard is one task (in this process, or on a Dask cluster, see pipeline/core/execution.py)
-  that writes one part file atomically; a rerun reuses a finished part only when its
-  identity (config, input digest, weights) matches and its content verifies (checksum,
-  row count, finite losses), so a killed run resumes where it stopped (pipeline/core/shards.py).
+  shard is one task (in this process, or on a Dask cluster) that writes one part file
+  atomically; a rerun reuses a finished part only when its identity (config, input
+  digest, weights, NUMERICS_VERSION) matches and its content verifies (checksum, row
+  count, finite losses), so a killed run resumes where it stopped. The shard machinery
+  is pipeline/core/sharded.py's; this module supplies :func:`compute_part`.
 
 Units: nats. The row for ``pos`` is the loss of predicting token ``pos`` of a document
 from its tokens ``0..pos-1`` (pos >= 1), DESIGN.md §4. Output layout (hive partitioned,
@@ -48,24 +50,26 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
-from tqdm.auto import tqdm
 
-from pipeline.lm import corpus as corpus_lib
-from pipeline.lm.corpus import TokenTable, read_tokens
-from pipeline.core import execution
-from pipeline.core import files
-from pipeline.lm import models as models_lib
-from pipeline.core.resources import peak_rss_bytes, torch_threads
-from pipeline.lm.models import body_and_head, check_output_head, logit_transform, model_device
+from pipeline.core import execution, files, sharded
 from pipeline.core import shards as shards_lib
-from pipeline.lm.partitions import META_FILE, partition_dir  # noqa: F401 (re-exported)
 from pipeline.core.config import CorpusConfig, LossesConfig, SuiteConfig
 from pipeline.core.errors import QuantaError
+from pipeline.core.resources import peak_rss_bytes
+from pipeline.lm import corpus as corpus_lib
+from pipeline.lm import models as models_lib
+from pipeline.lm.corpus import TokenTable, read_tokens
+from pipeline.lm.cross_entropy import cross_entropy
+from pipeline.lm.models import body_and_head, check_output_head, logit_transform, model_device
+from pipeline.lm.partitions import META_FILE, partition_dir  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 # Bump when the meaning of a part file changes: old parts are then recomputed, not reused.
 FORMAT_VERSION = 2  # 2: parts carry a content checksum (pipeline/core/shards.py)
+#: Bump when a code change changes the numbers (a kernel, the batching, the cross-entropy):
+#: it is in every part's identity, so parts computed by other code are recomputed, not reused.
+NUMERICS_VERSION = 1
 SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("loss", pa.float32())])
 #: a losses part: a Parquet table of SCHEMA (see pipeline/core/shards.py for the resume protocol)
 PARTS = shards_lib.parquet_format(SCHEMA)
@@ -214,8 +218,7 @@ def next_token_losses(
         logits = head(hidden[c0:c1]).float()  # (chunk, vocab)
         if transform is not None:
             logits = transform(logits)
-        target_logit = logits.gather(1, targets[c0:c1, None])[:, 0]  # (chunk,)
-        out[c0:c1] = torch.logsumexp(logits, dim=-1) - target_logit
+        out[c0:c1] = cross_entropy(logits, targets[c0:c1])  # (chunk,)
         del logits
     return out
 
@@ -227,7 +230,13 @@ def _tiled_cross_entropy(
     block: int,
     transform: Optional[Callable[[torch.Tensor], torch.Tensor]],
 ) -> torch.Tensor:
-    """:func:`next_token_losses` for one chunk, over vocabulary blocks (online logsumexp)."""
+    """:func:`next_token_losses` for one chunk, over vocabulary blocks (online logsumexp).
+
+    Kept apart from :func:`pipeline.lm.cross_entropy.cross_entropy`: that one needs the
+    whole (chunk, vocab) row of logits at once, which is what this path exists to avoid;
+    folding blocks into a running logsumexp rounds differently in the last bits, so it is
+    a CPU speed path of its own, not a second definition of the loss.
+    """
     rows = hidden.shape[0]
     running_max = torch.full((rows,), -torch.inf, dtype=torch.float32, device=hidden.device)
     running_sum = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
@@ -336,7 +345,7 @@ class LoadedModel:
 
 @dataclasses.dataclass(frozen=True)
 class ShardTask:
-    """Everything a worker needs for one part file. Small and picklable: the model travels
+    """Everything a worker needs to compute one part. Small and picklable: the model travels
     by name (spec + load arguments) and is loaded once per worker process."""
 
     spec: Any  # models.ModelSpec
@@ -345,12 +354,9 @@ class ShardTask:
     batch_tokens: int
     logits_chunk: int
     autocast: str
-    torch_threads: int  # 0: leave torch's setting alone
-    index: int
     windows: tuple  # of corpus.Window
     tokens: tuple  # of np.ndarray: tokens[start:end] of each window
-    path: str
-    config: dict  # the part's config (metadata), without "compute"
+    weights: str  # the weights' fingerprint (stage_identity), part of the per-process model cache key
 
 
 def _load(spec: Any, load_kwargs: dict, autocast: str) -> LoadedModel:
@@ -381,22 +387,17 @@ def loaded_model(task: ShardTask) -> LoadedModel:
     """The task's model, loaded at most once per process (pipeline.core.execution.cached)."""
     kwargs = dict(task.load_kwargs, device=execution.worker_device(task.load_kwargs["device"]))
     # the weights' fingerprint too: a long-lived worker must not serve a model retrained in place
-    key = ("losses", _json(_spec_dict(task.spec)), _json(kwargs), task.autocast, task.config.get("weights"))
+    key = ("losses", _json(_spec_dict(task.spec)), _json(kwargs), task.autocast, task.weights)
     return execution.cached(key, lambda: _load(task.spec, kwargs, task.autocast))
 
 
-def compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]] = None) -> dict:
-    """Compute one shard's losses and write its part file; return a small summary.
+def compute_part(task: ShardTask, on_rows: Optional[Callable[[int], None]] = None) -> sharded.PartOutput:
+    """One part's losses (SCHEMA's columns), with the device and dtypes used as its `extra`.
 
-    Runs in the stage's process or in a Dask worker. Raises QuantaError on non-finite
-    losses (nothing is written then) and on windows longer than the model's context.
+    Runs in the stage's process or in a Dask worker (pipeline/core/sharded.py writes the
+    part); `on_rows(n)` is called after every forward pass with the tokens it scored.
+    Raises QuantaError on non-finite losses and on windows longer than the model's context.
     """
-    with torch_threads(task.torch_threads):
-        return _compute_part(task, on_batch)
-
-
-def _compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]]) -> dict:
-    t0 = time.perf_counter()
     loaded = loaded_model(task)
     corpus_lib.check_max_len(task.corpus, loaded.max_context, model=task.spec.name)
     vocab = loaded.model.get_output_embeddings().weight.shape[0]
@@ -417,23 +418,18 @@ def _compute_part(task: ShardTask, on_batch: Optional[Callable[[int], None]]) ->
         batch_tokens=task.batch_tokens,
         logits_chunk=task.logits_chunk,
         autocast=task.autocast,
-        on_batch=on_batch,
+        on_batch=on_rows,
     )
     seconds = time.perf_counter() - t1
     arrays = part_arrays(task.windows, losses)
     check_finite(arrays, task.spec)
-    shards_lib.write_part(PARTS, task.path, arrays, task.config, extra={"compute": loaded.compute})
-    return {
-        "index": task.index,
-        "rows": len(arrays["loss"]),
+    summary = {
         "seconds": seconds,
-        "total_seconds": time.perf_counter() - t0,
-        "peak_rss_bytes": peak_rss_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "params": loaded.params,
         "compute": loaded.compute,
-        "torch_threads": torch.get_num_threads(),
     }
+    return sharded.PartOutput(arrays=arrays, summary=summary, extra={"compute": loaded.compute})
 
 
 def part_arrays(windows: Sequence[Any], losses: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -521,7 +517,7 @@ def run_losses(
 
     Writes ``<out_root>/model=<name>/revision=<rev>/part-*.parquet`` and ``_meta.json``
     and returns the meta dict (the existing one, untouched, when every part was already
-    done). Reuses valid parts from an earlier (killed) run.
+    done). Reuses valid parts from an earlier (killed) run (pipeline/core/sharded.py).
     """
     t_start = time.perf_counter()
     out_dir = partition_dir(out_root, spec.name, spec.revision)
@@ -532,82 +528,44 @@ def run_losses(
     shards = make_shards(windows, losses.shard_tokens)
     identity = stage_identity(spec, suite, corpus, losses)
     store = shards_lib.ShardStore(out_dir, PARTS, f"{spec.name}@{spec.revision}", extra_keys=("compute",))
-    with store.cleanup_on_error(up_to=out_root):  # a failed start leaves no empty folders
-        store.prepare(len(shards))
-        return _compute_missing(spec, tokens, shards, identity, store, losses, suite, corpus, t_start)
+    inputs = [_shard_input(tokens, shard, len(shards)) for shard in shards]
+    task_spec, task_kwargs = execution.for_workers(spec, models_lib.load_kwargs(suite, suite.dtype))
+
+    def task_of(index: int) -> ShardTask:
+        return ShardTask(
+            spec=task_spec, load_kwargs=task_kwargs, corpus=corpus, batch_tokens=losses.batch_tokens,
+            logits_chunk=losses.logits_chunk, autocast=losses.autocast, windows=shards[index].windows,
+            tokens=tuple(inputs[index][0]), weights=identity["weights"],
+        )
+
+    work = sharded.ShardedWork(
+        store=store, identity=identity, numerics=NUMERICS_VERSION, parts=[part for _, part in inputs],
+        rows=[s.n_tokens for s in shards], compute=compute_part, make_task=task_of,
+        desc=f"losses {spec.name}@{spec.revision}", unit="tok", key_prefix=f"losses-{spec.name}-{spec.revision}",
+        finite=("loss",), up_to=out_root,  # a failed start leaves no empty folders
+        # the output changes: the old _meta.json no longer describes it
+        on_todo=lambda _: (out_dir / META_FILE).unlink(missing_ok=True),
+    )
+    return sharded.run_sharded(
+        work, sharded.Execution.of(losses), lambda run: _write_meta(spec, store, run, shards, tokens, suite, t_start)
+    )
 
 
-def _shard_input(tokens: TokenTable, shard: Shard, identity: dict, n_parts: int) -> tuple[list[np.ndarray], dict]:
-    """(the token ids of each of the shard's windows, the shard's part identity)."""
+def _shard_input(tokens: TokenTable, shard: Shard, n_parts: int) -> tuple[list[np.ndarray], dict]:
+    """(the token ids of each of the shard's windows, the facts that identify the part's input)."""
     rows = tokens.index_of(np.asarray([w.doc_id for w in shard.windows], dtype=np.int64))
     pieces = [tokens.token_ids[tokens.offsets[r] + w.start : tokens.offsets[r] + w.end] for r, w in zip(rows, shard.windows)]
     part = {"index": shard.index, "n_parts": n_parts, "rows": shard.n_tokens, "sha256": shard_digest(shard.windows, pieces)}
-    return pieces, dict(identity, part=part)
+    return pieces, part
 
 
-def _compute_missing(spec: Any, tokens: TokenTable, shards: list[Shard], identity: dict, store: "shards_lib.ShardStore",
-                     losses: LossesConfig, suite: SuiteConfig, corpus: CorpusConfig, t_start: float) -> dict:
-    """Plan the parts that do not verify, compute them, then write _meta.json (see :func:`run_losses`)."""
-    inputs = [_shard_input(tokens, shard, identity, len(shards)) for shard in shards]
-    todo_index = store.plan([cfg for _, cfg in inputs], [s.n_tokens for s in shards], finite=("loss",))
-    todo = [(shards[i], *inputs[i]) for i in todo_index]
-    if todo:  # the output changes: the old _meta.json no longer describes it
-        (store.directory / META_FILE).unlink(missing_ok=True)
-    reused_tokens = sum(s.n_tokens for s in shards) - sum(shards[i].n_tokens for i in todo_index)
-    results, mode, compute_seconds = _compute(spec, todo, store, losses, suite, corpus, reused_tokens,
-                                              sum(s.n_tokens for s in shards))
-    return _write_meta(spec, store, results, shards, tokens, mode, compute_seconds, suite, t_start)
-
-
-def _compute(spec: Any, todo: list[tuple[Shard, list[np.ndarray], dict]], store: "shards_lib.ShardStore",
-             losses: LossesConfig, suite: SuiteConfig, corpus: CorpusConfig, reused_tokens: int,
-             total_tokens: int) -> tuple[list[dict], str, float]:
-    """Run one task per part to compute, in-process or on Dask, with a progress bar over
-    all tokens; (the results, the mode, seconds)."""
-    address = execution.scheduler_address(losses.scheduler)
-    mode = execution.choose_mode(address, len(todo), losses.n_workers)
-    if mode == execution.INPROCESS and address == execution.LOCAL and todo:
-        log.info(
-            "%d shard(s) to compute with n_workers=%d: running in-process (a LocalCluster would "
-            "only add its start-up time)", len(todo), losses.n_workers,
-        )
-    task_spec, task_kwargs = execution.for_workers(spec, models_lib.load_kwargs(suite, suite.dtype))
-
-    def task_of(item: tuple[Shard, list[np.ndarray], dict], threads: int) -> ShardTask:
-        shard, pieces, cfg = item
-        return ShardTask(
-            spec=task_spec, load_kwargs=task_kwargs, corpus=corpus, batch_tokens=losses.batch_tokens,
-            logits_chunk=losses.logits_chunk, autocast=losses.autocast, torch_threads=threads, index=shard.index,
-            windows=shard.windows, tokens=tuple(pieces), path=execution.absolute(store.path(shard.index)), config=cfg,
-        )
-
-    t_compute = time.perf_counter()
-    with tqdm(
-        total=total_tokens,
-        initial=reused_tokens,
-        unit="tok",
-        unit_scale=True,
-        desc=f"losses {spec.name}@{spec.revision}",
-        disable=not losses.progress,
-        mininterval=1.0,
-    ) as bar:
-        inprocess = mode == execution.INPROCESS  # then progress comes per batch, not per part
-        results = execution.run_tasks(
-            compute_part, todo, task_of, mode=mode, n_workers=losses.n_workers,
-            threads_per_worker=losses.threads_per_worker, key_prefix=f"losses-{spec.name}-{spec.revision}",
-            on_result=None if inprocess else (lambda r: bar.update(r["rows"])),
-            inprocess_kwargs={"on_batch": bar.update} if inprocess else None,
-        )
-    return results, mode, time.perf_counter() - t_compute
-
-
-def _write_meta(spec: Any, store: "shards_lib.ShardStore", results: list[dict], shards: list[Shard],
-                tokens: TokenTable, mode: str, compute_seconds: float, suite: SuiteConfig, t_start: float) -> dict:
+def _write_meta(spec: Any, store: "shards_lib.ShardStore", run: sharded.ShardedRun, shards: list[Shard],
+                tokens: TokenTable, suite: SuiteConfig, t_start: float) -> dict:
     """Write and return the partition's _meta.json, once every part is there."""
     out_dir = store.directory
     compute = check_compute_consistent(store, len(shards))
     meta_path = out_dir / META_FILE
-    if not results and meta_path.exists():
+    if not run.results and meta_path.exists():
         # Nothing recomputed: the existing _meta.json still describes the output. It is
         # written back through write_meta, which gives the same bytes, except that run
         # facts an older run left inside move to the run log.
@@ -616,7 +574,8 @@ def _write_meta(spec: Any, store: "shards_lib.ShardStore", results: list[dict], 
         files.write_meta(meta, meta_path)
         return meta
     meta = stage_meta(
-        spec, out_dir, results, shards, tokens, mode, compute, compute_seconds, time.perf_counter() - t_start
+        spec, out_dir, run.results, shards, tokens, run.mode, compute, run.compute_seconds,
+        time.perf_counter() - t_start,
     )
     if meta["params"] is None:  # killed between its last part and _meta.json: read the config
         meta["params"] = models_lib.config_param_counts(spec, cache_dir=suite.cache_dir)

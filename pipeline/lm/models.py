@@ -517,11 +517,6 @@ def unavailable_reason(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf"
     return None
 
 
-def is_cached(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> bool:
-    """Whether `spec` can be loaded without the network."""
-    return unavailable_reason(spec, cache_dir=cache_dir) is None
-
-
 #: where the planted stage writes its models (dvc.yaml): sources there exist after it runs
 PIPELINE_BUILT = Path("cache/planted")
 
@@ -593,18 +588,24 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - sum(p.numel() for p in params if id(p) in emb)}
 
 
+def param_counts_of_config(config: Any) -> dict[str, int]:
+    """:func:`param_counts` of the model a transformers config describes, built on the meta
+    device (no weights allocated or read)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return param_counts(model)
+
+
 def config_param_counts(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Optional[dict[str, int]]:
     """:func:`param_counts` from the config alone (a meta-device model, no weights read),
     or None when the config is not on this machine. Never touches the network."""
-    from transformers import AutoModelForCausalLM
-
     try:
         cfg = load_config(spec, cache_dir=cache_dir, local_files_only=True)
     except QuantaError:
         return None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return param_counts(model)
+    return param_counts_of_config(cfg)
 
 
 _CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")

@@ -31,9 +31,9 @@ class LayoutError(QuantaError, ValueError):
     """A loss table that is missing or malformed, in one line naming the stage to rerun."""
 
 
-def stage_name(model: str, revision: str) -> str:
-    """The DVC name of the losses stage of (model, revision), as `dvc repro` takes it."""
-    return f"losses@{model}-{revision}"
+def stage_name(model: str) -> str:
+    """The DVC name of `model`'s losses stage (all its revisions), as `dvc repro` takes it."""
+    return f"losses@{model}"
 
 
 def partition_dir(root: str | Path, model: str, revision: str) -> Path:
@@ -58,7 +58,7 @@ def read_loss_partition(root: str | Path, model: str, revision: str) -> pa.Table
     if not path.is_dir() or not any(path.glob("part-*.parquet")):
         raise LayoutError(
             f"no losses for model {model!r} at revision {revision!r}: {path} holds no part files; "
-            f"run its losses stage (dvc repro '{stage_name(model, revision)}') or fix the model/revision name"
+            f"run its losses stage (dvc repro '{stage_name(model)}') or fix the model/revision name"
         )
     try:
         table = ds.dataset(path, format="parquet").to_table(columns=list(LOSS_COLUMNS))
@@ -67,6 +67,15 @@ def read_loss_partition(root: str | Path, model: str, revision: str) -> pa.Table
     if table.num_rows == 0:
         raise LayoutError(f"{path} holds no rows: the losses of {model}@{revision} are empty; rerun its losses stage")
     return table
+
+
+def count_loss_rows(root: str | Path, model: str, revision: str) -> int:
+    """Rows of the loss table of one (model, revision) from its part files' footers (no data
+    read); 0 when it has none."""
+    import pyarrow.parquet as pq
+
+    path = partition_dir(root, model, revision)
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(path.glob("part-*.parquet")))
 
 
 def read_partition_meta(root: str | Path, model: str, revision: str) -> Optional[dict]:

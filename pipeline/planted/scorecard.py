@@ -28,20 +28,20 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.core.config import step_of
 from pipeline.laws import fits
 from pipeline.lm import partitions
-from pipeline.core.config import step_of
-from pipeline.planted.suite import LEARNED_FRACTION, LEARNED_LOSS, PlantedError, non_embedding_params
+from pipeline.planted import suite
+from pipeline.planted.suite import LEARNED_FRACTION, LEARNED_LOSS, PlantedError
+
 
 def saved_param_counts(model_dir: str | Path) -> dict[str, int]:
     """total and non-embedding (Pythia's count) parameters of a saved model, from its config alone."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {"total": sum(p.numel() for p in model.parameters()), "non_embedding": non_embedding_params(model)}
+    from pipeline.lm.models import param_counts_of_config
+
+    return param_counts_of_config(AutoConfig.from_pretrained(model_dir))
 
 
 def quantum_scores(labels: pd.DataFrame, losses: pd.DataFrame, n_quanta: int) -> pd.DataFrame:
@@ -289,23 +289,17 @@ def evaluate(
 ) -> dict:
     """Read the planted ground truth under `root` and the losses tables under `losses_dir`; score them."""
     root, losses_dir = Path(root), Path(losses_dir)
-    labels = pd.read_parquet(root / "labels.parquet")
-    quanta = pd.read_parquet(root / "quanta.parquet")
+    labels = suite.read_labels(root)
+    quanta = suite.read_quanta(root)
     final = sorted(revisions, key=lambda r: (step_of(r) is None, step_of(r) or 0))[-1]
     losses = {}
     for m in models:
         for r in revisions:
             losses[(m, r)] = partitions.read_loss_partition(losses_dir, m, r).to_pandas()
     probe = None
-    if (root / "probe.parquet").exists():
-        probe = {}
-        for m in models:
-            path = root / "models" / m / "probe_losses.parquet"
-            if not path.exists():
-                raise PlantedError(f"model {m} has no probe losses ({path}); rerun `dvc repro planted`")
-            df = pd.read_parquet(path)
-            for r in revisions:
-                probe[(m, r)] = df[df["revision"] == r]
+    by_model = suite.read_probe_losses(root, models)
+    if by_model is not None:
+        probe = {(m, r): df[df["revision"] == r] for m, df in by_model.items() for r in revisions}
     counts = {}
     for m in models:
         model_dir = root / "models" / m / final

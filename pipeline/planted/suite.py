@@ -33,13 +33,18 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import PlantedConfig, SuiteConfig, step_of, to_dict
-from pipeline.lm import partitions
+from pipeline.core.files import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
 from pipeline.planted.language import (  # noqa: F401 (re-exported: the suite's public names)
-    Language, PlantedError, docs_text, language_json, make_language, make_tokenizer, quanta_table, sample_docs,
+    Language,
+    PlantedError,
+    docs_text,
+    language_json,
+    make_language,
+    make_tokenizer,
+    quanta_table,
+    sample_docs,
     zipf_frequencies,
 )
-from pipeline.core.files import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
-
 
 # What "learned" means for a quantum: at least LEARNED_FRACTION of its answer tokens under
 # LEARNED_LOSS nats (on the probe set; the paper scored each sparse-parity subtask alike).
@@ -97,12 +102,6 @@ def model_config(lang: Language, cfg: PlantedConfig, width: int):
         eos_token_id=0,
         pad_token_id=1,
     )
-
-
-def non_embedding_params(model) -> int:
-    """Pythia's parameter count: all parameters but the input embedding and the unembedding."""
-    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
-    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
 def peak_lr(cfg: PlantedConfig, width: int) -> float:
@@ -256,16 +255,55 @@ def _train_stamp(cfg: PlantedConfig, name: str, width: int, steps: Mapping[str, 
     return json.loads(json.dumps(stamp))
 
 
+# --------------------------------------------------------------------------- ground truth, read back
+
+#: The suite's ground truth under its directory (see README above); read through the functions below.
+LABELS_FILE = "labels.parquet"
+QUANTA_FILE = "quanta.parquet"
+PROBE_FILE = "probe.parquet"
+PROBE_LOSSES_FILE = "probe_losses.parquet"
+
+
+def has_ground_truth(planted_dir: str | Path) -> bool:
+    """Whether `planted_dir` holds a planted suite's labels (False on a real suite)."""
+    return (Path(planted_dir) / LABELS_FILE).exists()
+
+
+def read_labels(planted_dir: str | Path) -> pd.DataFrame:
+    """``labels.parquet``: doc_id int64, pos int32, quantum int32 (-1: none), one row per token."""
+    return pd.read_parquet(Path(planted_dir) / LABELS_FILE, columns=["doc_id", "pos", "quantum"])
+
+
+def read_quanta(planted_dir: str | Path, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """``quanta.parquet``: one row per quantum (quantum, frequency p_k, rank, trigger, rule), or
+    only `columns` of it."""
+    return pd.read_parquet(Path(planted_dir) / QUANTA_FILE, columns=None if columns is None else list(columns))
+
+
+def read_probe_losses(planted_dir: str | Path, models: Sequence[str]) -> Optional[dict[str, pd.DataFrame]]:
+    """model -> its probe-set losses (doc_id, pos, quantum, revision, loss), written while it
+    trained; None when the suite has no probe set (``probe.parquet``)."""
+    root = Path(planted_dir)
+    if not (root / PROBE_FILE).exists():
+        return None
+    out = {}
+    for m in models:
+        path = root / "models" / m / PROBE_LOSSES_FILE
+        if not path.exists():
+            raise PlantedError(f"model {m} has no probe losses ({path}); rerun `dvc repro planted`")
+        out[m] = pd.read_parquet(path)
+    return out
+
+
 def sample_quanta(planted_dir: str | Path, samples: pd.DataFrame, order: Optional[Sequence[int]] = None) -> Optional[np.ndarray]:
     """The planted quantum of each row of `samples` (doc_id, pos), -1 where none; None when
     `planted_dir` holds no ground truth (a real suite). The one join of samples to labels.
 
     order: sample ids (`samples["sample"]` values, e.g. a clusters table's rows); the labels
     are then given in that order, -1 for an id that `samples` lacks."""
-    path = Path(planted_dir) / "labels.parquet"
-    if not path.exists():
+    if not has_ground_truth(planted_dir):
         return None
-    labels = pd.read_parquet(path, columns=["doc_id", "pos", "quantum"])
+    labels = read_labels(planted_dir)
     merged = samples[["doc_id", "pos"]].merge(labels, on=["doc_id", "pos"], how="left")
     quanta = merged["quantum"].fillna(-1).to_numpy(np.int64)
     if order is None:
@@ -305,12 +343,12 @@ def _write_ground_truth(lang: "Language", cfg: PlantedConfig, root: Path, stage_
         with tmp.open("w") as f:
             for text in docs_text(lang, tokens):
                 f.write(json.dumps({"text": text}) + "\n")
-    write_parquet(label_table(quanta), root / "labels.parquet", config=stage_config)
-    write_parquet(quanta_table(lang, quanta), root / "quanta.parquet", config=stage_config)
+    write_parquet(label_table(quanta), root / LABELS_FILE, config=stage_config)
+    write_parquet(quanta_table(lang, quanta), root / QUANTA_FILE, config=stage_config)
     _, probe_quanta = probe_docs(lang, cfg)
     probe = label_table(probe_quanta)
     probe = probe[probe["quantum"] >= 0].reset_index(drop=True)
-    write_parquet(probe, root / "probe.parquet", config=stage_config)
+    write_parquet(probe, root / PROBE_FILE, config=stage_config)
 
 
 def build_suite(
@@ -438,6 +476,7 @@ def _train_job(job: dict) -> dict:
     by_step = {n: rev for rev, n in steps.items()}
     probe_losses = []
     from pipeline.core.resources import torch_threads
+    from pipeline.lm.models import param_counts
 
     with torch_threads(cfg.threads), atomic_path(job["model_dir"]) as tmp:
 
@@ -453,13 +492,14 @@ def _train_job(job: dict) -> dict:
         model = train_model(lang, cfg, width, batches, by_step, save, desc=job["name"],
                             progress=job["progress"], position=job.get("position"))
         seconds = time.perf_counter() - t0
+        counts = param_counts(model)
         info = {
             "width": width,
-            "non_embedding_params": non_embedding_params(model),
-            "total_params": sum(p.numel() for p in model.parameters()),
+            "non_embedding_params": counts["non_embedding"],
+            "total_params": counts["total"],
             "train_seconds": round(seconds, 2),
         }
-        write_parquet(pd.concat(probe_losses, ignore_index=True), tmp / "probe_losses.parquet")
+        write_parquet(pd.concat(probe_losses, ignore_index=True), tmp / PROBE_LOSSES_FILE)
         data, run = split_run({"stamp": job["stamp"], "summary": info})
         (tmp / "train.json").write_text(json.dumps(data, indent=2) + "\n")
         write_json(run, run_log_path(Path(job["model_dir"]) / "train.json"))
@@ -484,6 +524,10 @@ def token_losses(model, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray
         for i in range(0, len(tokens), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(tokens[i : i + batch_size]))  # (batch, pos)
             logits = model(input_ids=x).logits.float()  # (batch, pos, vocab)
+            # A reference, so a plain log-softmax over the full (batch, pos, vocab) logits, as
+            # the paper evaluated; it stays apart from pipeline.lm.cross_entropy (logsumexp -
+            # logit), which rounds differently in the last bit (up to ~2e-6 nats): routing it
+            # there would change the planted reference tables and probe scores it feeds.
             logp = F.log_softmax(logits[:, :-1], dim=-1)  # row pos predicts token pos + 1
             out[i : i + batch_size, 1:] = -logp.gather(-1, x[:, 1:, None])[..., 0].numpy()
     return out
@@ -499,34 +543,3 @@ def loss_table(losses: np.ndarray) -> pd.DataFrame:
             "loss": losses[:, 1:].reshape(-1).astype(np.float32),
         }
     )
-
-
-def read_corpus_tokens(root: str | Path) -> np.ndarray:
-    """The planted eval corpus under `root` as (doc, pos) ids, tokenized by the saved tokenizer."""
-    from transformers import AutoTokenizer
-
-    root = Path(root)
-    model_dirs = sorted(p for p in (root / "models").glob("*/*") if (p / "tokenizer.json").exists())
-    if not model_dirs:
-        raise PlantedError(f"no saved tokenizer under {root / 'models'}; run `dvc repro planted` first")
-    tok = AutoTokenizer.from_pretrained(model_dirs[0])
-    texts = [json.loads(line)["text"] for line in (root / "corpus.jsonl").read_text().splitlines()]
-    return np.array(tok(texts, add_special_tokens=False)["input_ids"], dtype=np.int64)
-
-
-def write_reference_losses(
-    root: str | Path, losses_dir: str | Path, models: Sequence[str], revisions: Sequence[str]
-) -> None:
-    """Per-token losses of every (model, revision) of the planted suite, in the losses layout.
-
-    ``<losses_dir>/model=<m>/revision=<r>/part-00000.parquet`` by the slow reference forward
-    (:func:`token_losses`): what the losses stage must reproduce, for tests and checks.
-    """
-    from transformers import GPTNeoXForCausalLM
-
-    root, losses_dir = Path(root), Path(losses_dir)
-    tokens = read_corpus_tokens(root)
-    for m in models:
-        for r in revisions:
-            model = GPTNeoXForCausalLM.from_pretrained(root / "models" / m / r, dtype="float32").eval()
-            write_parquet(loss_table(token_losses(model, tokens)), partitions.partition_dir(losses_dir, m, r) / "part-00000.parquet")

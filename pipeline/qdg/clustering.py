@@ -19,8 +19,8 @@ angular affinity, once per k of a sweep (10 ... 1500), unseeded. Here:
 
 Agglomerative clustering (``method: agglomerative``, dense affinities): average linkage on
 the distance 1 - affinity (for the angular affinity that is the angle arccos(C)/pi, a
-metric), one tree for the whole sweep, cut at every k. Why: spectral clustering minimises a normalised cut, which favours clusters of similar
-volume. Quanta are Zipf-sized by hypothesis, and at k = the number of quanta present it
+metric), one tree for the whole sweep, cut at every k. Why: spectral clustering minimises a
+normalised cut, which favours clusters of similar volume. Quanta are Zipf-sized by hypothesis, and at k = the number of quanta present it
 splits the largest ones (whose gradients vary a little along position and context) before
 it isolates the small ones. On planted key-pair quanta whose gradients do separate (mean
 cosine 0.993 within a quantum, 0.255 between), spectral clustering at that k scored ARI
@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -455,6 +456,31 @@ def seed_free_embedding(affinity, cfg: ClusterConfig) -> bool:
     return cfg.eigen_solver == "arpack" and not sp.issparse(affinity)
 
 
+# --------------------------------------------------------------------------- the clusters table
+
+
+def sweep_column(k: int) -> str:
+    """The clusters table's column that holds the clustering at `k`: ``k<k>``."""
+    return f"k{k}"
+
+
+def sweep_columns(clusters: Any) -> dict[int, str]:
+    """k -> column name of every ``k<k>`` column of a clusters table (a pandas DataFrame),
+    in column order: the main k first, then the sweep as cluster.n_clusters lists it."""
+    return {int(c[1:]): c for c in clusters.columns if isinstance(c, str) and c[:1] == "k" and c[1:].isdigit()}
+
+
+def read_clusters(path: str | Path) -> pd.DataFrame:
+    """``clusters.parquet`` as a DataFrame: sample, cluster (-1: not clustered), one
+    ``k<k>`` column per k of the sweep (see :func:`sweep_columns`)."""
+    return pd.read_parquet(path)
+
+
+def read_summary(path: str | Path) -> pd.DataFrame:
+    """``cluster_summary.parquet`` as a DataFrame: one row per (k, cluster) (see :func:`summarise`)."""
+    return pd.read_parquet(path)
+
+
 def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig) -> tuple[pa.Table, dict]:
     """Cluster the samples `ids` (rows of `affinity`) of `n_samples`; (clusters table, metrics).
 
@@ -497,7 +523,7 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
     for k in [main] + sorted(set(ks), key=ks.index):
         full = np.full(n_samples, -1, dtype=np.int32)
         full[ids] = labels[k]
-        cols["cluster" if "cluster" not in cols else f"k{k}"] = pa.array(full)
+        cols["cluster" if "cluster" not in cols else sweep_column(k)] = pa.array(full)
     sizes = np.bincount(labels[main])
     metrics = {
         "n_samples": int(n_samples),
@@ -528,13 +554,11 @@ def summarise(
     clusters: the clusters table; samples: sample, token_id, loss; token_str: token id ->
     its text. Examples are the first cfg.n_examples samples of a random (seeded) order.
     """
-    k_cols = [c for c in clusters.columns if c.startswith("k") and c[1:].isdigit()]
     merged = clusters.merge(samples[["sample", "token_id", "loss"]], on="sample", how="left")
     rng = np.random.default_rng(cfg.seed)
     merged["_order"] = rng.permutation(len(merged))
     rows = []
-    for col in k_cols:
-        k = int(col[1:])
+    for k, col in sweep_columns(clusters).items():
         sub = merged[merged[col] >= 0]
         for c, g in sub.groupby(col, sort=True):
             counts = g["token_id"].value_counts().head(cfg.top_tokens)
@@ -652,8 +676,8 @@ def validate(
     out["baseline_oracle_cue_pair"] = scores(truth, ((ctx[:, 0] + 1) * width + ctx[:, 1] + 1) * width + token)
     if clusters is not None:
         by_k = {}
-        for col in [c for c in clusters.columns if c.startswith("k") and c[1:].isdigit()]:
+        for k, col in sweep_columns(clusters).items():
             pred = clusters[col].to_numpy()[ids]
-            by_k[col[1:]] = scores(truth, pred)
+            by_k[str(k)] = scores(truth, pred)
         out["cluster_stage"] = by_k
     return out

@@ -30,7 +30,6 @@ from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from pipeline.core.config import ReportConfig
 from pipeline.core.errors import QuantaError
@@ -92,32 +91,14 @@ class ReportData:
 
 def cluster_column(clusters: pd.DataFrame, k: Optional[int], main_k: int) -> tuple[str, int]:
     """The clusters table's column for k (None: the main k, column ``cluster``), and that k."""
-    sweep = [int(c[1:]) for c in clusters.columns if c.startswith("k") and c[1:].isdigit()]
+    from pipeline.qdg.clustering import sweep_columns
+
+    sweep = sweep_columns(clusters)
     if k is None or k == main_k:
         return "cluster", main_k
     if k not in sweep:
-        raise QuantaError(f"report.k = {k} was not clustered; cluster.n_clusters has {sweep}: choose one or set null")
-    return f"k{k}", k
-
-
-def _token_texts(tokens_path: str | Path, flat: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Token texts at row indices `flat` of the corpus in (doc_id, pos) order.
-
-    Returns (index into the returned list of distinct strings per entry of flat, that list).
-    Reads only doc_id, pos and the dictionary-encoded token_str, so a 100M-token corpus costs
-    a few hundred MB once.
-    """
-    t = pq.read_table(tokens_path, columns=["doc_id", "pos", "token_str"])
-    doc = t.column("doc_id").to_numpy()
-    pos = t.column("pos").to_numpy()
-    in_order = bool(np.all((doc[1:] > doc[:-1]) | ((doc[1:] == doc[:-1]) & (pos[1:] > pos[:-1]))))
-    rows = flat if in_order else np.lexsort((pos, doc))[flat]
-    col = t.column("token_str").take(rows).combine_chunks()
-    if hasattr(col, "dictionary"):  # the corpus stage writes a dictionary column
-        col = col.cast(col.type.value_type)
-    texts = col.to_pylist()
-    strings, index = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
-    return index.astype(np.int64), [str(s) for s in strings]
+        raise QuantaError(f"report.k = {k} was not clustered; cluster.n_clusters has {list(sweep)}: choose one or set null")
+    return sweep[k], k
 
 
 def collect(
@@ -133,11 +114,12 @@ def collect(
 
     clusters: the cluster stage's table (sample, cluster, k<k>...); samples: sample, doc_id,
     pos, token_id, loss; summary: cluster_summary (k, cluster, top_tokens, top_counts, ...);
-    main_k: the k of the ``cluster`` column (the first of the sweep); quanta: the planted quantum of each row of `samples` (-1: none), or None on a real suite.
+    main_k: the k of the ``cluster`` column (the first of the sweep); quanta: the planted
+    quantum of each row of `samples` (-1: none), or None on a real suite.
     Examples per cluster are a seeded random choice of cfg.n_examples samples, shown with up
     to cfg.context_tokens tokens before the target.
     """
-    from pipeline.lm.corpus import read_tokens
+    from pipeline.lm.corpus import read_token_texts, read_tokens
 
     col, k = cluster_column(clusters, cfg.k, main_k)
     df = clusters[["sample", col]].rename(columns={col: "c"}).merge(samples, on="sample", how="left")
@@ -162,7 +144,7 @@ def collect(
     start = np.maximum(0, pos - cfg.context_tokens)
     lengths = pos - start + 1
     flat = np.concatenate([tok.offsets[d] + np.arange(a, p + 1) for d, a, p in zip(doc_row, start, pos)])
-    index, strings = _token_texts(tokens_path, flat)
+    index, strings = read_token_texts(tokens_path, flat)
     bounds = np.r_[0, np.cumsum(lengths)]
 
     top = {}
@@ -250,7 +232,8 @@ def _theory_table(theory: Optional[dict]) -> str:
     e = html.escape
     if not theory or "routes" not in theory:
         return '<p class="missing">no theory check in this run (stage theory)</p>'
-    head = "<tr><th>route</th><th>source</th><th class=num>measured</th><th class=num>95% CI</th><th class=num>α</th><th class=num>α CI</th><th>converged</th>"
+    head = ("<tr><th>route</th><th>source</th><th class=num>measured</th><th class=num>95% CI</th>"
+            "<th class=num>α</th><th class=num>α CI</th><th>converged</th>")
     planted = theory.get("planted")
     if planted:
         head += f"<th class=num>α − planted ({_num(theory.get('planted_alpha'))})</th><th>pass</th>"
@@ -384,18 +367,19 @@ def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str
     `default_k` is the browsed k when the clusters table does not name its main k. A missing
     metrics file or figure shows as a note in the page.
     """
-    from pipeline.planted import suite
-    from pipeline.report import plots
-    from pipeline.qdg import similarity as sim
     from pipeline.core.files import read_config, read_json
+    from pipeline.planted import suite
+    from pipeline.qdg import clustering
+    from pipeline.qdg import similarity as sim
     from pipeline.qdg.selection import read_samples
+    from pipeline.report import plots
 
-    clusters = pd.read_parquet(clusters_path)
+    clusters = clustering.read_clusters(clusters_path)
     meta = read_config(clusters_path) or {}
     main_k = int(meta.get("main_k") or meta.get("n_clusters", [0])[0]) or default_k
     samples = read_samples(samples_path)
     quanta = suite.sample_quanta(planted_dir, samples)
-    data = collect(clusters, samples, pd.read_parquet(summary_path), tokens_path, cfg, main_k, quanta)
+    data = collect(clusters, samples, clustering.read_summary(summary_path), tokens_path, cfg, main_k, quanta)
 
     # The similarity matrix of the clustered rows, sorted by the browsed clustering.
     aff, ids, _ = sim.read(similarity_dir, mmap=True)
