@@ -60,11 +60,13 @@ def write_reference_losses(
     """Per-token losses of every (model, revision) of the planted suite, in the losses layout.
 
     ``<losses_dir>/model=<m>/revision=<r>/part-00000.parquet`` by the slow reference forward
-    (:func:`pipeline.planted.suite.token_losses`): what the losses stage must reproduce.
+    (:func:`pipeline.planted.suite.token_losses`): what the losses stage must reproduce; and
+    the partition's ``_meta.json`` with the parameter counts, as the losses stage writes it.
     """
     from transformers import GPTNeoXForCausalLM
 
-    from pipeline.core.files import write_parquet
+    from pipeline.core.files import write_meta, write_parquet
+    from pipeline.lm import models as models_lib
     from pipeline.lm import partitions
     from pipeline.planted.suite import loss_table, token_losses
 
@@ -73,4 +75,6 @@ def write_reference_losses(
     for m in models:
         for r in revisions:
             model = GPTNeoXForCausalLM.from_pretrained(root / "models" / m / r, dtype="float32").eval()
-            write_parquet(loss_table(token_losses(model, tokens)), partitions.partition_dir(losses_dir, m, r) / "part-00000.parquet")
+            out = partitions.partition_dir(losses_dir, m, r)
+            write_parquet(loss_table(token_losses(model, tokens)), out / "part-00000.parquet")
+            write_meta({"model": m, "revision": r, "params": models_lib.param_counts(model)}, out / partitions.META_FILE)

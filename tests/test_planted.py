@@ -18,6 +18,7 @@ import pytest
 from helpers import read_corpus_tokens, write_reference_losses
 
 from pipeline.core.config import PlantedConfig, SuiteConfig
+from pipeline.lm import models
 from pipeline.planted import scorecard
 from pipeline.planted import suite as planted
 
@@ -260,7 +261,7 @@ def test_real_model_run_writes_only_a_marker(tmp_path):
 
 
 def test_layout_and_saved_models_load(built):
-    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, GPTNeoXForCausalLM
 
     root, summary = built
     for name in ("tiny-a", "tiny-b"):
@@ -270,9 +271,8 @@ def test_layout_and_saved_models_load(built):
             model = GPTNeoXForCausalLM.from_pretrained(root / "models" / name / rev)
             tok = AutoTokenizer.from_pretrained(root / "models" / name / rev)
             assert model.config.vocab_size == len(tok)
-        assert summary["models"][name]["non_embedding_params"] == scorecard.saved_param_counts(
-            root / "models" / name / "step6"
-        )["non_embedding"]
+        config = AutoConfig.from_pretrained(root / "models" / name / "step6")
+        assert summary["models"][name]["non_embedding_params"] == models.param_counts_of_config(config)["non_embedding"]
     w0 = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step0").state_dict()
     w6 = GPTNeoXForCausalLM.from_pretrained(root / "models/tiny-a/step6").state_dict()
     assert any(not np.array_equal(w0[k].numpy(), w6[k].numpy()) for k in w0), "training changed nothing"

@@ -280,3 +280,24 @@ def for_workers(spec: Any, load_kwargs: dict) -> tuple[Any, dict]:
     if isinstance(source, str) and dataclasses.is_dataclass(spec) and Path(source).exists():
         spec = dataclasses.replace(spec, source=absolute(source))
     return spec, kwargs
+
+
+@contextlib.contextmanager
+def process_pool(n_jobs: int) -> Iterator[Optional[Any]]:
+    """Worker processes for `n_jobs` independent pure computations in a stage (bootstrap
+    fits), one per core; None when there is one core or one job (then run them in order).
+
+    The jobs are pure functions of their inputs, so the numbers do not depend on the number
+    of processes. "spawn" starts workers that share no state (torch, thread pools) with
+    the stage's process.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = min(cores, n_jobs)
+    if n <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool

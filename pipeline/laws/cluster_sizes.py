@@ -86,6 +86,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import special, stats
 
+from pipeline.core import execution
 from pipeline.core.errors import QuantaError
 
 # NOTE: this file is pipeline/laws/cluster_sizes.py; `import powerlaw` inside it resolves to the
@@ -930,7 +931,21 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
             )
         k, labels = cfg.k, sweep[cfg.k]
     sizes = cluster_sizes(labels)
-    report, mle = _mle(sizes, cfg)
+    t_sizes = None
+    if truth is not None:
+        t = np.asarray(truth)
+        if t.shape != labels.shape:
+            raise QuantaError(f"planted labels ({t.shape}) do not match the clusters table ({labels.shape})")
+        t_sizes = cluster_sizes(np.where(labels >= 0, t, -1))
+    truth_mle = None
+    with execution.process_pool(1 if t_sizes is None else 2) as pool:
+        if pool is None:
+            report, mle = _mle(sizes, cfg)
+            if t_sizes is not None:
+                truth_mle = _mle(t_sizes, cfg)[1]
+        else:  # the planted partition's fit (two bootstraps) beside the clustering's
+            mine, theirs = pool.submit(_mle, sizes, cfg), pool.submit(_mle, t_sizes, cfg)
+            (report, mle), truth_mle = mine.result(), theirs.result()[1]
     metrics = {
         "k": k,
         "n_samples": int(np.count_nonzero(labels >= 0)),
@@ -956,14 +971,10 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
             }
     else:
         metrics["envelope"] = {"skipped": "the clusters table has no k<k> columns: no sweep", "sweep": []}
-    if truth is not None:
+    if truth_mle is not None:
         # The same fit on the planted quanta of the same samples: what a perfect clustering
         # would give, which separates the clustering's error from the fit's.
-        t = np.asarray(truth)
-        if t.shape != labels.shape:
-            raise QuantaError(f"planted labels ({t.shape}) do not match the clusters table ({labels.shape})")
-        t_sizes = cluster_sizes(np.where(labels >= 0, t, -1))
-        _, tm = _mle(t_sizes, cfg)
+        tm = truth_mle
         tm["n_quanta"] = tm["n"]
         tm["rank_mle"] = rank_mle_metrics(t_sizes, cfg)
         metrics["planted_partition"] = tm

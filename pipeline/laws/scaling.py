@@ -39,20 +39,17 @@ temporaries (see bench/bench_scaling.py).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
-import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator, Literal, Mapping, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline.core import execution
 from pipeline.core.config import ConfigError, ScalingConfig, step_of  # noqa: F401 (re-exported: ScalingConfig lives in config.py)
 from pipeline.core.errors import QuantaError
 from pipeline.laws import fits
@@ -593,25 +590,6 @@ def analyze_suite(
 # --------------------------------------------------------------------------- the scaling stage
 
 
-def read_n_params(root: str | Path, model: str, revision: str) -> float:
-    """Non-embedding parameter count N of ``model`` from its loss table's ``_meta.json``."""
-    path = partitions.partition_dir(root, model, revision) / partitions.META_FILE
-    try:
-        meta = partitions.read_partition_meta(root, model, revision)
-    except (OSError, ValueError) as e:
-        raise ScalingError(
-            f"cannot read the parameter count of {model}@{revision} from {path} ({e}); rerun its losses stage"
-        ) from None
-    if meta is None:
-        raise ScalingError(
-            f"cannot read the parameter count of {model}@{revision}: {path} does not exist; rerun its losses stage"
-        )
-    n = (meta.get("params") or {}).get("non_embedding")
-    if n is None:
-        raise ScalingError(f"{path} has no params.non_embedding; rerun the losses stage of {model}@{revision}")
-    return float(n)
-
-
 def tokenizer_identity(tokenizer) -> str:
     """A short identity of a tokenizer's vocabulary: class, size and a hash of (token, id) pairs.
 
@@ -761,23 +739,6 @@ def _examples(aligned: Aligned, res: SuiteScaling, n: int) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _fit_pool(n_jobs: int) -> Iterator[Optional[ProcessPoolExecutor]]:
-    """Worker processes for `n_jobs` independent fits, one per core (None on one core).
-
-    Each fit is a pure function of its inputs, so the numbers do not depend on how many
-    processes run them; "spawn" starts workers that share no state (torch, thread pools)
-    with this process.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = min(cores, n_jobs)
-    if n <= 1:
-        yield None
-        return
-    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
-
-
 def run(
     root: str | Path,
     models: Sequence[str],
@@ -802,12 +763,12 @@ def run(
         return ScalingRun(suite=res, metrics={"skipped": reason, "revision": revision}, learning_curves={}, examples={})
     if tokenizers is not None:
         check_tokenizers(tokenizers, list(models))
-    n_params = {m: read_n_params(root, m, revision) for m in models}
+    n_params = {m: partitions.read_n_params(root, m, revision) for m in models}
     suite_order(models, n_params)
     parts = [read_loss_partition(root, m, revision) for m in models]
     aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
     del parts
-    with _fit_pool(len(models)) as pool:
+    with execution.process_pool(len(models)) as pool:
         # The learning-curve fits (a 1000-replicate bootstrap per model) are most of the
         # stage's time and independent of L(N): they run in the pool while L(N) is fitted here.
         pending = {m: pool.submit(learning_curve_fit, root, m, revisions, cfg) for m in models} if pool else {}

@@ -69,6 +69,26 @@ def read_loss_partition(root: str | Path, model: str, revision: str) -> pa.Table
     return table
 
 
+def read_n_params(root: str | Path, model: str, revision: str) -> float:
+    """Non-embedding parameter count N of `model`, from its loss table's ``_meta.json`` (the
+    count the losses stage made of the loaded model): the N of every scaling fit."""
+    path = partition_dir(root, model, revision) / META_FILE
+    try:
+        meta = read_partition_meta(root, model, revision)
+    except (OSError, ValueError) as e:
+        raise LayoutError(
+            f"cannot read the parameter count of {model}@{revision} from {path} ({e}); rerun its losses stage"
+        ) from None
+    if meta is None:
+        raise LayoutError(
+            f"cannot read the parameter count of {model}@{revision}: {path} does not exist; rerun its losses stage"
+        )
+    n = (meta.get("params") or {}).get("non_embedding")
+    if n is None:
+        raise LayoutError(f"{path} has no params.non_embedding; rerun the losses stage of {model}@{revision}")
+    return float(n)
+
+
 def count_loss_rows(root: str | Path, model: str, revision: str) -> int:
     """Rows of the loss table of one (model, revision) from its part files' footers (no data
     read); 0 when it has none."""

@@ -35,15 +35,6 @@ from pipeline.planted import suite
 from pipeline.planted.suite import LEARNED_FRACTION, LEARNED_LOSS, PlantedError
 
 
-def saved_param_counts(model_dir: str | Path) -> dict[str, int]:
-    """total and non-embedding (Pythia's count) parameters of a saved model, from its config alone."""
-    from transformers import AutoConfig
-
-    from pipeline.lm.models import param_counts_of_config
-
-    return param_counts_of_config(AutoConfig.from_pretrained(model_dir))
-
-
 def quantum_scores(labels: pd.DataFrame, losses: pd.DataFrame, n_quanta: int) -> pd.DataFrame:
     """Per quantum: n answer tokens scored, mean loss (nats), fraction under LEARNED_LOSS, learned."""
     return answer_scores(labels[labels["quantum"] >= 0].merge(losses, on=["doc_id", "pos"], how="inner"), n_quanta)
@@ -300,10 +291,6 @@ def evaluate(
     by_model = suite.read_probe_losses(root, models)
     if by_model is not None:
         probe = {(m, r): df[df["revision"] == r] for m, df in by_model.items() for r in revisions}
-    counts = {}
-    for m in models:
-        model_dir = root / "models" / m / final
-        if not (model_dir / "config.json").exists():
-            raise PlantedError(f"model {m} has no saved revision {final} under {root / 'models' / m}; rerun `dvc repro planted`")
-        counts[m] = saved_param_counts(model_dir)["non_embedding"]
+    # N as every scaling fit takes it: the losses stage's count of the loaded model
+    counts = {m: int(partitions.read_n_params(losses_dir, m, final)) for m in models}
     return compute_metrics(labels, quanta, losses, counts, revisions, alpha=alpha, probe=probe)
