@@ -885,6 +885,13 @@ class ClusterPowerLaw:
     report: PowerLawReport
     envelope_fit: Optional[EnvelopeFit]
 
+    def tail_curve(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """(ranks, sizes) of the MLE tail on rank-frequency axes, up to the largest cluster;
+        None when the sizes were not fittable. The plot reads it here, so that the
+        plotting code needs none of this module."""
+        f = self.report.fit
+        return tail_rank_curve(f, int(self.sizes.max())) if f.fittable else None
+
 
 def _mle(sizes: np.ndarray, cfg) -> tuple[PowerLawReport, dict]:
     """analyze_cluster_sizes per cfg, and its metrics with the implied α = b - 1."""

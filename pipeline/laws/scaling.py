@@ -523,12 +523,14 @@ def analyze(
     cfg: ScalingConfig,
     *,
     fit_mean_loss: bool = True,
+    pool=None,
 ) -> SuiteScaling:
     """Per-token curves, population statistics and the L(N) fit of aligned suite losses.
 
     aligned: from :func:`align_tokens`, one column per model (any order; sorted here by
     n_params). Too few models: :class:`ScalingError`, or a result with ``skipped`` set
-    under ``on_too_few_models: skip``.
+    under ``on_too_few_models: skip``. pool: an executor (``execution.process_pool``) that
+    fits L(N) while the per-token curves are computed here; the numbers are the same.
     """
     reason = too_few_models(aligned.names, cfg)
     if reason:
@@ -537,6 +539,7 @@ def analyze(
     cols = [aligned.names.index(m) for m in models]
     L = aligned.losses if cols == list(range(len(cols))) else aligned.losses[:, cols]  # (tokens, models)
     N = [float(n_params[m]) for m in models]
+    pending = pool.submit(mean_loss_fit, aligned.doc_id, L, N, cfg) if fit_mean_loss and pool is not None else None
     curves = token_curves(L, N, cfg)
     metrics = {
         "skipped": "",
@@ -548,7 +551,7 @@ def analyze(
     }
     boot = None
     if fit_mean_loss:
-        boot = mean_loss_fit(aligned.doc_id, L, N, cfg)
+        boot = pending.result() if pending is not None else mean_loss_fit(aligned.doc_id, L, N, cfg)
         metrics["mean_loss"] = {
             "by_model": {m: float(v) for m, v in zip(models, L.mean(axis=0, dtype=np.float64))},
             **_fit_metrics(boot),
@@ -768,11 +771,11 @@ def run(
     parts = [read_loss_partition(root, m, revision) for m in models]
     aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
     del parts
-    with execution.process_pool(len(models)) as pool:
-        # The learning-curve fits (a 1000-replicate bootstrap per model) are most of the
-        # stage's time and independent of L(N): they run in the pool while L(N) is fitted here.
+    with execution.process_pool(len(models) + 1) as pool:
+        # The bootstrap fits (L(N) and each model's L(S), 1000 replicates each) are most of
+        # the stage's time and independent of one another: they run in the pool.
         pending = {m: pool.submit(learning_curve_fit, root, m, revisions, cfg) for m in models} if pool else {}
-        res = analyze(aligned, n_params, cfg)
+        res = analyze(aligned, n_params, cfg, pool=pool)
         examples = _examples(aligned, res, cfg.n_examples)
         del aligned
         curves = {m: pending[m].result() if pool else learning_curve_fit(root, m, revisions, cfg) for m in res.models}

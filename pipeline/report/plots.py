@@ -154,17 +154,15 @@ def emergence(dyn, path: str | Path) -> Path:
 
 def cluster_rank_frequency(cpl, path: str | Path) -> Path:
     """Cluster size against rank (log-log): one clustering, the sweep's envelope, the MLE tail and the envelope OLS."""
-    from pipeline.laws.cluster_sizes import tail_rank_curve
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     r = np.arange(1, cpl.sizes.size + 1)
     ax.plot(r, cpl.sizes, "o", ms=3, label=f"k = {cpl.metrics['k']}")
     if cpl.envelope is not None and cpl.envelope.size > cpl.sizes.size:
         ax.plot(np.arange(1, cpl.envelope.size + 1), cpl.envelope, ".", ms=2, label="envelope over the sweep")
-    f = cpl.report.fit
-    if f.fittable:
-        rr, ss = tail_rank_curve(f, int(cpl.sizes.max()))
+    f, curve = cpl.report.fit, cpl.tail_curve()
+    if curve is not None:
+        rr, ss = curve
         ax.plot(rr, ss, "-", label=f"MLE tail: Zipf b = {f.rank_exponent:.2f} (s ≥ {f.xmin})")
     e = cpl.envelope_fit
     if e is not None:
