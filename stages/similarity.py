@@ -11,11 +11,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import numpy as np
-import pyarrow.parquet as pq
-
 from pipeline.core import config, stage
-from pipeline.core.errors import QuantaError
+from pipeline.qdg import gradient_files
 from pipeline.qdg import similarity as sim
 
 
@@ -28,11 +25,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
 
     cfg = config.load("similarity", args.params)
-    try:
-        grads = np.load(args.gradients, mmap_mode="r")
-    except FileNotFoundError:
-        raise QuantaError(f"{args.gradients} not found; run the gradients stage first (dvc repro gradients)") from None
-    bad = pq.read_table(args.table, columns=["bad"]).column("bad").to_numpy()
+    grads = gradient_files.read_gradients(args.gradients)
+    bad = gradient_files.read_bad(args.table)
     aff, ids, meta = sim.compute(grads, bad, cfg, progress=not args.no_progress)
     sim.write(args.out, aff, ids, meta)
     print(f"similarity: {meta['mode']} affinity of {meta['n_used']} samples ({meta['seconds']} s) -> {args.out}")

@@ -249,5 +249,6 @@ def test_params_typo_fails_dvc_repro_when_nothing_else_reruns(scratch):
         assert "Running stage 'losses" not in err and "Running stage 'planted'" not in err
     finally:
         params.write_text(good)
+    # the restored file is the one dvc.lock records: nothing reruns, nothing was lost
     r = _run([sys.executable, "-m", "dvc", "repro"], scratch)
-    assert "Running stage 'check_params'" in r.stdout and "Running stage 'planted'" not in r.stdout
+    assert "Running stage" not in r.stdout, r.stdout[-2000:]

@@ -162,7 +162,7 @@ class LossesConfig:
     # scheduler address. DASK_SCHEDULER_ADDRESS in the environment overrides it.
     scheduler: str = "local"
     n_workers: int = 1
-    threads_per_worker: int = 0  # torch threads per worker; 0 = cores / workers
+    threads_per_worker: int = 0  # torch threads per task; 0: torch's own in-process, cores / workers on a LocalCluster
     progress: bool = True
 
 
