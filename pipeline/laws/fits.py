@@ -188,7 +188,13 @@ def _profile_starts(t, logy, y_min, offset, n_starts, delta, diverse=True) -> li
     cand = [np.array([e, ai, ali]) if offset else np.array([ai, ali]) for e, ai, ali in zip(E, a, al)]
     if not offset:
         return [cand[0], np.array([cand[0][0], 1.0])]
-    f = np.array([_objective(c, t, logy, True, delta)[0] for c in cand])
+    # the objective of every grid point at once (each row as _objective computes it)
+    u = np.exp(a[:, None] - al[:, None] * t)  # (nE, n)
+    pred = E[:, None] + u
+    r = np.log(pred) - logy
+    absr = np.abs(r)
+    h = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta))
+    f = h.sum(axis=1) * (1.0 / (delta * delta))  # (nE,)
     # Local minima of the profile along the E grid (ends included), best first.
     left = np.concatenate([[np.inf], f[:-1]])
     right = np.concatenate([f[1:], [np.inf]])
