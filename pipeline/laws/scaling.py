@@ -583,11 +583,15 @@ def analyze_suite(
         return _skipped(models, [], reason)
     if tokenizers is not None:
         check_tokenizers(tokenizers, list(models))
+    return analyze(_read_aligned(root, models, revision, n_params), n_params, cfg, fit_mean_loss=fit_mean_loss)
+
+
+def _read_aligned(root: str | Path, models: Sequence[str], revision: str, n_params: Mapping[str, float]) -> Aligned:
+    """The suite's loss tables at `revision`, aligned on (doc_id, pos), once the size order
+    (:func:`suite_order`) is known to exist."""
     suite_order(models, n_params)
     parts = [read_loss_partition(root, m, revision) for m in models]
-    aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
-    del parts
-    return analyze(aligned, n_params, cfg, fit_mean_loss=fit_mean_loss)
+    return align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
 
 
 # --------------------------------------------------------------------------- the scaling stage
@@ -767,10 +771,7 @@ def run(
     if tokenizers is not None:
         check_tokenizers(tokenizers, list(models))
     n_params = {m: partitions.read_n_params(root, m, revision) for m in models}
-    suite_order(models, n_params)
-    parts = [read_loss_partition(root, m, revision) for m in models]
-    aligned = align_tokens([p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], models)
-    del parts
+    aligned = _read_aligned(root, models, revision, n_params)
     with execution.process_pool(len(models) + 1) as pool:
         # The bootstrap fits (L(N) and each model's L(S), 1000 replicates each) are most of
         # the stage's time and independent of one another: they run in the pool.
