@@ -32,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     samples = read_samples(args.samples)
     table, metrics = clustering.run_clustering(aff, ids, len(samples), cfg)
     summary = clustering.summarise(table.to_pandas(), samples, corpus.read_token_strings(args.tokens), cfg)
+    context = corpus.read_tokens(args.tokens).preceding(samples["doc_id"].to_numpy(), samples["pos"].to_numpy(), 2)
+    main = table.column("cluster").to_numpy()  # row i = sample i
+    metrics["baselines"] = clustering.ngram_baselines(main, samples["token_id"].to_numpy(), context)
     meta = {**config.to_dict(cfg), "main_k": metrics["k"]}  # leiden: the data's k, not n_clusters[0]
     files.write_parquet(table, args.out, config=meta)
     files.write_parquet(summary, args.summary, config=meta)

@@ -320,3 +320,23 @@ def test_min_size_cut_attaches_outliers_instead_of_counting_them():
     assert adjusted_rand_score(truth, sized[:60]) == 1.0 and len(np.unique(sized)) == 3
     nearest = np.argmax(np.stack([aff[60:, :60][:, sized[:60] == c].mean(1) for c in range(3)], 1), axis=1)
     assert (sized[60:] == nearest).all()
+
+
+def test_ngram_baselines_score_a_clustering_against_each_ngram_partition():
+    token = np.array([5, 5, 7, 7, 9, 9, 5, 7])
+    context = np.array([[-1, 1], [2, 1], [3, 4], [3, 4], [2, 1], [3, 4], [2, 3], [2, 3]])  # oldest first
+    parts = clustering.ngram_partitions(token, context)
+    assert set(parts) == {"answer", "previous", "previous_answer", "previous2_answer"}
+    assert parts["previous"].tolist() == [1, 1, 4, 4, 1, 4, 3, 3]
+    # two samples share a key exactly when they share the tokens the key is made of
+    for name, cols in {"previous_answer": [1], "previous2_answer": [0, 1]}.items():
+        keys = [tuple(context[i, cols]) + (token[i],) for i in range(len(token))]
+        same = [[keys[i] == keys[j] for j in range(len(token))] for i in range(len(token))]
+        got = [[parts[name][i] == parts[name][j] for j in range(len(token))] for i in range(len(token))]
+        assert got == same, name
+    # a clustering that is the answer partition (with one sample left out as -1)
+    labels = np.array([0, 0, 1, 1, 2, 2, -1, 1])
+    b = clustering.ngram_baselines(labels, token, context)
+    assert b["answer"]["ari"] == 1.0 and b["previous2_answer"]["ari"] < 1.0
+    assert clustering.ngram_baselines(np.array([0, -1, -1]), token[:3], context[:3]) == {
+        "skipped": "1 clustered sample(s): nothing to compare"}

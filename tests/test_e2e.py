@@ -167,6 +167,8 @@ def test_dvc_repro_tiny_suite(scratch):
     qdg = json.loads((scratch / "metrics/qdg.json").read_text())
     k4 = clusters["k4"].to_numpy()
     assert qdg["k"] == 4 and qdg["n_samples"] == len(samples)
+    assert set(qdg["baselines"]) == {"answer", "previous", "previous_answer", "previous2_answer"}
+    assert all(-1.0 <= v["ari"] <= 1.0 and 0.0 <= v["nmi"] <= 1.0 for v in qdg["baselines"].values())
     assert qdg["largest_cluster"] == np.bincount(k4[k4 >= 0]).max()
     validate = json.loads((scratch / "metrics/validate.json").read_text())
     assert validate["planted"] is True and validate["n_scored"] == len(samples)

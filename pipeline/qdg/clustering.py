@@ -608,6 +608,40 @@ TARGET_QDG_ARI = 0.9
 TARGET_BASELINE_ARI = 0.3
 
 
+def ngram_partitions(token: np.ndarray, context: np.ndarray) -> dict[str, np.ndarray]:
+    """The partitions of samples that need no gradients, one label per sample (int64):
+    by answer token, by previous token, by (previous, answer) and by (previous two, answer).
+
+    token (N,): each sample's target token id; context (N, 2): the two tokens before it,
+    oldest first, -1 before a document's start (``TokenTable.preceding(..., 2)``). A
+    clustering that matches one of these is an n-gram class, whatever its gradients say.
+    """
+    token = np.asarray(token, dtype=np.int64)
+    ctx = np.asarray(context, dtype=np.int64)
+    width = int(max(token.max(), ctx.max())) + 2  # ids and -1 (+1) fit below it: keys do not collide
+    return {
+        "answer": token,
+        "previous": ctx[:, 1],
+        "previous_answer": (ctx[:, 1] + 1) * width + token,
+        "previous2_answer": ((ctx[:, 0] + 1) * width + ctx[:, 1] + 1) * width + token,
+    }
+
+
+def ngram_baselines(labels: np.ndarray, token: np.ndarray, context: np.ndarray) -> dict:
+    """ARI and NMI of a clustering against each of :func:`ngram_partitions`, over the
+    clustered samples (label >= 0): how much of the clustering an n-gram count reproduces.
+
+    labels, token (N,); context (N, 2). A value near 1 says the clusters are n-gram
+    classes; near 0, that no such count recovers them.
+    """
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    if keep.sum() < 2:
+        return {"skipped": f"{int(keep.sum())} clustered sample(s): nothing to compare"}
+    grams = ngram_partitions(np.asarray(token)[keep], np.asarray(context)[keep])
+    return {name: scores(part, labels[keep]) for name, part in grams.items()}
+
+
 def validate_planted(affinity, ids: np.ndarray, samples: pd.DataFrame, quanta: np.ndarray, tokens: Any,
                      clusters: Optional[pd.DataFrame], cfg: ClusterConfig) -> dict:
     """metrics/validate.json on a planted suite: :func:`validate` with each target's two
@@ -668,12 +702,10 @@ def validate(
     else:
         out["qdg"] = {k: v for k, v in methods[cfg.method].items() if k != "largest_cluster_share"}
         out["qdg_from"] = "clustered here"
-    token = samples["token_id"].to_numpy()[ids].astype(np.int64)
-    ctx = np.asarray(context, dtype=np.int64)[ids]
-    width = int(max(token.max(), ctx.max())) + 2
-    out["baseline_answer"] = scores(truth, token)
-    out["baseline_context"] = scores(truth, (ctx[:, 1] + 1) * width + token)
-    out["baseline_oracle_cue_pair"] = scores(truth, ((ctx[:, 0] + 1) * width + ctx[:, 1] + 1) * width + token)
+    grams = ngram_partitions(samples["token_id"].to_numpy()[ids], np.asarray(context)[ids])
+    out["baseline_answer"] = scores(truth, grams["answer"])
+    out["baseline_context"] = scores(truth, grams["previous_answer"])
+    out["baseline_oracle_cue_pair"] = scores(truth, grams["previous2_answer"])
     if clusters is not None:
         by_k = {}
         for k, col in sweep_columns(clusters).items():
