@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from pipeline.core import config, files, stage
 from pipeline.lm import corpus
-from pipeline.qdg import clustering
+from pipeline.qdg import clustering, quality
 from pipeline.qdg import similarity as sim
 from pipeline.qdg.selection import read_samples
 
@@ -31,7 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     aff, ids, sim_meta = sim.read(args.similarity, mmap=False)
     samples = read_samples(args.samples)
     table, metrics = clustering.run_clustering(aff, ids, len(samples), cfg)
-    summary = clustering.summarise(table.to_pandas(), samples, corpus.read_token_strings(args.tokens), cfg)
+    frame = table.to_pandas()
+    qual, qual_metrics = quality.assess(aff, sim_meta["config"]["affinity"], frame, ids, cfg.null_draws, cfg.seed)
+    metrics.update(qual_metrics)
+    summary = clustering.summarise(frame, samples, corpus.read_token_strings(args.tokens), cfg, qual)
     context = corpus.read_tokens(args.tokens).preceding(samples["doc_id"].to_numpy(), samples["pos"].to_numpy(), 2)
     main = table.column("cluster").to_numpy()  # row i = sample i
     metrics["baselines"] = clustering.ngram_baselines(main, samples["token_id"].to_numpy(), context)

@@ -168,6 +168,11 @@ def test_dvc_repro_tiny_suite(scratch):
     k4 = clusters["k4"].to_numpy()
     assert qdg["k"] == 4 and qdg["n_samples"] == len(samples)
     assert set(qdg["baselines"]) == {"answer", "previous", "previous_answer", "previous2_answer"}
+    quality = pd.read_parquet(scratch / "cache/qdg/cluster_summary.parquet")
+    multi = quality[quality["size"] >= 2]
+    assert multi["coherence"].between(-1, 1).all() and multi["null_z"].notna().all()
+    assert quality.loc[quality["size"] == 1, ["coherence", "separation", "null_z"]].isna().all().all()
+    assert 0.0 <= qdg["above_null"] <= 1.0
     assert all(-1.0 <= v["ari"] <= 1.0 and 0.0 <= v["nmi"] <= 1.0 for v in qdg["baselines"].values())
     assert qdg["largest_cluster"] == np.bincount(k4[k4 >= 0]).max()
     validate = json.loads((scratch / "metrics/validate.json").read_text())

@@ -316,6 +316,8 @@ class ClusterConfig:
     stability_seed: int = 1  # a second seed at the main k; metrics/qdg.json reports their ARI
     top_tokens: int = 5  # answer tokens listed per cluster in the summary
     n_examples: int = 10  # example sample ids per cluster in the summary
+    # random groups per cluster size whose coherence is each cluster's null (null_z in the summary)
+    null_draws: int = 200
 
     def __post_init__(self):
         if isinstance(self.n_clusters, int):  # one k: a sweep of one
@@ -332,6 +334,8 @@ class ClusterConfig:
             raise ConfigError("cluster.n_neighbors must be >= 1 and cluster.resolution > 0")
         if self.seed == self.stability_seed:
             raise ConfigError("cluster.stability_seed must differ from cluster.seed (their ARI is the stability score)")
+        if self.null_draws < 2:
+            raise ConfigError(f"cluster.null_draws must be >= 2 (a standard deviation needs two), got {self.null_draws}")
 
 
 # ------------------------------------------------------ scaling analysis (scaling, dynamics, powerlaw, theory)

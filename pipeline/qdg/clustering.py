@@ -548,12 +548,22 @@ def summarise(
     samples: pd.DataFrame,
     token_str: dict[int, str],
     cfg: ClusterConfig,
+    quality: Optional[pd.DataFrame] = None,
 ) -> pa.Table:
-    """One row per (k, cluster): size, top target tokens with counts, mean loss, example samples.
+    """One row per (k, cluster): size, top target tokens with counts, mean loss, example
+    samples, and the cluster's coherence, separation and null z (:mod:`pipeline.qdg.quality`).
 
     clusters: the clusters table; samples: sample, token_id, loss; token_str: token id ->
-    its text. Examples are the first cfg.n_examples samples of a random (seeded) order.
+    its text; quality: :func:`pipeline.qdg.quality.sweep_quality` (k, cluster, coherence,
+    separation, null_z), or None (those columns null). Examples are the first
+    cfg.n_examples samples of a random (seeded) order.
     """
+    q = {} if quality is None else {
+        (int(r.k), int(r.cluster)): r for r in quality.itertuples(index=False)}
+    def _q(k: int, c: int, name: str) -> Optional[float]:
+        v = getattr(q[(k, c)], name) if (k, c) in q else None
+        return None if v is None or pd.isna(v) else float(v)
+
     merged = clusters.merge(samples[["sample", "token_id", "loss"]], on="sample", how="left")
     rng = np.random.default_rng(cfg.seed)
     merged["_order"] = rng.permutation(len(merged))
@@ -572,6 +582,9 @@ def summarise(
                     "top_counts": [int(n) for n in counts.to_numpy()],
                     "mean_loss": float(g["loss"].mean()),
                     "examples": [int(s) for s in g.sort_values("_order")["sample"].head(cfg.n_examples)],
+                    "coherence": _q(k, int(c), "coherence"),
+                    "separation": _q(k, int(c), "separation"),
+                    "null_z": _q(k, int(c), "null_z"),
                 }
             )
     schema = pa.schema(
@@ -584,6 +597,9 @@ def summarise(
             ("top_counts", pa.list_(pa.int32())),
             ("mean_loss", pa.float32()),
             ("examples", pa.list_(pa.int32())),
+            ("coherence", pa.float32()),
+            ("separation", pa.float32()),
+            ("null_z", pa.float32()),
         ]
     )
     return pa.Table.from_pylist(rows, schema=schema)

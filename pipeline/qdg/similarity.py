@@ -83,6 +83,17 @@ def to_affinity(c: np.ndarray, kind: str) -> np.ndarray:
     return c
 
 
+def cosines_from_affinity(aff: np.ndarray, kind: str) -> np.ndarray:
+    """The cosine similarities behind a dense affinity (the inverse of :func:`to_affinity`),
+    as a new float32 array: cos(pi (1 - A)) for angular, 2A - 1 for shifted."""
+    a = np.asarray(aff, dtype=np.float32)
+    if kind == "angular":
+        return np.cos(np.float32(math.pi) * (np.float32(1.0) - a))
+    if kind == "shifted":
+        return np.float32(2.0) * a - np.float32(1.0)
+    raise QuantaError(f"similarity.affinity must be 'angular' or 'shifted', got {kind!r}")
+
+
 def block_rows(n: int, dim: int, memory_gb: float) -> int:
     """Rows per block so that one (rows x n) product plus its (rows x dim) operand fit in memory_gb."""
     per_row = 4 * (n + dim)
