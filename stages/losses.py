@@ -18,7 +18,7 @@ import logging
 from typing import Optional, Sequence
 
 from pipeline.core import config, stage
-from pipeline.lm import losses, models
+from pipeline.lm import corpus, losses, models
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -37,8 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     losses_cfg = config.section(params, "losses")
     # every spec first: a revision that is not in the suite fails before any work
     specs = [models.spec_from_suite(suite, args.model, r) for r in (args.revision or suite.revisions)]
+    tokens = corpus.read_tokens(args.tokens)  # once for all revisions (a Pythia corpus is ~100M tokens)
     for spec in specs:
-        losses.run_losses(spec, args.tokens, args.out, losses=losses_cfg, suite=suite, corpus=corpus_cfg)
+        losses.run_losses(spec, tokens, args.out, losses=losses_cfg, suite=suite, corpus=corpus_cfg)
 
 
 if __name__ == "__main__":  # the guard also keeps Dask's spawned workers from rerunning main

@@ -76,6 +76,15 @@ def dies_on_call(n: int, calls: list):
     return part
 
 
+def killed_run(monkeypatch, d, spec, out, n: int) -> None:
+    """Run the stage into `out` until its n-th part computation is killed, then restore compute_part."""
+    real = gradients.compute_part
+    monkeypatch.setattr(gradients, "compute_part", dies_on_call(n, []))
+    with pytest.raises(KeyboardInterrupt):
+        stage(d, spec, out)
+    monkeypatch.setattr(gradients, "compute_part", real)
+
+
 def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, inputs, monkeypatch):
     d, spec, _, _ = inputs
     real = gradients.compute_part
@@ -108,11 +117,7 @@ def test_damaged_or_nan_parts_are_logged_by_name_and_recomputed(tmp_path, inputs
     from pipeline.core import shards
 
     d, spec, _, _ = inputs
-    real = gradients.compute_part
-    monkeypatch.setattr(gradients, "compute_part", dies_on_call(4, []))
-    with pytest.raises(KeyboardInterrupt):
-        stage(d, spec, tmp_path / "run")
-    monkeypatch.setattr(gradients, "compute_part", real)
+    killed_run(monkeypatch, d, spec, tmp_path / "run", 4)
     parts = tmp_path / "run" / ".g-parts"
     meta, arrays = shards.NPZ.read(parts / "part-00000.npz")
     arrays["grads"][0, 0] += 1.0  # data changed after writing, stored checksum kept
@@ -144,11 +149,7 @@ def test_a_model_rewritten_in_place_is_recomputed(tmp_path, inputs, tiny_tokeniz
     d, _, _, _ = inputs
     model_dir = make_neox(tmp_path / "model", tiny_tokenizer_dir, seed=3)
     spec = models.ModelSpec("tiny", str(model_dir))
-    real = gradients.compute_part
-    monkeypatch.setattr(gradients, "compute_part", dies_on_call(2, []))
-    with pytest.raises(KeyboardInterrupt):
-        stage(d, spec, tmp_path / "run")
-    monkeypatch.setattr(gradients, "compute_part", real)
+    killed_run(monkeypatch, d, spec, tmp_path / "run", 2)
     shutil.rmtree(model_dir)
     make_neox(model_dir, tiny_tokenizer_dir, seed=4)  # retrained under the same path
     meta = stage(d, spec, tmp_path / "run")
@@ -161,11 +162,7 @@ def test_a_part_made_under_another_numerics_version_is_recomputed(tmp_path, inpu
     import logging
 
     d, spec, _, _ = inputs
-    real = gradients.compute_part
-    monkeypatch.setattr(gradients, "compute_part", dies_on_call(4, []))
-    with pytest.raises(KeyboardInterrupt):
-        stage(d, spec, tmp_path / "run")
-    monkeypatch.setattr(gradients, "compute_part", real)
+    killed_run(monkeypatch, d, spec, tmp_path / "run", 4)
     monkeypatch.setattr(gradients, "NUMERICS_VERSION", gradients.NUMERICS_VERSION + 1)
     with caplog.at_level(logging.INFO, logger="pipeline"):
         meta = stage(d, spec, tmp_path / "run")

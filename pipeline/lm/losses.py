@@ -506,14 +506,15 @@ def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: 
 
 def run_losses(
     spec: Any,
-    tokens_path: str | Path,
+    tokens_path: str | Path | TokenTable,
     out_root: str | Path,
     *,
     losses: LossesConfig,
     suite: SuiteConfig,
     corpus: CorpusConfig,
 ) -> dict:
-    """Per-token losses of model `spec` on the corpus at `tokens_path`, written under `out_root`.
+    """Per-token losses of model `spec` on the corpus at `tokens_path` (tokens.parquet, or its
+    TokenTable already read), written under `out_root`.
 
     Writes ``<out_root>/model=<name>/revision=<rev>/part-*.parquet`` and ``_meta.json``
     and returns the meta dict (the existing one, untouched, when every part was already
@@ -521,10 +522,11 @@ def run_losses(
     """
     t_start = time.perf_counter()
     out_dir = partition_dir(out_root, spec.name, spec.revision)
-    tokens = read_tokens(tokens_path)
+    # a TokenTable: the caller scores several revisions and reads tokens.parquet once
+    tokens = tokens_path if isinstance(tokens_path, TokenTable) else read_tokens(tokens_path)
     windows = corpus_lib.make_windows(tokens.doc_ids, tokens.lengths, corpus)
     if not windows:
-        raise QuantaError(f"no tokens to score in {tokens_path}: every document is shorter than two tokens")
+        raise QuantaError("no tokens to score in the corpus' tokens.parquet: every document is shorter than two tokens")
     shards = make_shards(windows, losses.shard_tokens)
     identity = stage_identity(spec, suite, corpus, losses)
     store = shards_lib.ShardStore(out_dir, PARTS, f"{spec.name}@{spec.revision}", extra_keys=("compute",))
