@@ -2,10 +2,12 @@
 
     python -m stages.gradients [--params params.yaml] --samples cache/qdg/samples.parquet \
         --tokens cache/corpus/tokens.parquet --out cache/qdg/gradients.npy \
-        --table cache/qdg/gradients.parquet --meta cache/qdg/gradients_meta.json
+        --table cache/qdg/gradients.parquet --meta cache/qdg/gradients_meta.json \
+        --projections cache/qdg/gradients_projections.npy
 
 Writes an (N, k) float32/float16 array (row i = sample i) and a table of per-sample
-exact gradient norms and bad-sample flags. Shards run in-process or on Dask (params
+exact gradient norms and bad-sample flags, and an (S, N, k) array of the same gradients
+projected with each of the S `gradients.stability_seeds` (S = 0 by choice: empty). Shards run in-process or on Dask (params
 `gradients.scheduler`, or DASK_SCHEDULER_ADDRESS); a killed run resumes from its parts.
 """
 
@@ -26,6 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", required=True, help="output (N, k) .npy")
     ap.add_argument("--table", required=True, help="output per-sample table (.parquet)")
     ap.add_argument("--meta", required=True, help="output run summary (.json)")
+    ap.add_argument("--projections", default=None, help="output (S, N, k) .npy: the stability seeds' projections")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -41,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.samples, args.tokens, args.out, args.table, cfg=cfg, select_spec=select_spec, spec=spec,
         load_kwargs=models.load_kwargs(suite, cfg.dtype),
         max_len=cfg.max_len or corpus.max_len,  # null: the context the losses were computed with
-        tokenizer_loader=lambda s: models.load_tokenizer(s, **hub),
+        tokenizer_loader=lambda s: models.load_tokenizer(s, **hub), out_projections=args.projections,
     )
     files.write_meta(meta, args.meta)
     print(

@@ -2,8 +2,8 @@
 
     python -m stages.validate [--params params.yaml] --planted cache/planted \
         --samples cache/qdg/samples.parquet --similarity cache/qdg/similarity \
-        --clusters cache/qdg/clusters.parquet --tokens cache/corpus/tokens.parquet \
-        --out metrics/validate.json
+        --clusters cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet \
+        --tokens cache/corpus/tokens.parquet --out metrics/validate.json
 
 Without planted ground truth (a real suite) it writes {"planted": false}.
 """
@@ -15,13 +15,14 @@ from typing import Optional, Sequence
 from pipeline.core import config, files, stage
 from pipeline.lm import corpus
 from pipeline.planted import suite
-from pipeline.qdg import clustering
+from pipeline.qdg import clustering, quality
 from pipeline.qdg import similarity as sim
 from pipeline.qdg.selection import read_samples
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = stage.parser("clusters vs planted quanta", "planted", "samples", "similarity", "clusters", "tokens", "out")
+    ap.add_argument("--summary", required=True, help="the cluster stage's summary (quality and labels)")
     args = ap.parse_args(argv)
 
     samples = read_samples(args.samples)
@@ -32,8 +33,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     cfg = config.load("cluster", args.params)
     aff, ids, _ = sim.read(args.similarity, mmap=False)
-    out = clustering.validate_planted(aff, ids, samples, quanta, corpus.read_tokens(args.tokens),
-                                   clustering.read_clusters(args.clusters), cfg)
+    clusters = clustering.read_clusters(args.clusters)
+    out = clustering.validate_planted(aff, ids, samples, quanta, corpus.read_tokens(args.tokens), clusters, cfg)
+    if "qdg" in out:
+        id_of = {text: t for t, text in corpus.read_token_strings(args.tokens).items()}
+        cue_ids = [[id_of.get(w, -1) for w in words] for words in suite.read_cues(args.planted)]
+        sweep = {k: clusters[col].to_numpy()[ids] for k, col in clustering.sweep_columns(clusters).items()}
+        scored = quality.planted_scores(clustering.read_summary(args.summary), sweep, quanta[ids], cue_ids)
+        scored["targets"] = {"quality_auc_min": quality.TARGET_AUC, "labels_name_cues_min": quality.TARGET_CUES}
+        scored["pass"] = bool((scored["quality_auc"] is None or scored["quality_auc"] >= quality.TARGET_AUC)
+                              and (scored["labels_name_cues"] or 0) >= quality.TARGET_CUES)
+        out["quality"] = scored
     files.write_json(out, args.out)
     print(f"validate: {out}")
 

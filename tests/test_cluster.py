@@ -274,8 +274,8 @@ def test_agglomerative_run_clustering_metrics_and_bad_input():
     cfg = ClusterConfig(n_clusters=(4, 2), method="agglomerative")
     table, metrics = clustering.run_clustering(aff, np.arange(len(x)), len(x), cfg)
     assert adjusted_rand_score(truth, table.column("cluster").to_numpy()) == 1.0
-    assert metrics["method"] == "agglomerative" and metrics["stability_ari"] == 1.0
-    assert "subsample" in metrics["stability"]
+    # deterministic: no seed rerun; the cluster stage measures its stability on subsamples
+    assert metrics["method"] == "agglomerative" and "stability_ari" not in metrics
     knn = sim.knn_affinity(x, n_neighbors=8, backend="sklearn")
     with pytest.raises(QuantaError, match="dense affinity"):
         clustering.run_clustering(knn, np.arange(len(x)), len(x), cfg)
@@ -283,14 +283,6 @@ def test_agglomerative_run_clustering_metrics_and_bad_input():
         clustering.agglomerative(aff, [len(x)])
     with pytest.raises(ConfigError):
         build(ClusterConfig, {"method": "ward"}, "cluster")
-
-
-def test_subsample_stability_falls_when_there_is_no_structure():
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((200, 32)).astype(np.float32)
-    aff = sim.dense_affinity(x)
-    labels = clustering.agglomerative(aff, [10])[10]
-    assert clustering.subsample_stability(aff, labels, 10, seed=1) < 0.9
 
 
 def test_min_size_cut_counts_are_those_of_every_plain_cut():

@@ -204,3 +204,17 @@ def test_samples_from_another_corpus_are_refused(tmp_path, inputs):
     (tmp_path / "tokens.parquet").symlink_to(d / "tokens.parquet")
     with pytest.raises(GradientError, match="document 3 is not in"):
         stage(tmp_path, spec, tmp_path)
+
+
+def test_stability_seeds_are_the_same_gradients_projected_with_each_seed(tmp_path, inputs):
+    # one pass writes the main projection unchanged and each extra seed's as its own run would
+    d, spec, _, _ = inputs
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    stage(d, spec, tmp_path / "a", stability_seeds=(3, 4))
+    stage(d, spec, tmp_path / "b")
+    stage(d, spec, tmp_path / "c", seed=4)
+    extra = np.load(tmp_path / "a" / "g_projections.npy")
+    assert extra.shape == (2, 57, 512)
+    assert np.array_equal(np.load(tmp_path / "a" / "g.npy"), np.load(tmp_path / "b" / "g.npy"))
+    np.testing.assert_allclose(extra[1], np.load(tmp_path / "c" / "g.npy"), rtol=1e-5, atol=1e-7)
+    assert np.load(tmp_path / "b" / "g_projections.npy").shape == (0, 57, 512)  # no seeds: empty, still written

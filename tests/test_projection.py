@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from pipeline.qdg import projection
-from pipeline.qdg.projection import LoGraProjector, NoProjection, ProjectionError, SparseJLProjector, make_projector
+from pipeline.qdg.projection import (
+    LoGraProjector,
+    NoProjection,
+    ProjectionError,
+    SparseJLProjector,
+    StackedProjector,
+    make_projector,
+)
 
 
 def fmix32_reference(x: int) -> int:
@@ -207,3 +214,14 @@ def test_tables_identical_on_gpu():
     out_cpu = p.project({"w": x})
     out_gpu = p.project({"w": x.cuda()}).cpu()
     assert torch.allclose(out_cpu, out_gpu, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_projector_columns_are_each_projectors_own():
+    sizes = [("a", 300), ("b", 77)]
+    grads = {"a": torch.randn(4, 300), "b": torch.randn(4, 77)}
+    parts = [SparseJLProjector(sizes, k=64, seed=s) for s in (0, 5)]
+    stacked = StackedProjector(parts).project(grads)
+    assert stacked.shape == (4, 128)
+    assert torch.equal(stacked[:, :64], parts[0].project(grads))
+    assert torch.equal(stacked[:, 64:], parts[1].project(grads))
+    assert StackedProjector(parts).describe()["stability_seeds"] == [5]

@@ -225,6 +225,9 @@ class GradientsConfig:
     k: int = 8192  # projection dimension (logra: at most k, a square r x r per weight)
     nnz: int = 1  # sjlt: outputs per gradient coordinate (Kane-Nelson s)
     seed: int = 0  # of the projection
+    # More projection seeds of the same exact gradients, computed in the same pass: the
+    # cluster stage clusters each copy and reports its ARI against the main clustering.
+    stability_seeds: tuple[int, ...] = ()
     out_dtype: Literal["float32", "float16"] = "float32"
     verify: bool = True  # check the first batch against a summed backward pass
     # Where it runs, as the losses stage: samples per shard (= part file, = Dask task).
@@ -255,6 +258,12 @@ class GradientsConfig:
             raise ConfigError(f"gradients.max_len must be >= 2 (one context token and one target), got {self.max_len}")
         if self.batch_tokens < 1 or self.batch_rows < 1 or self.shard_samples < 1 or self.n_workers < 1:
             raise ConfigError("gradients.batch_tokens, batch_rows, shard_samples and n_workers must be >= 1")
+        if self.stability_seeds and self.projection == "none":
+            raise ConfigError("gradients.stability_seeds needs a random projection (projection: sjlt or logra); "
+                              "use stability_seeds: [] with projection: none")
+        if self.seed in self.stability_seeds or len(set(self.stability_seeds)) != len(self.stability_seeds):
+            raise ConfigError(f"gradients.stability_seeds must be distinct and differ from gradients.seed ({self.seed}), "
+                              f"got {list(self.stability_seeds)}")
         if self.memory_gb is not None and not self.memory_gb > 0:
             raise ConfigError(f"gradients.memory_gb must be > 0 or null, got {self.memory_gb}")
         if self.projection not in PROJECTIONS:
@@ -313,7 +322,10 @@ class ClusterConfig:
     # kmeans (the paper's), discretize, or cluster_qr (no restarts; fast for large N)
     assign_labels: Literal["kmeans", "discretize", "cluster_qr"] = "kmeans"
     seed: int = 0
-    stability_seed: int = 1  # a second seed at the main k; metrics/qdg.json reports their ARI
+    stability_seed: int = 1  # seeds the stability reruns (pipeline/qdg/stability.py)
+    # per-cluster stability: best-match Jaccard over this many seeded subsamples of this share
+    stability_draws: int = 5
+    stability_fraction: float = 0.8
     top_tokens: int = 5  # answer tokens listed per cluster in the summary
     n_examples: int = 10  # example sample ids per cluster in the summary
     # random groups per cluster size whose coherence is each cluster's null (null_z in the summary)
@@ -334,6 +346,9 @@ class ClusterConfig:
             raise ConfigError("cluster.n_neighbors must be >= 1 and cluster.resolution > 0")
         if self.seed == self.stability_seed:
             raise ConfigError("cluster.stability_seed must differ from cluster.seed (their ARI is the stability score)")
+        if self.stability_draws < 1 or not 0 < self.stability_fraction < 1:
+            raise ConfigError("cluster.stability_draws must be >= 1 and cluster.stability_fraction in (0, 1), "
+                              f"got {self.stability_draws} and {self.stability_fraction}")
         if self.null_draws < 2:
             raise ConfigError(f"cluster.null_draws must be >= 2 (a standard deviation needs two), got {self.null_draws}")
 

@@ -280,6 +280,15 @@ def read_quanta(planted_dir: str | Path, columns: Optional[Sequence[str]] = None
     return pd.read_parquet(Path(planted_dir) / QUANTA_FILE, columns=None if columns is None else list(columns))
 
 
+def read_cues(planted_dir: str | Path) -> list[list[str]]:
+    """Per quantum, the words a label must name to name the quantum: its cue pair u_k v_k
+    (rule pair), or its trigger word Q_k (table, gate); from ``language.json``."""
+    lang = json.loads((Path(planted_dir) / "language.json").read_text())
+    if lang["rule"] == "pair":
+        return [list(pair) for pair in lang["cues"]]
+    return [[t] for t in lang["triggers"]]
+
+
 def read_probe_losses(planted_dir: str | Path, models: Sequence[str]) -> Optional[dict[str, pd.DataFrame]]:
     """model -> its probe-set losses (doc_id, pos, quantum, revision, loss), written while it
     trained; None when the suite has no probe set (``probe.parquet``)."""

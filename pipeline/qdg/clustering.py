@@ -25,8 +25,8 @@ splits the largest ones (whose gradients vary a little along position and contex
 it isolates the small ones. On planted key-pair quanta whose gradients do separate (mean
 cosine 0.993 within a quantum, 0.255 between), spectral clustering at that k scored ARI
 0.150 and average linkage 0.9999, on the same affinity (bench/bench_qdg_language.py,
-bench/RESULTS.md). It is deterministic, so its stability score is the ARI of a seeded 90%
-subsample clustered alone against the full clustering.
+bench/RESULTS.md). It is deterministic, so its stability is measured on seeded subsamples
+clustered alone (pipeline/qdg/stability.py).
 
 Bad input: fewer usable samples than clusters (k >= N) is an error that names both.
 """
@@ -437,16 +437,6 @@ def cluster_at(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[i
     return spectral(affinity, ks, cfg, seed=seed)
 
 
-def subsample_stability(affinity, labels: np.ndarray, k: int, seed: int, fraction: float = 0.9, min_size: int = 1) -> float:
-    """ARI of a seeded `fraction` subsample clustered alone (agglomerative) against `labels` on it."""
-    from sklearn.metrics import adjusted_rand_score
-
-    n = affinity.shape[0]
-    keep = np.sort(np.random.default_rng(seed).choice(n, size=max(k + 1, int(round(fraction * n))), replace=False))
-    sub = np.asarray(affinity)[np.ix_(keep, keep)]
-    return float(adjusted_rand_score(labels[keep], agglomerative(sub, [k], min_size)[k]))
-
-
 def seed_free_embedding(affinity, cfg: ClusterConfig) -> bool:
     """Whether the embedding does not depend on the seed: the exact LAPACK path (dense, arpack).
 
@@ -506,9 +496,8 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
     elif cfg.method == "agglomerative":
         labels = agglomerative(affinity, ks, cfg.min_cluster_size)
         t1 = time.perf_counter()
-        # No seed enters the tree: stability is that of a seeded subsample clustered alone.
-        stability = subsample_stability(affinity, labels[main], main, cfg.stability_seed, min_size=cfg.min_cluster_size)
-        how = "subsample"
+        # No seed enters the tree: its stability is that of seeded subsamples (pipeline/qdg/stability.py)
+        stability, how = None, "subsample"
     else:
         maps = embedding(affinity, max(ks), cfg.eigen_solver, cfg.seed)
         labels = spectral(affinity, ks, cfg, maps=maps)
@@ -531,16 +520,24 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         "k": int(main),
         "k_from": "Leiden's own partition at cluster.resolution" if cfg.method == "leiden" else "cluster.n_clusters[0]",
         "sweep": ks,
-        "stability_ari": round(stability, 4),
         "method": cfg.method,
-        "stability": "ARI between two seeds" if how == "seeds" else "ARI of a 90% subsample clustered alone",
-        "stability_seeds": [cfg.seed, cfg.stability_seed],
         "largest_cluster": int(sizes.max()),
         "median_cluster": float(np.median(sizes)),
         "singletons": int((sizes == 1).sum()),
         "seconds": round(t1 - t0, 2),
     }
+    if how == "seeds":
+        metrics.update(stability_ari=round(stability, 4), stability_ari_is="ARI between two seeds",
+                       stability_seeds=[cfg.seed, cfg.stability_seed])
     return pa.table(cols), metrics
+
+
+SUMMARY_ASSESSMENT = [  # the assessment's columns in the summary (pipeline/qdg/quality.py.assess)
+    ("coherence", pa.float32()), ("separation", pa.float32()), ("null_z", pa.float32()), ("quality", pa.float32()),
+    ("stability", pa.float32()), ("label", pa.string()), ("label_kind", pa.string()),
+    ("label_precision", pa.float32()), ("label_recall", pa.float32()), ("label_f1", pa.float32()),
+    ("ngram_f1", pa.float32()), ("label_context", pa.list_(pa.string())), ("label_answer", pa.int32()),
+]
 
 
 def summarise(
@@ -548,22 +545,18 @@ def summarise(
     samples: pd.DataFrame,
     token_str: dict[int, str],
     cfg: ClusterConfig,
-    quality: Optional[pd.DataFrame] = None,
+    assessment: Optional[pd.DataFrame] = None,
 ) -> pa.Table:
     """One row per (k, cluster): size, top target tokens with counts, mean loss, example
-    samples, and the cluster's coherence, separation and null z (:mod:`pipeline.qdg.quality`).
+    samples, then the assessment's columns (:data:`SUMMARY_ASSESSMENT`), rows ordered by k
+    as the sweep lists it, then cluster.
 
     clusters: the clusters table; samples: sample, token_id, loss; token_str: token id ->
-    its text; quality: :func:`pipeline.qdg.quality.sweep_quality` (k, cluster, coherence,
-    separation, null_z), or None (those columns null). Examples are the first
+    its text; assessment: :func:`pipeline.qdg.quality.assess`'s table (k, cluster, ...), or
+    None (those columns null). ``label_context`` holds the label rule's preceding slots as
+    strings: token ids, or class names for a class rule. Examples are the first
     cfg.n_examples samples of a random (seeded) order.
     """
-    q = {} if quality is None else {
-        (int(r.k), int(r.cluster)): r for r in quality.itertuples(index=False)}
-    def _q(k: int, c: int, name: str) -> Optional[float]:
-        v = getattr(q[(k, c)], name) if (k, c) in q else None
-        return None if v is None or pd.isna(v) else float(v)
-
     merged = clusters.merge(samples[["sample", "token_id", "loss"]], on="sample", how="left")
     rng = np.random.default_rng(cfg.seed)
     merged["_order"] = rng.permutation(len(merged))
@@ -582,11 +575,23 @@ def summarise(
                     "top_counts": [int(n) for n in counts.to_numpy()],
                     "mean_loss": float(g["loss"].mean()),
                     "examples": [int(s) for s in g.sort_values("_order")["sample"].head(cfg.n_examples)],
-                    "coherence": _q(k, int(c), "coherence"),
-                    "separation": _q(k, int(c), "separation"),
-                    "null_z": _q(k, int(c), "null_z"),
                 }
             )
+    extra = {}
+    if assessment is not None:
+        extra = {(int(r["k"]), int(r["cluster"])): r for r in assessment.to_dict("records")}
+
+    def value(v: Any, name: str) -> Any:
+        if v is None or (np.isscalar(v) and pd.isna(v)):
+            return None
+        if name == "label_context":
+            return [str(x) for x in v]
+        return v
+
+    for row in rows:
+        got = extra.get((row["k"], row["cluster"]), {})
+        for name, _ in SUMMARY_ASSESSMENT:
+            row[name] = value(got.get(name), name)
     schema = pa.schema(
         [
             ("k", pa.int32()),
@@ -597,9 +602,7 @@ def summarise(
             ("top_counts", pa.list_(pa.int32())),
             ("mean_loss", pa.float32()),
             ("examples", pa.list_(pa.int32())),
-            ("coherence", pa.float32()),
-            ("separation", pa.float32()),
-            ("null_z", pa.float32()),
+            *SUMMARY_ASSESSMENT,
         ]
     )
     return pa.Table.from_pylist(rows, schema=schema)

@@ -38,7 +38,7 @@ from pipeline.lm import models as models_lib
 from pipeline.lm.models import check_output_head, model_device
 from pipeline.qdg.memory_plan import Row, plan, plan_memory
 from pipeline.qdg.per_sample import Engine, GradientError, abbreviate, grad_mode, select_params
-from pipeline.qdg.projection import NoProjection, Projector, make_projector
+from pipeline.qdg.projection import NoProjection, Projector, StackedProjector, make_projector
 
 #: Bump when a code change changes the numbers (here, in per_sample.py, memory_plan.py,
 #: projection.py or the cross-entropy): it is in every part's identity, so parts
@@ -98,10 +98,13 @@ def resolve_max_len(model: torch.nn.Module, max_len: Optional[int]) -> int:
 
 
 def build_projector(model_params: Sequence[tuple[str, torch.nn.Parameter]], cfg: GradientsConfig) -> Projector:
-    """The projector cfg asks for, over the selected parameters."""
+    """The projector cfg asks for, over the selected parameters; with cfg.stability_seeds,
+    the same projection at each of those seeds stacked after it (:class:`StackedProjector`)."""
     sizes = [(n, p.numel()) for n, p in model_params]
     shapes = [(n, tuple(p.shape)) for n, p in model_params]
-    return make_projector(cfg.projection, sizes, k=cfg.k, seed=cfg.seed, nnz=cfg.nnz, shapes=shapes)
+    made = [make_projector(cfg.projection, sizes, k=cfg.k, seed=seed, nnz=cfg.nnz, shapes=shapes)
+            for seed in (cfg.seed, *cfg.stability_seeds)]
+    return made[0] if len(made) == 1 else StackedProjector(made)
 
 
 def _iter_batches(
@@ -342,8 +345,10 @@ def compute_part(task: GradientShardTask, on_rows: Optional[Callable[[int], None
         res = compute_gradients(loaded.model, task.samples, task.docs, cfg, on_batch=on_rows,
                                 calibrations=loaded.calibrations)
     reasons = np.array([res.reasons.get(i, "") for i in range(len(res.norms))], dtype=str)
+    dim = res.projection["dim"]  # the main projection's columns; the stability seeds' follow
     return sharded.PartOutput(
-        arrays={"grads": res.grads, "norms": res.norms, "bad": res.bad, "reasons": reasons},
+        arrays={"grads": res.grads[:, :dim], "extra": res.grads[:, dim:], "norms": res.norms, "bad": res.bad,
+                "reasons": reasons},
         summary={
             "seconds": res.seconds,
             "projection": res.projection,
@@ -379,8 +384,11 @@ def run_gradients(
     max_len: int,
     parts_dir: Optional[str] = None,
     tokenizer_loader: Optional[Callable[[Any], Any]] = None,
+    out_projections: Optional[str] = None,
 ) -> dict:
-    """The gradients stage: ``out_npy`` (N, dim) and ``out_table`` (sample, norm, bad, reason).
+    """The gradients stage: ``out_npy`` (N, dim), ``out_table`` (sample, norm, bad, reason)
+    and ``out_projections`` (S, N, dim): the same gradients projected with each of the S
+    cfg.stability_seeds (S = 0: an empty array; default path: ``<out_npy stem>_projections.npy``).
 
     Shards of cfg.shard_samples samples are computed in-process or on Dask workers (as
     the losses stage, through pipeline/core/sharded.py), each written as a part file in
@@ -403,7 +411,8 @@ def run_gradients(
     )
     run, meta = sharded.run_sharded(
         work, sharded.Execution.of(cfg),
-        lambda run: (run, _assemble(store, shard_bounds, run.identity, samples, out_npy, out_table)),
+        lambda run: (run, _assemble(store, shard_bounds, run.identity, samples, out_npy, out_table,
+                                    out_projections or projections_path(out_npy))),
     )
     for res in run.results:
         for w in res["warnings"]:
@@ -423,6 +432,12 @@ def run_gradients(
         "identity": run.identity,
     })
     return meta
+
+
+def projections_path(out_npy: str | Path) -> Path:
+    """Where the stability seeds' projections go by default: ``<stem>_projections.npy`` beside out_npy."""
+    out_npy = Path(out_npy)
+    return out_npy.with_name(f"{out_npy.stem}_projections.npy")
 
 
 def _read_inputs(samples_path: str, tokens_path: str) -> tuple[Any, Any]:
@@ -500,30 +515,35 @@ def _task_maker(shard_bounds: list[tuple[int, int]], samples: Any, tokens: Any, 
 
 
 def _assemble(store: "shards.ShardStore", shard_bounds: list[tuple[int, int]], identity: dict, samples: Any,
-              out_npy: str, out_table: str) -> dict:
-    """Every part exists now (computed or reused): write the (N, dim) array in one pass into a
-    memmap, and the per-sample table; remove the parts. Returns the outputs' part of the meta."""
+              out_npy: str, out_table: str, out_projections: str) -> dict:
+    """Every part exists now (computed or reused): write the (N, dim) array and the
+    (S, N, dim) stability projections in one pass into memmaps, and the per-sample table;
+    remove the parts. Returns the outputs' part of the meta."""
     import pyarrow as pa
 
     from pipeline.core import files
 
     n = len(samples)
-    first = store.read(0)[1]["grads"]
-    dim, dtype = first.shape[1], first.dtype
+    first = store.read(0)[1]
+    dim, dtype = first["grads"].shape[1], first["grads"].dtype
+    n_extra = first["extra"].shape[1] // dim
     del first
     norms = np.zeros(n, dtype=np.float32)
     bad = np.zeros(n, dtype=bool)
     reasons = np.full(n, "", dtype=object)
-    with files.atomic_path(out_npy) as tmp:
+    with files.atomic_path(out_npy) as tmp, files.atomic_path(out_projections) as tmp_extra:
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, dim))
+        extra = np.lib.format.open_memmap(tmp_extra, mode="w+", dtype=dtype, shape=(n_extra, n, dim))
         for index, (a, b) in enumerate(shard_bounds):
             part = store.read(index)[1]
             arr[a:b] = part["grads"]
+            extra[:, a:b] = part["extra"].reshape(b - a, n_extra, dim).transpose(1, 0, 2)
             norms[a:b] = part["norms"]
             bad[a:b] = part["bad"]
             reasons[a:b] = part["reasons"]
         arr.flush()
-        del arr
+        extra.flush()
+        del arr, extra
     table = pa.table(
         {
             "sample": pa.array(samples["sample"].to_numpy(np.int32)),

@@ -48,6 +48,7 @@ order): for tiny models and for tests.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
@@ -349,6 +350,41 @@ class LoGraProjector(Projector):
 
     def describe(self) -> dict:
         return {"projection": "logra", "dim": self.dim, "rank": self.rank, "seed": self.seed, "hash": "fmix32x2-sha256"}
+
+
+class StackedProjector(Projector):
+    """Several projections of the same gradient side by side: columns [0, d_0) are the
+    first projector's, [d_0, d_0 + d_1) the second's, and so on.
+
+    The gradients stage projects each exact per-sample gradient with extra seeds
+    (``gradients.stability_seeds``) in the same pass: what the random projection alone
+    changes in the clustering costs a projection, not another backward. The first
+    projector's columns are bit for bit what it gives alone.
+    """
+
+    def __init__(self, projectors: Sequence[Projector]):
+        if not projectors:
+            raise ProjectionError("StackedProjector needs at least one projector")
+        self.parts = list(projectors)
+        self.sizes = dict(self.parts[0].sizes)
+        self.offsets = [0, *itertools.accumulate(p.dim for p in self.parts)]
+        self.dim = self.offsets[-1]
+
+    def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        for p, a, b in zip(self.parts, self.offsets[:-1], self.offsets[1:]):
+            p.add_(out[:, a:b], name, grad)
+
+    def limit_cache(self, nbytes: int) -> None:
+        for p in self.parts:
+            p.limit_cache(nbytes // len(self.parts))
+
+    def cache_room(self) -> int:
+        return sum(p.cache_room() for p in self.parts)
+
+    def describe(self) -> dict:
+        """The first projector's settings, with the extra copies' seeds and their columns."""
+        return {**self.parts[0].describe(), "stability_seeds": [p.seed for p in self.parts[1:]],
+                "stacked_dim": self.dim}
 
 
 def make_projector(

@@ -11,7 +11,19 @@ the dense affinity the cluster stage already holds (no gradient is reloaded):
 - ``null_z``: (coherence - m) / s, where m and s are the mean and standard deviation of the
   coherence of ``cluster.null_draws`` random groups of the same size, drawn without
   replacement from all samples of the affinity with ``cluster.seed``. A cluster that any group
-  of its size would match (z near 0) is not a quantum, whatever its contexts look like.
+  of its size would match (z near 0) is not a quantum, whatever its contexts look like;
+- ``quality``: (coherence - m) / (1 - m), the cluster's coherence on a scale from a random
+  group of its size (0) to identical gradients (1): the score the summary and the report
+  rank clusters by.
+
+Why quality is the null-relative coherence and not a product with stability or separation:
+coherence is what says the members share one mechanism. On the planted suite it separates
+clusters that hold one quantum (>= 90% of members) from mixed ones (< 60%) perfectly
+(ROC AUC 1.0 pooled over k = 25, 50, 100 on seed 0), while stability (0.45) and separation
+(0.43) do not: a quantum split in two gives two pure halves that are unstable and close to
+each other, because the cut between them is arbitrary, not because either half is mixed.
+Stability and separation say whether the *cut* is right; they stay beside quality as
+columns of their own (docs/cluster-quality.md has the measured table).
 
 A cluster of one member has no pair: its coherence, separation and null z are null (not
 NaN). A kNN affinity holds only the nearest neighbours' cosines, so these columns are null
@@ -20,16 +32,19 @@ there too, and ``quality_note`` in metrics/qdg.json says why.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pipeline.core.config import ClusterConfig
+from pipeline.qdg import labels, stability
 from pipeline.qdg.clustering import sweep_columns
 from pipeline.qdg.similarity import cosines_from_affinity
 
-_COLUMNS = {"cluster": "int32", "coherence": "Float64", "separation": "Float64", "null_z": "Float64"}
+_COLUMNS = {"cluster": "int32", "coherence": "Float64", "separation": "Float64", "null_z": "Float64",
+            "quality": "Float64"}
 NULL_Z_MIN = 3.0  # metrics/qdg.json `above_null`: the share of samples in clusters this far above their null
 
 
@@ -54,7 +69,7 @@ def null_coherence(cos: np.ndarray, sizes: np.ndarray, draws: int, seed: int) ->
 
 def cluster_quality(cos: np.ndarray, labels: np.ndarray, null: Mapping[int, tuple[float, float]]) -> pd.DataFrame:
     """One row per cluster 0..k-1 of `labels` (over the rows of `cos`; -1: not clustered):
-    cluster, coherence, separation, null_z (nullable floats; see the module docstring).
+    cluster, coherence, separation, null_z, quality (nullable floats; see the module docstring).
 
     cos (N, N): cosine similarities of the clustered rows; null: :func:`null_coherence`.
     """
@@ -77,12 +92,15 @@ def cluster_quality(cos: np.ndarray, labels: np.ndarray, null: Mapping[int, tupl
     nearest = cross.max(axis=1)  # -inf when there is no other cluster
     separation = np.where(multi & np.isfinite(nearest), coherence - nearest, np.nan)
     z = np.full(k, np.nan)
+    score = np.full(k, np.nan)
     for c in np.flatnonzero(multi):
         m, s = null.get(int(sizes[c]), (np.nan, np.nan))
         if s > 0:
             z[c] = (coherence[c] - m) / s
+        if m < 1:
+            score[c] = (coherence[c] - m) / (1 - m)
     frame = pd.DataFrame({"cluster": np.arange(k, dtype=np.int32)})
-    for name, values in (("coherence", coherence), ("separation", separation), ("null_z", z)):
+    for name, values in (("coherence", coherence), ("separation", separation), ("null_z", z), ("quality", score)):
         frame[name] = pd.array([float(v) if np.isfinite(v) else None for v in values], dtype="Float64")
     return frame
 
@@ -108,23 +126,99 @@ def share_above_null(quality: pd.DataFrame, labels: np.ndarray, z_min: float = N
     return float(np.isin(keep, list(good)).mean())
 
 
-def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, draws: int,
-           seed: int) -> tuple[Optional[pd.DataFrame], dict]:
-    """The cluster stage's quality: (:func:`sweep_quality` of every clustering of the sweep,
-    or None on a kNN affinity; the numbers for metrics/qdg.json).
+def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: ClusterConfig, *,
+           answer: np.ndarray, prev: np.ndarray, token_str: Mapping[int, str],
+           projections: Sequence = ()) -> tuple[pd.DataFrame, dict]:
+    """The cluster stage's assessment of every clustering of the sweep: one row per (k,
+    cluster) with coherence, separation, null_z, quality (this module), stability
+    (:mod:`pipeline.qdg.stability`) and the label columns (:mod:`pipeline.qdg.labels`);
+    and the numbers for metrics/qdg.json.
 
-    affinity: the similarity stage's, over the samples `ids`; kind: its ``similarity.affinity``;
-    clusters: the clusters table (row i = sample i). ``above_null`` is the share of the main
-    clustering's samples in clusters with null_z >= NULL_Z_MIN.
+    affinity: the similarity stage's, over the samples `ids`; kind: its
+    ``similarity.affinity``; clusters: the clusters table (row i = sample i); answer (N,)
+    and prev (N, 3): every sample's target token and the three tokens before it;
+    projections: affinities over the same `ids` from the gradients' extra projection seeds.
     """
-    if sp.issparse(affinity):
-        return None, {"quality_note": "a kNN affinity holds only neighbours' cosines: coherence, separation and "
-                                      "null_z are null (similarity.mode: dense computes them)"}
-    cos = cosines_from_affinity(affinity, kind)  # (used, used)
     sweep = {k: clusters[col].to_numpy()[ids] for k, col in sweep_columns(clusters).items()}
-    table = sweep_quality(cos, sweep, draws, seed)
     main = clusters["cluster"].to_numpy()[ids]
-    main_k = next((k for k, lab in sweep.items() if np.array_equal(lab, main)), None)
-    # Leiden's own partition is not one of the sweep's cuts: it gets a table of its own
-    main_q = table[table["k"] == main_k] if main_k is not None else sweep_quality(cos, {-1: main}, draws, seed)
-    return table, {"above_null": round(share_above_null(main_q, main), 4), "above_null_z_min": NULL_Z_MIN}
+    main_k = next(iter(sweep))  # the clusters table lists the main clustering's k<k> column first
+    metrics: dict = {}
+    if sp.issparse(affinity):
+        metrics["quality_note"] = ("a kNN affinity holds only neighbours' cosines: coherence, separation, null_z and "
+                                   "quality are null (similarity.mode: dense computes them)")
+        keys = [(k, c) for k, lab in sweep.items() for c in range(int(lab.max()) + 1)]
+        table = pd.DataFrame({"k": np.array([k for k, _ in keys], np.int32),
+                              "cluster": np.array([c for _, c in keys], np.int32)})
+        for name, dtype in _COLUMNS.items():
+            if name != "cluster":
+                table[name] = pd.array([None] * len(table), dtype=dtype)
+    else:
+        table = sweep_quality(cosines_from_affinity(affinity, kind), sweep, cfg.null_draws, cfg.seed)
+        metrics["above_null"] = round(share_above_null(table[table["k"] == main_k], main), 4)
+        metrics["above_null_z_min"] = NULL_Z_MIN
+    stab, stab_metrics = stability.subsample_stability(affinity, sweep, cfg)
+    if projections:
+        aris = stability.projection_ari(projections, main, int(main.max()) + 1, cfg)
+        stab_metrics["projection_ari"] = round(float(np.mean(aris)), 4)
+        stab_metrics["projection_aris"] = [round(a, 4) for a in aris]
+    else:
+        stab_metrics["projection_ari"] = None
+        stab_metrics["projection_note"] = "gradients.stability_seeds is empty: no second projection to compare"
+    metrics["stability"] = stab_metrics
+    named = labels.sweep_labels(sweep, np.asarray(answer)[ids], np.asarray(prev)[ids], token_str, cfg.seed)
+    metrics["explained_by_ngram"] = round(labels.explained_share(named[named["k"] == main_k], main), 4)
+    metrics["explained_by_ngram_f1_min"] = labels.NGRAM_F1
+    table = table.merge(stab, on=["k", "cluster"], how="left").merge(named, on=["k", "cluster"], how="left")
+    return table, metrics
+
+
+# ---------------------------------------------------------------- against planted ground truth
+
+PURE, IMPURE = 0.9, 0.6  # a cluster is pure when its majority quantum holds >= 90% of it, impure below 60%
+MIN_CLASS = 5  # clusters of each kind needed before an ROC AUC means anything
+TARGET_AUC, TARGET_CUES = 0.9, 0.9  # the planted targets (README "Which clusters are quanta")
+
+
+def planted_scores(summary: pd.DataFrame, sweep: Mapping[int, np.ndarray], truth: np.ndarray,
+                   cue_ids: Sequence[Sequence[int]]) -> dict:
+    """How well the assessment knows the planted quanta (metrics/validate.json ``quality``).
+
+    summary: the cluster summary (k, cluster, quality, label_context); sweep: k -> labels
+    over the scored samples; truth: their planted quantum (-1: none); cue_ids[q]: the token
+    ids a label must name for quantum q (:func:`pipeline.planted.suite.read_cues`).
+    ``quality_auc``: ROC AUC of quality between pure and impure clusters, pooled over
+    every k of the sweep (clusters of one member, which have no quality, are left out),
+    or a ``quality_auc_skipped`` reason when either kind has fewer than MIN_CLASS
+    clusters; ``labels_name_cues``: the share of pure clusters (majority a quantum) whose
+    label's context holds every cue of that quantum.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    rows = []
+    for k, lab in sweep.items():
+        for c in range(int(lab.max()) + 1):
+            t = np.asarray(truth)[lab == c]
+            if t.size == 0:
+                continue
+            counts = np.bincount(t + 1)
+            rows.append((int(k), c, counts.max() / t.size, int(counts.argmax()) - 1))
+    purity = pd.DataFrame(rows, columns=["k", "cluster", "purity", "majority"])
+    table = purity.merge(summary[["k", "cluster", "quality", "label_context"]], on=["k", "cluster"], how="left")
+    kind = np.where(table["purity"] >= PURE, 1, np.where(table["purity"] < IMPURE, 0, -1))
+    scored = (kind >= 0) & table["quality"].notna().to_numpy()
+    n_pure, n_impure = int((kind[scored] == 1).sum()), int((kind[scored] == 0).sum())
+    out: dict = {"pure_min": PURE, "impure_max": IMPURE, "n_pure": n_pure, "n_impure": n_impure,
+                 "n_between": int((kind == -1).sum()), "pooled_k": [int(k) for k in sweep]}
+    if min(n_pure, n_impure) < MIN_CLASS:
+        out["quality_auc"] = None
+        out["quality_auc_skipped"] = (f"{n_pure} pure and {n_impure} impure clusters: an ROC AUC needs at least "
+                                      f"{MIN_CLASS} of each")
+    else:
+        q = table["quality"].to_numpy(dtype=float, na_value=np.nan)
+        out["quality_auc"] = round(float(roc_auc_score(kind[scored], q[scored])), 4)
+    pure = table[(kind == 1) & (table["majority"] >= 0)]
+    named = [r.label_context is not None and all(str(t) in list(r.label_context) for t in cue_ids[r.majority])
+             for r in pure.itertuples()]
+    out["labels_name_cues"] = round(float(np.mean(named)), 4) if named else None
+    out["n_pure_labelled"] = len(named)
+    return out
