@@ -63,7 +63,17 @@ def make_inputs(tmp_path: Path, n_docs: int = 30, doc_len: int = 40, n_samples: 
     main[:k] = np.arange(k)  # every cluster non-empty
     clusters = pd.DataFrame({"sample": samples["sample"], "cluster": main, f"k{k}": main, f"k{k - 1}": main % (k - 1)})
     clusters.loc[n_samples - 1, ["cluster", f"k{k}", f"k{k - 1}"]] = -1  # one bad sample, never clustered
-    summary = clustering.summarise(clusters, samples, dict(enumerate(VOCAB)), ClusterConfig(n_clusters=(k, k - 1)))
+    # the assessment of the main k (pipeline/qdg/quality.py): cluster 1 ranks first, cluster 2
+    # is below its null, cluster 0 is explained by an n-gram, and a label carries hostile text
+    assessment = pd.DataFrame({
+        "k": k, "cluster": range(k), "quality": ([0.5, 0.9, 0.1, 0.7] + [0.3] * k)[:k],
+        "null_z": ([5.0, 8.0, 1.0, 6.0] + [4.0] * k)[:k], "stability": 0.8,
+        "label": ([f"'{HOSTILE[1]}' → ' x'", "→ ' cat'", None, "[newline] → [indent]"] + ["→ '.'"] * k)[:k],
+        "label_kind": (["bigram", "answer", "none", "class"] + ["answer"] * k)[:k],
+        "label_f1": ([0.97, 0.4, None, 0.6] + [0.5] * k)[:k], "ngram_f1": ([0.97, 0.4, None, 0.2] + [0.5] * k)[:k],
+    })
+    summary = clustering.summarise(clusters, samples, dict(enumerate(VOCAB)), ClusterConfig(n_clusters=(k, k - 1)),
+                                   assessment)
     quanta = rng.integers(-1, 3, n_samples)
     return tokens, samples, clusters, summary.to_pandas(), quanta
 
@@ -126,7 +136,10 @@ def _page(tmp_path, cfg: ReportConfig = ReportConfig(), **kw) -> tuple[str, repo
     tokens, samples, clusters, summary, quanta = make_inputs(tmp_path, **kw)
     data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, 4, quanta)
     theory = {"planted": True, "pass": False, "planted_alpha": 0.5, "failures": ["<b>bold</b> claim"], "routes": {}}
-    page = report.render(data, {"theory": theory, "qdg": {"stability_ari": 0.9}}, {}, subtitle="<i>sub</i>")
+    qdg = {"stability": {"subsample_ari": 0.9, "subsample_draws": 5, "projection_ari": 0.95}, "above_null": 0.8,
+           "above_null_z_min": 3.0, "explained_by_ngram": 0.3, "explained_by_ngram_f1_min": 0.9,
+           "baselines": {"answer": {"ari": 0.1, "nmi": 0.2}, "previous": {"ari": 0.4, "nmi": 0.5}}}
+    page = report.render(data, {"theory": theory, "qdg": qdg}, {}, subtitle="<i>sub</i>")
     return page, data
 
 
@@ -135,7 +148,7 @@ def test_page_has_only_its_own_markup(tmp_path):
     assert page.count("<script") == 2  # the JSON data block and the page's script
     # the data block runs to its own end: everything up to the first </script> is the whole JSON
     block = page.split('<script id="quanta-data" type="application/json">')[1].split("</script>")[0]
-    assert json.loads(block) == data.to_json()
+    assert json.loads(block) == {**data.to_json(), "null_z_min": 3.0, "ngram_f1_min": 0.9}
     assert any(h in data.strings for h in HOSTILE)
     for bad in ("<img", "<b>bold", "<i>sub", "<script>window", "</script><script>window"):
         assert bad not in page
@@ -191,13 +204,26 @@ def test_report_in_chromium(tmp_path):
         assert rows.count() == 4
         assert page.locator("#clusters tbody tr:not([hidden])").count() == 4
         assert page.inner_text("#count").startswith("4 of 4 clusters")
-        # the largest cluster is selected first, with its examples
+        # ranked by quality, the best cluster selected first with its examples and its label
+        ids = [rows.nth(i).get_attribute("data-id") for i in range(4)]
+        assert ids == ["1", "3", "0", "2"]
+        assert page.locator("#clusters tbody tr.below-null").get_attribute("data-id") == "2"
+        assert "below null" in rows.nth(3).inner_text()
+        assert rows.nth(2).locator("td").nth(2).inner_text() == f"'{HOSTILE[1]}' → ' x'"  # a label is text
+        for i in range(4):  # purity as a plain fraction with the majority quantum
+            assert re.fullmatch(r"[01]\.\d\d \(q-?\d+\)", rows.nth(i).locator("td").nth(9).inner_text())
+        n_examples = page.locator("#detail .example").count()
+        assert n_examples == int(rows.nth(0).locator("td").nth(1).inner_text())
+        assert "label: → ' cat'" in page.inner_text("#detail")
+        # hide what an n-gram explains: cluster 0 (n-gram F1 0.97)
+        page.check("#hide-ngram")
+        assert page.locator("#clusters tbody tr:not([hidden])").count() == 3
+        assert page.locator("#clusters tbody tr[data-id='0']").is_hidden()
+        page.uncheck("#hide-ngram")
+        # sortable by size
+        page.click("th[data-key='size']")
         sizes = [int(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(4)]
         assert sizes == sorted(sizes, reverse=True)
-        for i in range(4):  # purity as a plain fraction with the majority quantum
-            assert re.fullmatch(r"[01]\.\d\d \(q-?\d+\)", rows.nth(i).locator("td").nth(4).inner_text())
-        n_examples = page.locator("#detail .example").count()
-        assert n_examples == sizes[0]
         assert page.locator("#detail .tok.target").count() == n_examples
         assert page.locator("#detail .example .loss").count() == n_examples
 

@@ -101,6 +101,20 @@ def cluster_column(clusters: pd.DataFrame, k: Optional[int], main_k: int) -> tup
     return sweep[k], k
 
 
+#: the summary's assessment columns each cluster of the browser carries (pipeline/qdg/quality.py)
+ASSESSMENT = ("quality", "stability", "null_z", "coherence", "separation", "label", "label_kind", "label_precision",
+              "label_recall", "label_f1", "ngram_f1")
+
+
+def _plain(v: Any) -> Any:
+    """A summary value as JSON: floats rounded to 4 places, missing values None."""
+    if v is None or (np.isscalar(v) and pd.isna(v)):
+        return None
+    if isinstance(v, (float, np.floating)):
+        return round(float(v), 4)
+    return v
+
+
 def collect(
     clusters: pd.DataFrame,
     samples: pd.DataFrame,
@@ -147,9 +161,10 @@ def collect(
     index, strings = read_token_texts(tokens_path, flat)
     bounds = np.r_[0, np.cumsum(lengths)]
 
-    top = {}
-    for r in summary[summary["k"] == k].itertuples(index=False):
-        top[int(r.cluster)] = [[str(t), int(n)] for t, n in zip(r.top_tokens, r.top_counts)]
+    top, assessed = {}, {}
+    for r in summary[summary["k"] == k].to_dict("records"):
+        top[int(r["cluster"])] = [[str(t), int(n)] for t, n in zip(r["top_tokens"], r["top_counts"])]
+        assessed[int(r["cluster"])] = {key: _plain(r.get(key)) for key in ASSESSMENT}
 
     examples: dict[int, list[dict]] = {}
     has_q = quanta is not None
@@ -182,6 +197,7 @@ def collect(
                 "quantum": quantum,
                 "top": top.get(int(c), []),
                 "examples": examples.get(int(c), []),
+                **assessed.get(int(c), dict.fromkeys(ASSESSMENT)),
             }
         )
     return ReportData(k=k, n_samples=int(len(df)), planted=has_q, strings=strings, clusters=out)
@@ -269,13 +285,28 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
     e = html.escape
     items = [(f"{data.n_samples:,}", "clustered samples"), (str(len(data.clusters)), f"clusters (k = {data.k})")]
     qdg = metrics.get("qdg") or {}
-    if "stability_ari" in qdg:
-        how = "ARI between seeds" if qdg.get("method", "spectral") == "spectral" else "ARI on a 90% subsample"
-        items.append((_num(qdg["stability_ari"]), f"stability ({how})"))
+    stab = qdg.get("stability") or {}
+    if stab.get("subsample_ari") is not None:
+        items.append((_num(stab["subsample_ari"]), f"stability: ARI on {stab.get('subsample_draws')} subsamples"))
+    elif "stability_ari" in qdg:
+        items.append((_num(qdg["stability_ari"]), "stability (ARI between seeds)"))
+    if stab.get("projection_ari") is not None:
+        items.append((_num(stab["projection_ari"]), "stability: ARI across projection seeds"))
+    if qdg.get("above_null") is not None:
+        items.append((_num(qdg["above_null"]), f"samples in clusters above their null (z ≥ {qdg.get('above_null_z_min', 3):g})"))
+    if qdg.get("explained_by_ngram") is not None:
+        items.append((_num(qdg["explained_by_ngram"]), "samples in clusters an n-gram explains (held-out F1 ≥ 0.9)"))
+    base = qdg.get("baselines") or {}
+    for key, name in (("answer", "answer token"), ("previous", "previous token"), ("previous_answer", "(previous, answer)")):
+        if isinstance(base.get(key), dict):
+            items.append((_num(base[key]["ari"]), f"ARI of the clusters vs the {name} partition"))
     val = metrics.get("validate") or {}
     if val.get("planted") and "qdg" in val:
         items.append((_num(val["qdg"]["ari"]), f"ARI vs planted quanta (k = {val['qdg'].get('k', data.k)})"))
         items.append((_num(val["baseline_answer"]["ari"]), "ARI of the answer-token baseline"))
+        auc = (val.get("quality") or {}).get("quality_auc")
+        if auc is not None:
+            items.append((_num(auc), "quality's ROC AUC, pure vs mixed clusters"))
     # the theory's cluster-size route reads the rank MLE; CSN's tail MLE where it is absent
     fits = metrics.get("powerlaw") or {}
     for key, name in (("rank_mle", "rank MLE"), ("mle", "CSN tail MLE")):
@@ -284,6 +315,13 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
             items.append((_num(fit["rank_exponent"], 2), f"cluster-size Zipf exponent ({name})"))
             break
     return '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(t)}</span></div>" for v, t in items) + "</div>"
+
+
+def _page_data(data: ReportData, metrics: dict[str, dict]) -> dict:
+    """The browser's JSON: the clusters, and the thresholds that mark them (metrics/qdg.json)."""
+    qdg = metrics.get("qdg") or {}
+    return {**data.to_json(), "null_z_min": qdg.get("above_null_z_min", 3.0),
+            "ngram_f1_min": qdg.get("explained_by_ngram_f1_min", 0.9)}
 
 
 def render(
@@ -325,10 +363,11 @@ def render(
 <h2>Clusters (k = {data.k})</h2>
 <div class="browser">
 <div>
-<input id="search" type="search" placeholder="search tokens, contexts or #id" aria-label="search clusters">
+<input id="search" type="search" placeholder="search tokens, labels, contexts or #id" aria-label="search clusters">
+<label class="filter"><input id="hide-ngram" type="checkbox"> hide clusters an n-gram explains (held-out F1 ≥ 0.9)</label>
 <div id="count"></div>
 <div class="list"><table id="clusters"><thead><tr>
-<th class=num data-key="id">id</th><th class=num data-key="size" aria-sort="descending">size</th><th>top answer tokens</th><th class=num data-key="mean_loss">mean loss</th>{purity_head}
+<th class=num data-key="id">id</th><th class=num data-key="size">size</th><th data-key="label">label</th><th class=num data-key="label_f1" title="held-out F1 of the label">F1</th><th class=num data-key="quality" aria-sort="descending" title="coherence from a random group of its size (0) to identical gradients (1)">quality</th><th class=num data-key="stability" title="best-match Jaccard over subsamples">stability</th><th class=num data-key="null_z" title="coherence against random groups of its size, in standard deviations">null z</th><th>top answer tokens</th><th class=num data-key="mean_loss">mean loss</th>{purity_head}
 </tr></thead><tbody></tbody></table></div>
 </div>
 <div id="detail" class="detail"></div>
@@ -338,7 +377,7 @@ def render(
 <section id="theory"><h2>Theory check</h2>{_theory_table(metrics.get("theory"))}</section>
 <section id="metrics"><h2>All metrics</h2>{raw}</section>
 </main>
-<script id="quanta-data" type="application/json">{_json_for_script(data.to_json())}</script>
+<script id="quanta-data" type="application/json">{_json_for_script(_page_data(data, metrics))}</script>
 <script>{js}</script>
 </body>
 </html>

@@ -33,15 +33,28 @@
   var count = document.getElementById("count");
   var search = document.getElementById("search");
   var detail = document.getElementById("detail");
+  var hideNgram = document.getElementById("hide-ngram");
   var byId = {};
-  var sortKey = "size", sortDir = -1, selected = null;
+  // Ranked by quality by default (clusters without one, of a single member, last).
+  var sortKey = "quality", sortDir = -1, selected = null;
+  function belowNull(c) { return c.null_z !== null && c.null_z !== undefined && c.null_z < data.null_z_min; }
+  function ngramExplained(c) { return c.ngram_f1 !== null && c.ngram_f1 !== undefined && c.ngram_f1 >= data.ngram_f1_min; }
 
   data.clusters.forEach(function (c) {
     byId[c.id] = c;
-    var tr = el("tr");
+    var tr = el("tr", belowNull(c) ? "below-null" : null);
     tr.dataset.id = c.id;
     tr.appendChild(el("td", "num", "#" + c.id));
     tr.appendChild(el("td", "num", String(c.size)));
+    var lab = el("td", "label", c.label === null || c.label === undefined ? "\u2013" : c.label);
+    if (c.label_kind) lab.title = c.label_kind + " rule; held-out precision " + fixed(c.label_precision, 2) + ", recall " + fixed(c.label_recall, 2);
+    tr.appendChild(lab);
+    tr.appendChild(el("td", "num", fixed(c.label_f1, 2)));
+    var qual = el("td", "num", fixed(c.quality, 3));
+    if (belowNull(c)) qual.appendChild(el("small", "flag", " below null"));
+    tr.appendChild(qual);
+    tr.appendChild(el("td", "num", fixed(c.stability, 2)));
+    tr.appendChild(el("td", "num", fixed(c.null_z, 1)));
     var top = el("td");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
     tr.appendChild(top);
@@ -54,7 +67,7 @@
   // What a search matches: the cluster id, its top tokens and the text of its examples.
   function haystack(c) {
     if (c.hay === undefined) {
-      var parts = ["#" + c.id];
+      var parts = ["#" + c.id, c.label || ""];
       c.top.forEach(function (t) { parts.push(t[0]); });
       c.examples.forEach(function (ex) { parts.push(ex.ctx.map(function (i) { return S[i]; }).join("")); });
       c.hay = parts.join("\n").toLowerCase();
@@ -73,13 +86,15 @@
     });
     var shown = 0, frag = document.createDocumentFragment();
     list.forEach(function (c) {
-      var ok = !q || String(c.id) === q.replace(/^#/, "") || haystack(c).indexOf(q) >= 0;
+      var ok = (!q || String(c.id) === q.replace(/^#/, "") || haystack(c).indexOf(q) >= 0) &&
+        !(hideNgram.checked && ngramExplained(c));
       c.tr.hidden = !ok;
       if (ok) shown++;
       frag.appendChild(c.tr);
     });
     tbody.appendChild(frag);
-    count.textContent = shown + " of " + data.clusters.length + " clusters" + (q ? " match \u201c" + search.value.trim() + "\u201d" : "");
+    count.textContent = shown + " of " + data.clusters.length + " clusters" + (q ? " match \u201c" + search.value.trim() + "\u201d" : "") +
+      (hideNgram.checked ? " (n-gram-explained hidden)" : "");
   }
 
   table.querySelectorAll("th[data-key]").forEach(function (th) {
@@ -93,6 +108,7 @@
     });
   });
   search.addEventListener("input", refresh);
+  hideNgram.addEventListener("change", refresh);
 
   function renderExample(ex) {
     var box = el("div", "example");
@@ -126,6 +142,14 @@
     var m = c.size + " samples \u00b7 mean loss " + loss(c.mean_loss) + " nats";
     if (data.planted) m += " \u00b7 purity " + fixed(c.purity, 2) + (c.quantum === null ? "" : " (majority planted quantum " + c.quantum + ")");
     detail.appendChild(el("div", "meta", m));
+    if (c.label) {
+      detail.appendChild(el("div", "meta", "label: " + c.label + "  (" + c.label_kind + " rule; held-out precision " +
+        fixed(c.label_precision, 2) + ", recall " + fixed(c.label_recall, 2) + ", F1 " + fixed(c.label_f1, 2) +
+        "; best n-gram F1 " + fixed(c.ngram_f1, 2) + ")"));
+    }
+    detail.appendChild(el("div", "meta", "quality " + fixed(c.quality, 3) + " \u00b7 coherence " + fixed(c.coherence, 3) +
+      " \u00b7 separation " + fixed(c.separation, 3) + " \u00b7 null z " + fixed(c.null_z, 1) + " \u00b7 stability " +
+      fixed(c.stability, 2) + (belowNull(c) ? " \u00b7 below its null: not distinguishable from a random group" : "")));
     var top = el("div", "meta", "top answer tokens: ");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
     detail.appendChild(top);
@@ -135,7 +159,8 @@
 
   refresh();
   var m = /^#cluster-(\d+)$/.exec(location.hash);
-  var first = data.clusters.length ? data.clusters.slice().sort(function (a, b) { return b.size - a.size; })[0].id : null;
+  var firstRow = tbody.querySelector("tr:not([hidden])");
+  var first = firstRow ? Number(firstRow.dataset.id) : null;
   if (m && byId[m[1]]) select(Number(m[1]));
   else if (first !== null) select(first);
   document.body.dataset.ready = "1";
