@@ -290,7 +290,9 @@ def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool
                 f"model '{spec.name}': a local GGUF file has the single revision 'main', not '{spec.revision}' "
                 "(fix suite.revisions: list main)"
             )
-        # transformers takes an existing gguf_file path as is; the directory is only a name.
+        # transformers takes an existing gguf_file path as is, but joins a relative one onto the
+        # directory (cache/x.gguf would become cache/cache/x.gguf): so the path is made absolute.
+        file = file.resolve()
         return _Location(str(file.parent), {"gguf_file": str(file), "local_files_only": True}, hub=False)
 
     # hub id, possibly with a GGUF file in the repo

