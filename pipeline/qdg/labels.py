@@ -250,13 +250,3 @@ def sweep_labels(sweep: Mapping[int, np.ndarray], answer: np.ndarray, prev: np.n
     if not frames:
         return _frame([]).assign(k=pd.Series([], dtype="int32"))
     return pd.concat(frames, ignore_index=True)
-
-
-def explained_share(labels_table: pd.DataFrame, labels: np.ndarray, f1_min: float = NGRAM_F1) -> float:
-    """The fraction of clustered samples whose cluster has ngram_f1 >= f1_min."""
-    labels = np.asarray(labels)
-    keep = labels[labels >= 0]
-    if keep.size == 0:
-        return 0.0
-    good = set(labels_table.loc[labels_table["ngram_f1"].fillna(-1.0) >= f1_min, "cluster"].astype(int))
-    return float(np.isin(keep, list(good)).mean())

@@ -116,13 +116,15 @@ def sweep_quality(cos: np.ndarray, sweep: Mapping[int, np.ndarray], draws: int, 
     return pd.concat(frames, ignore_index=True)
 
 
-def share_above_null(quality: pd.DataFrame, labels: np.ndarray, z_min: float = NULL_Z_MIN) -> float:
-    """The fraction of clustered samples whose cluster has null_z >= z_min."""
+def share_in_clusters(table: pd.DataFrame, labels: np.ndarray, column: str, minimum: float) -> float:
+    """The fraction of clustered samples (label >= 0) whose cluster has table[column] >=
+    minimum (a null value counts as below): ``above_null`` with null_z, ``explained_by_ngram``
+    with ngram_f1."""
     labels = np.asarray(labels)
     keep = labels[labels >= 0]
     if keep.size == 0:
         return 0.0
-    good = set(quality.loc[quality["null_z"].fillna(-np.inf) >= z_min, "cluster"].astype(int))
+    good = set(table.loc[table[column].astype(float).fillna(-np.inf) >= minimum, "cluster"].astype(int))
     return float(np.isin(keep, list(good)).mean())
 
 
@@ -154,7 +156,7 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
                 table[name] = pd.array([None] * len(table), dtype=dtype)
     else:
         table = sweep_quality(cosines_from_affinity(affinity, kind), sweep, cfg.null_draws, cfg.seed)
-        metrics["above_null"] = round(share_above_null(table[table["k"] == main_k], main), 4)
+        metrics["above_null"] = round(share_in_clusters(table[table["k"] == main_k], main, "null_z", NULL_Z_MIN), 4)
         metrics["above_null_z_min"] = NULL_Z_MIN
     stab, stab_metrics = stability.subsample_stability(affinity, sweep, cfg)
     if projections:
@@ -166,7 +168,7 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
         stab_metrics["projection_note"] = "gradients.stability_seeds is empty: no second projection to compare"
     metrics["stability"] = stab_metrics
     named = labels.sweep_labels(sweep, np.asarray(answer)[ids], np.asarray(prev)[ids], token_str, cfg.seed)
-    metrics["explained_by_ngram"] = round(labels.explained_share(named[named["k"] == main_k], main), 4)
+    metrics["explained_by_ngram"] = round(share_in_clusters(named[named["k"] == main_k], main, "ngram_f1", labels.NGRAM_F1), 4)
     metrics["explained_by_ngram_f1_min"] = labels.NGRAM_F1
     table = table.merge(stab, on=["k", "cluster"], how="left").merge(named, on=["k", "cluster"], how="left")
     return table, metrics

@@ -61,6 +61,12 @@ def subsample_stability(affinity, sweep: Mapping[int, np.ndarray], cfg: ClusterC
     n = affinity.shape[0]
     ks = list(sweep)
     size = int(round(cfg.stability_fraction * n))
+    if size <= max(ks):  # a subsample too small to cut at every k: no stability, said so
+        table = pd.concat([pd.DataFrame({"k": np.int32(k), "cluster": np.arange(int(lab.max()) + 1, dtype=np.int32),
+                                         "stability": pd.array([None] * (int(lab.max()) + 1), dtype="Float64")})
+                           for k, lab in sweep.items()], ignore_index=True)
+        return table, {"subsample_ari": None, "subsample_note": f"a {cfg.stability_fraction:.0%} subsample holds {size} "
+                       f"samples, not more than k = {max(ks)}: no subsample stability (lower cluster.n_clusters)"}
     check_k(ks, size)
     sums = {k: np.zeros(int(lab.max()) + 1) for k, lab in sweep.items()}
     counts = {k: np.zeros(int(lab.max()) + 1) for k, lab in sweep.items()}
