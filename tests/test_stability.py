@@ -44,15 +44,19 @@ def test_subsample_stability_high_on_blobs_low_on_noise():
     assert m2 == m and again.equals(table)
 
 
-def test_projection_ari_falls_with_the_projection_noise():
+def test_projection_stability_falls_with_the_projection_noise():
     x, truth = _blobs((50, 30, 20), seed=2, spread=0.3)
-    cfg = ClusterConfig(n_clusters=(3,), min_cluster_size=1)
-    main = clustering.agglomerative(sim.dense_affinity(x), [3])[3]
+    cfg = ClusterConfig(n_clusters=(3, 2), min_cluster_size=1)
+    main = clustering.agglomerative(sim.dense_affinity(x), [3, 2])
     rng = np.random.default_rng(0)
     near = sim.dense_affinity(x + 0.01 * rng.normal(size=x.shape).astype(np.float32))
     far = sim.dense_affinity(rng.normal(size=x.shape).astype(np.float32))
-    close, random = stability.projection_ari([near, far], main, 3, cfg)
+    table, (close, random) = stability.projection_stability([near, far], main, cfg)
     assert close == 1.0 and random < 0.2
+    # each cluster: Jaccard 1 against the near copy, less against the random one, averaged
+    assert len(table) == 3 + 2 and table["projection_stability"].between(0.5, 0.99).all()
+    alone, _ = stability.projection_stability([near], main, cfg)
+    assert (alone["projection_stability"] == 1.0).all()
 
 
 def test_too_few_samples_for_a_subsample_gives_null_stability_not_an_error():

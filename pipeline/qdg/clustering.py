@@ -534,7 +534,7 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
 
 SUMMARY_ASSESSMENT = [  # the assessment's columns in the summary (pipeline/qdg/quality.py.assess)
     ("coherence", pa.float32()), ("separation", pa.float32()), ("null_z", pa.float32()), ("quality", pa.float32()),
-    ("stability", pa.float32()), ("label", pa.string()), ("label_kind", pa.string()),
+    ("stability", pa.float32()), ("projection_stability", pa.float32()), ("label", pa.string()), ("label_kind", pa.string()),
     ("label_precision", pa.float32()), ("label_recall", pa.float32()), ("label_f1", pa.float32()),
     ("ngram_f1", pa.float32()), ("label_context", pa.list_(pa.string())), ("label_answer", pa.int32()),
 ]

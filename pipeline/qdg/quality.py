@@ -132,8 +132,8 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
            answer: np.ndarray, prev: np.ndarray, token_str: Mapping[int, str],
            projections: Sequence = ()) -> tuple[pd.DataFrame, dict]:
     """The cluster stage's assessment of every clustering of the sweep: one row per (k,
-    cluster) with coherence, separation, null_z, quality (this module), stability
-    (:mod:`pipeline.qdg.stability`) and the label columns (:mod:`pipeline.qdg.labels`);
+    cluster) with coherence, separation, null_z, quality (this module), stability and
+    projection_stability (:mod:`pipeline.qdg.stability`) and the label columns (:mod:`pipeline.qdg.labels`);
     and the numbers for metrics/qdg.json.
 
     affinity: the similarity stage's, over the samples `ids`; kind: its
@@ -160,10 +160,12 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
         metrics["above_null_z_min"] = NULL_Z_MIN
     stab, stab_metrics = stability.subsample_stability(affinity, sweep, cfg)
     if projections:
-        aris = stability.projection_ari(projections, main, int(main.max()) + 1, cfg)
+        proj, aris = stability.projection_stability(projections, sweep, cfg)
+        stab = stab.merge(proj, on=["k", "cluster"], how="left")
         stab_metrics["projection_ari"] = round(float(np.mean(aris)), 4)
         stab_metrics["projection_aris"] = [round(a, 4) for a in aris]
     else:
+        stab["projection_stability"] = pd.array([None] * len(stab), dtype="Float64")
         stab_metrics["projection_ari"] = None
         stab_metrics["projection_note"] = "gradients.stability_seeds is empty: no second projection to compare"
     metrics["stability"] = stab_metrics

@@ -11,9 +11,11 @@ ARI, over the draws, between the main clustering restricted to a subsample and t
 subsample's own clustering.
 
 Projections: the gradients stage can project the same exact per-sample gradient with more
-SJLT seeds (``gradients.stability_seeds``). :func:`projection_ari` clusters each such copy
-the way the cluster stage clusters the main one and reports its ARI against the main
-clustering: what the random projection alone changes.
+SJLT seeds (``gradients.stability_seeds``). :func:`projection_stability` clusters each such
+copy at every k the way the cluster stage clusters the main one: each cluster's
+``projection_stability`` is its best-match Jaccard against the copy's clustering, and the
+global ``projection_ari`` the copy's ARI against the main clustering: what the random
+projection alone changes.
 """
 
 from __future__ import annotations
@@ -94,9 +96,24 @@ def subsample_stability(affinity, sweep: Mapping[int, np.ndarray], cfg: ClusterC
     return pd.concat(frames, ignore_index=True), metrics
 
 
-def projection_ari(affinities: Sequence, main: np.ndarray, k: int, cfg: ClusterConfig) -> list[float]:
-    """ARI against `main` (labels over the same rows) of each affinity clustered at k with
-    cfg's method: one per extra projection seed."""
+def projection_stability(affinities: Sequence, sweep: Mapping[int, np.ndarray],
+                         cfg: ClusterConfig) -> tuple[pd.DataFrame, list[float]]:
+    """Each affinity (one per extra projection seed, over the same rows) clustered at every k
+    of the sweep with cfg's method: (one row per (k, cluster): k, cluster,
+    projection_stability, the best-match Jaccard against the copies' clusterings averaged
+    over copies; the ARI of each copy against the main clustering, the sweep's first entry).
+    """
     from sklearn.metrics import adjusted_rand_score
 
-    return [float(adjusted_rand_score(main, cluster_at(a, [k], cfg)[k])) for a in affinities]
+    ks = list(sweep)
+    sums = {k: np.zeros(int(lab.max()) + 1) for k, lab in sweep.items()}
+    aris = []
+    for aff in affinities:
+        again = cluster_at(aff, ks, cfg)
+        aris.append(float(adjusted_rand_score(sweep[ks[0]], again[ks[0]])))
+        for k, lab in sweep.items():
+            sums[k] += np.nan_to_num(best_jaccard(lab, again[k], len(sums[k])))
+    frames = [pd.DataFrame({"k": np.int32(k), "cluster": np.arange(len(v), dtype=np.int32),
+                            "projection_stability": pd.array(list(v / max(len(affinities), 1)), dtype="Float64")})
+              for k, v in sums.items()]
+    return pd.concat(frames, ignore_index=True), aris

@@ -102,7 +102,7 @@ def cluster_column(clusters: pd.DataFrame, k: Optional[int], main_k: int) -> tup
 
 
 #: the summary's assessment columns each cluster of the browser carries (pipeline/qdg/quality.py)
-ASSESSMENT = ("quality", "stability", "null_z", "coherence", "separation", "label", "label_kind", "label_precision",
+ASSESSMENT = ("quality", "stability", "projection_stability", "null_z", "coherence", "separation", "label", "label_kind", "label_precision",
               "label_recall", "label_f1", "ngram_f1")
 
 

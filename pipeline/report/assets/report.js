@@ -149,7 +149,7 @@
     }
     detail.appendChild(el("div", "meta", "quality " + fixed(c.quality, 3) + " \u00b7 coherence " + fixed(c.coherence, 3) +
       " \u00b7 separation " + fixed(c.separation, 3) + " \u00b7 null z " + fixed(c.null_z, 1) + " \u00b7 stability " +
-      fixed(c.stability, 2) + (belowNull(c) ? " \u00b7 below its null: not distinguishable from a random group" : "")));
+      fixed(c.stability, 2) + " (across projection seeds " + fixed(c.projection_stability, 2) + ")" + (belowNull(c) ? " \u00b7 below its null: not distinguishable from a random group" : "")));
     var top = el("div", "meta", "top answer tokens: ");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
     detail.appendChild(top);
