@@ -122,13 +122,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench/out/real_quality")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--k", type=int, default=8192)
+    ap.add_argument("--include", default=None, help="gradients.include regex (default: every layer)")
+    ap.add_argument("--reuse-losses", action="store_true", help="keep --out's corpus, losses and samples")
     args = ap.parse_args()
-    work = args.out
+    work = args.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     n_docs = write_corpus(work / "stdlib.jsonl")
-    (work / "params.yaml").write_text(yaml.safe_dump(params(args.gguf, work / "stdlib.jsonl", args.n, args.k),
-                                                    sort_keys=False))
-    times = run_stages(work, "smollm2")
+    p = params(args.gguf, work / "stdlib.jsonl", args.n, args.k)
+    if args.include:
+        p["gradients"]["include"] = [args.include]
+    (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    skip = ("corpus", "losses", "select") if args.reuse_losses else ()
+    times = run_stages(work, "smollm2", [s for s in QDG_STAGES if s not in skip])
 
     from pipeline.qdg.clustering import read_summary
 
@@ -141,7 +146,7 @@ def main() -> None:
             "label_kind": r.label_kind, "label_f1": None if r.label_f1 != r.label_f1 else round(float(r.label_f1), 3),
             "contexts": contexts(work, [int(s) for s in r.examples[:2]])} for r in best.itertuples()]
     result = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)", "documents": n_docs, "n_samples": args.n,
-              "k_projection": args.k, "stage_seconds": times,
+              "k_projection": args.k, "include": args.include or "every layer", "stage_seconds": times,
               "global": {key: qdg.get(key) for key in ("k", "above_null", "explained_by_ngram", "stability", "baselines",
                                                          "largest_cluster", "singletons")},
               "top_quality": top}
