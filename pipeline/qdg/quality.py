@@ -19,8 +19,8 @@ the dense affinity the cluster stage already holds (no gradient is reloaded):
 Why quality is the null-relative coherence and not a product with stability or separation:
 coherence is what says the members share one mechanism. On the planted suite it separates
 clusters that hold one quantum (>= 90% of members) from mixed ones (< 60%) perfectly
-(ROC AUC 1.0 pooled over k = 25, 50, 100 on seed 0), while stability (0.45) and separation
-(0.43) do not: a quantum split in two gives two pure halves that are unstable and close to
+(ROC AUC 1.0 pooled over k = 25, 50, 100, on seeds 0, 1 and 2), while stability (0.38-0.45)
+and separation (0.40-0.49) do not: a quantum split in two gives two pure halves that are unstable and close to
 each other, because the cut between them is arbitrary, not because either half is mixed.
 Stability and separation say whether the *cut* is right; they stay beside quality as
 columns of their own (docs/cluster-quality.md has the measured table).
@@ -142,8 +142,8 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
     projections: affinities over the same `ids` from the gradients' extra projection seeds.
     """
     sweep = {k: clusters[col].to_numpy()[ids] for k, col in sweep_columns(clusters).items()}
-    main = clusters["cluster"].to_numpy()[ids]
     main_k = next(iter(sweep))  # the clusters table lists the main clustering's k<k> column first
+    main = sweep[main_k]
     metrics: dict = {}
     if sp.issparse(affinity):
         metrics["quality_note"] = ("a kNN affinity holds only neighbours' cosines: coherence, separation, null_z and "
