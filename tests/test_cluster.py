@@ -332,3 +332,17 @@ def test_ngram_baselines_score_a_clustering_against_each_ngram_partition():
     assert b["answer"]["ari"] == 1.0 and b["previous2_answer"]["ari"] < 1.0
     assert clustering.ngram_baselines(np.array([0, -1, -1]), token[:3], context[:3]) == {
         "skipped": "1 clustered sample(s): nothing to compare"}
+
+
+def test_fewer_clusters_than_asked_are_counted_and_warned():
+    # 5 samples, k = 4 with clusters of at least 3: the cut can hold one cluster only
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    aff = sim.dense_affinity(x)
+    cfg = ClusterConfig(n_clusters=(4, 2), min_cluster_size=3)
+    with pytest.warns(UserWarning, match=r"fewer clusters than asked \(k = 4 made 1, k = 2 made 1\)"):
+        table, metrics = clustering.run_clustering(aff, np.arange(5), 5, cfg)
+    assert metrics["clusters_made"] == {"4": 1, "2": 1}
+    assert len(np.unique(table.column("k4").to_numpy())) == 1
+    plain = ClusterConfig(n_clusters=(4, 2), min_cluster_size=1)
+    _, metrics = clustering.run_clustering(aff, np.arange(5), 5, plain)
+    assert metrics["clusters_made"] == {"4": 4, "2": 2}

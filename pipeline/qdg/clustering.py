@@ -526,6 +526,13 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         "singletons": int((sizes == 1).sum()),
         "seconds": round(t1 - t0, 2),
     }
+    # a min_cluster_size cut can make fewer clusters than asked: say how many each k made
+    made = {k: int(len(np.unique(labels[k]))) for k in ks}
+    metrics["clusters_made"] = {str(k): m for k, m in made.items()}
+    short = [f"k = {k} made {m}" for k, m in made.items() if m < k]
+    if short:
+        warnings.warn(f"cluster: fewer clusters than asked ({', '.join(short)}): too few samples form groups of "
+                      f"cluster.min_cluster_size = {cfg.min_cluster_size}; lower it or cluster.n_clusters", stacklevel=2)
     if how == "seeds":
         metrics.update(stability_ari=round(stability, 4), stability_ari_is="ARI between two seeds",
                        stability_seeds=[cfg.seed, cfg.stability_seed])
