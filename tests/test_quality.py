@@ -27,11 +27,16 @@ def _blocks(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return _unit(x), labels
 
 
-def test_quality_matches_pair_means_written_out():
+def _block_quality():
+    """The blocks' cosines, labels, null table and quality table (indexed by cluster)."""
     u, labels = _blocks()
     cos = u @ u.T
     null = quality.null_coherence(cos, np.bincount(labels), draws=200, seed=0)
-    q = quality.cluster_quality(cos, labels, null).set_index("cluster")
+    return cos, labels, null, quality.cluster_quality(cos, labels, null).set_index("cluster")
+
+
+def test_quality_matches_pair_means_written_out():
+    cos, labels, _, q = _block_quality()
     for c in range(4):
         idx = np.flatnonzero(labels == c)
         pairs = [cos[i, j] for i in idx for j in idx if i != j]
@@ -67,10 +72,7 @@ def test_cosines_from_affinity_inverts_to_affinity(kind):
 
 
 def test_quality_is_coherence_between_its_null_and_one():
-    u, labels = _blocks()
-    cos = u @ u.T
-    null = quality.null_coherence(cos, np.bincount(labels), draws=200, seed=0)
-    q = quality.cluster_quality(cos, labels, null).set_index("cluster")
+    _, labels, null, q = _block_quality()
     for c in range(4):
         m = null[int((labels == c).sum())][0]
         assert q.loc[c, "quality"] == pytest.approx((q.loc[c, "coherence"] - m) / (1 - m), abs=1e-9)
