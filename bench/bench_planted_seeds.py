@@ -39,7 +39,10 @@ def margins(m: dict) -> dict:
     ml, nl = m["mean_loss_by_size"], m["n_learned_by_size"]
     return {
         "mean_loss_smallest_drop": round(min((a - b for a, b in zip(ml, ml[1:])), default=float("nan")), 4),
-        "n_learned_smallest_rise": min((b - a for a, b in zip(nl, nl[1:])), default=None),
+        "n_learned_smallest_rise": min((b - a for a, b in zip(nl, nl[1:])), default=None),  # information only
+        "n_learned_spearman_minus_0.9": None if m.get("spearman_size_vs_n_learned") is None
+        else round(m["spearman_size_vs_n_learned"] - planted_metrics.LEARNED_COUNT_RHO, 3),
+        "beta_ci_low": None if not m["learned_count_scaling"]["beta_ci"] else round(m["learned_count_scaling"]["beta_ci"][0], 3),
         "spearman_minus_0.8": None if m["spearman_rank_vs_first_size"] is None else round(m["spearman_rank_vs_first_size"] - 0.8, 3),
         "abruptness_median_minus_0.5": None if m["abruptness"]["median"] is None else round(m["abruptness"]["median"] - 0.5, 3),
     }

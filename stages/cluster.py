@@ -63,9 +63,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     token_str = corpus.read_token_strings(args.tokens)
     context = tokens.preceding(samples["doc_id"].to_numpy(), samples["pos"].to_numpy(), 3)  # (N, 3), oldest first
     answer = samples["token_id"].to_numpy()
+    doc_all, pos_all, answer_all = tokens.targets()
+    every_target = (answer_all, tokens.preceding(doc_all, pos_all, 3))
     assessment, assessed = quality.assess(
         aff, sim_meta["config"]["affinity"], frame, ids, cfg, answer=answer, prev=context, token_str=token_str,
         projections=projection_affinities(args.projections, args.gradients_table, ids, args.params),
+        corpus=every_target,
     )
     metrics.update(assessed)
     if "stability_ari" not in metrics:  # a deterministic method: its stability is the subsamples'

@@ -3,16 +3,22 @@
     python -m stages.validate [--params params.yaml] --planted cache/planted \
         --samples cache/qdg/samples.parquet --similarity cache/qdg/similarity \
         --clusters cache/qdg/clusters.parquet --summary cache/qdg/cluster_summary.parquet \
-        --tokens cache/corpus/tokens.parquet --out metrics/validate.json
+        --tokens cache/corpus/tokens.parquet --emergence cache/qdg/cluster_emergence.parquet \
+        --planted-metrics metrics/planted.json --out metrics/validate.json
 
 Without planted ground truth (a real suite) it writes {"planted": false}.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional, Sequence
 
+import pandas as pd
+
 from pipeline.core import config, files, stage
+from pipeline.laws import cluster_curves
 from pipeline.lm import corpus
 from pipeline.planted import suite
 from pipeline.qdg import clustering, quality
@@ -23,6 +29,8 @@ from pipeline.qdg.selection import read_samples
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = stage.parser("clusters vs planted quanta", "planted", "samples", "similarity", "clusters", "tokens", "out")
     ap.add_argument("--summary", required=True, help="the cluster stage's summary (quality and labels)")
+    ap.add_argument("--emergence", default=None, help="cluster_emergence.parquet: each cluster's N* and S*")
+    ap.add_argument("--planted-metrics", default=None, help="metrics/planted.json: each quantum's true emergence")
     args = ap.parse_args(argv)
 
     samples = read_samples(args.samples)
@@ -44,6 +52,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         scored["pass"] = bool((scored["quality_auc"] is None or scored["quality_auc"] >= quality.TARGET_AUC)
                               and (scored["labels_name_cues"] or 0) >= quality.TARGET_CUES)
         out["quality"] = scored
+    if args.emergence and args.planted_metrics and Path(args.planted_metrics).exists():
+        scorecard = json.loads(Path(args.planted_metrics).read_text())
+        out["emergence"] = cluster_curves.planted_check(pd.read_parquet(args.emergence),
+                                                        clusters["cluster"].to_numpy(), quanta, scorecard)
     files.write_json(out, args.out)
     print(f"validate: {out}")
 

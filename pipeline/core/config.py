@@ -505,6 +505,31 @@ class TheoryConfig:
             raise ConfigError(f"theory.tolerance must be > 0, got {self.tolerance}")
 
 
+# ------------------------------------------------------------------------------ cluster curves
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvesConfig:
+    """Each cluster's loss over model sizes and checkpoints, its emergence, and the quantization
+    model's ordering tested on the discovered clusters (pipeline/laws/cluster_curves.py)."""
+
+    # A cluster is learned where at least this share of its members has a loss under
+    # select.max_loss (the bar that chose them as well-predicted tokens): the planted
+    # scorecard's definition of a learned quantum (90% of its answers under 0.1 nats).
+    learned_fraction: float = 0.9
+    n_boot: int = 1000  # bootstrap replicates: members for N*/S* CIs, clusters for the Spearman CIs
+    seed: int = 0
+    level: float = 0.95
+
+    def __post_init__(self):
+        if not 0 < self.learned_fraction <= 1:
+            raise ConfigError(f"curves.learned_fraction must be in (0, 1], got {self.learned_fraction}")
+        if self.n_boot < 1:
+            raise ConfigError(f"curves.n_boot must be >= 1, got {self.n_boot}")
+        if not 0 < self.level < 1:
+            raise ConfigError(f"curves.level must be in (0, 1), got {self.level}")
+
+
 # ------------------------------------------------------------------------------ report
 
 
@@ -540,6 +565,7 @@ SECTIONS: dict[str, type] = {
     "cluster": ClusterConfig,
     "scaling": ScalingConfig,
     "dynamics": DynamicsConfig,
+    "curves": CurvesConfig,
     "powerlaw": PowerlawConfig,
     "theory": TheoryConfig,
     "report": ReportConfig,

@@ -565,6 +565,15 @@ class TokenTable:
     def index_of(self, doc_ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.doc_ids, doc_ids)
 
+    def targets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(doc_id int64, pos int64, token_id int64) of every token with a token before it: what a loss table scores."""
+        lengths = self.lengths
+        keep = np.ones(len(self.token_ids), dtype=bool)
+        keep[self.offsets[:-1][lengths > 0]] = False  # a document's first token has no context
+        doc = np.repeat(self.doc_ids, lengths)[keep]
+        pos = (np.arange(len(self.token_ids)) - np.repeat(self.offsets[:-1], lengths))[keep]
+        return doc, pos.astype(np.int64), self.token_ids[keep].astype(np.int64)
+
     def preceding(self, doc_ids: np.ndarray, pos: np.ndarray, n: int) -> np.ndarray:
         """(N, n) int64: the n tokens before each (doc_id, pos), oldest first; -1 before a document's start."""
         start = self.offsets[self.index_of(np.asarray(doc_ids, np.int64))]

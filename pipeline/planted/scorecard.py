@@ -138,6 +138,8 @@ def compute_metrics(
         + (" on the probe set" if probe is not None else " in the corpus"),
         "mean_loss_by_size": [per_model[m]["mean_loss"] for m in models],
         "n_learned_by_size": [per_model[m]["n_learned"] for m in models],
+        "spearman_size_vs_n_learned": _spearman(np.arange(len(models)), learned[:, present].sum(axis=1)),
+        "n_learned_strictly_increasing": bool(np.all(np.diff(learned[:, present].sum(axis=1)) > 0)),
         "spearman_rank_vs_first_size": float(rho),
         "spearman_rank_vs_first_size_learned_only": float(rho_learned),
         "n_never_learned": int((present & ~learned.any(axis=0)).sum()),
@@ -252,14 +254,27 @@ def _nan_to_none(x):
     return x
 
 
+# The learned count must grow with size: rank correlation, not a rise at every step. The
+# recipe's expected count (over init seeds) is itself not monotone at every width step
+# (bench/RESULTS.md, "The planted ladder over init replicates"), so one run cannot be required.
+LEARNED_COUNT_RHO = 0.9
+
+
 def check_acceptance(metrics: dict) -> list[str]:
-    """What the default planted suite must show (its acceptance criteria); [] when all hold."""
+    """What the default planted suite must show (its acceptance criteria); [] when all hold.
+
+    ``n_learned_strictly_increasing`` is reported beside them, as information."""
     fails = []
     ml, nl = metrics["mean_loss_by_size"], metrics["n_learned_by_size"]
     if not all(b < a for a, b in zip(ml, ml[1:])):
         fails.append(f"mean loss does not fall with every size step: {[round(x, 4) for x in ml]}")
-    if not all(b > a for a, b in zip(nl, nl[1:])):
-        fails.append(f"the number of learned quanta does not rise with every size step: {nl}")
+    rho_n = metrics["spearman_size_vs_n_learned"]
+    if rho_n is None or not rho_n >= LEARNED_COUNT_RHO:
+        fails.append(f"the number of learned quanta does not grow with size: Spearman(size, n_learned) = "
+                     f"{rho_n if rho_n is None else round(rho_n, 3)} < {LEARNED_COUNT_RHO} ({nl})")
+    ci = metrics["learned_count_scaling"]["beta_ci"]
+    if ci is None or not ci[0] > 0:
+        fails.append(f"the learned-count exponent's CI {ci} does not exclude 0")
     rho = metrics["spearman_rank_vs_first_size"]
     if rho is None or not rho >= 0.8:
         fails.append(f"Spearman(frequency rank, smallest learning size) = {rho if rho is None else round(rho, 3)} < 0.8")

@@ -544,6 +544,7 @@ SUMMARY_ASSESSMENT = [  # the assessment's columns in the summary (pipeline/qdg/
     ("stability", pa.float32()), ("projection_stability", pa.float32()), ("label", pa.string()), ("label_kind", pa.string()),
     ("label_precision", pa.float32()), ("label_recall", pa.float32()), ("label_f1", pa.float32()),
     ("ngram_f1", pa.float32()), ("label_context", pa.list_(pa.string())), ("label_answer", pa.int32()),
+    ("label_corpus_share", pa.float64()),
 ]
 
 

@@ -21,6 +21,11 @@ How a label is chosen and scored, per clustering of the sweep:
    test members it matches over all test samples it matches, and over all test members.
    Nothing matching gives precision 0 (as scikit-learn's ``zero_division=0``).
 
+``label_corpus_share`` is the share of all the corpus' targets (every token with a token before
+it, not only the clustered samples) that the label's rule matches: the rule's use frequency,
+the quantity the quantization model orders quanta by (stage `cluster_curves`). It is null when
+no corpus is given or the cluster has no label.
+
 ``ngram_f1`` is the held-out F1 of the best rule of the token families alone (no class): a
 cluster with ``ngram_f1 >= NGRAM_F1`` is one an n-gram count explains (metrics/qdg.json
 ``explained_by_ngram``). A cluster of one member has no test half: its label is null,
@@ -70,6 +75,7 @@ NGRAM_KINDS = ("answer", "previous", "bigram", "trigram")
 COLUMNS = {
     "label": "string", "label_kind": "string", "label_precision": "Float64", "label_recall": "Float64",
     "label_f1": "Float64", "ngram_f1": "Float64", "label_context": "object", "label_answer": "Int64",
+    "label_corpus_share": "Float64",
 }
 
 
@@ -143,7 +149,7 @@ def halves(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def label_clusters(labels: np.ndarray, answer: np.ndarray, prev: np.ndarray, token_str: Mapping[int, str],
-                   seed: int) -> pd.DataFrame:
+                   seed: int, corpus: Optional[tuple[np.ndarray, np.ndarray]] = None) -> pd.DataFrame:
     """One row per cluster 0..k-1 of `labels` (-1: not clustered, left out of every score):
     cluster and the :data:`COLUMNS` (see the module docstring).
 
@@ -151,19 +157,20 @@ def label_clusters(labels: np.ndarray, answer: np.ndarray, prev: np.ndarray, tok
     oldest first, :data:`START` before a document's start; token_str: token id -> text.
     ``label_context`` lists the rule's fixed preceding slots oldest first (token ids, or
     class names for a class rule); ``label_answer`` is its answer token id (null if free).
+    corpus: (answer, prev) of every target of the corpus, as `answer` and `prev` are of the
+    samples; when given, ``label_corpus_share`` is the share of them each label matches.
     """
     labels = np.asarray(labels)
     keep = labels >= 0
     k = int(labels.max()) + 1 if keep.any() else 0
     lab, ans, pre = labels[keep], np.asarray(answer, np.int64)[keep], np.asarray(prev, np.int64)[keep]
     rows = [dict(cluster=c, label=None, label_kind="none", label_precision=None, label_recall=None,
-                 label_f1=None, ngram_f1=None, label_context=None, label_answer=None) for c in range(k)]
+                 label_f1=None, ngram_f1=None, label_context=None, label_answer=None, label_corpus_share=None)
+            for c in range(k)]
     if k < 2:
         return _frame(rows)
     class_names = sorted({token_class(t) for t in token_str.values()} | {"start", "other"})
-    code = {name: i for i, name in enumerate(class_names)}
-    lut = {int(t): code[token_class(s)] for t, s in token_str.items()}
-    cls = np.vectorize(lambda t: code["start"] if t == START else lut.get(int(t), code["other"]), otypes=[np.int64])
+    cls = _classifier(token_str, class_names)
     train = halves(lab, seed)
     size_tr = np.bincount(lab[train], minlength=k)
     size_te = np.bincount(lab[~train], minlength=k)
@@ -192,6 +199,7 @@ def label_clusters(labels: np.ndarray, answer: np.ndarray, prev: np.ndarray, tok
                                   "p": p_te, "r": r_te, "f": f_te}))
     table = pd.concat(cand, ignore_index=True)
     table["spec"] = [FAMILIES[f].specificity for f in table["family"]]
+    chosen: dict[int, tuple[int, np.ndarray]] = {}  # cluster -> (family index, key) of its label
     for c, g in table.groupby("cluster", sort=True):
         if size_te[c] == 0:
             continue  # one member: nothing held out
@@ -203,6 +211,7 @@ def label_clusters(labels: np.ndarray, answer: np.ndarray, prev: np.ndarray, tok
         key = decode[int(pick["family"])][int(pick["key"])]
         grams = g[[not FAMILIES[f].classes for f in g["family"]]]
         ngram = grams.loc[grams["f_train"].idxmax()] if len(grams) else None
+        chosen[int(c)] = (int(pick["family"]), key)
         context = key[: fam.prev]
         answer_id = int(key[-1]) if fam.answer and not fam.classes else None
         rows[c].update(
@@ -212,7 +221,46 @@ def label_clusters(labels: np.ndarray, answer: np.ndarray, prev: np.ndarray, tok
             label_context=[class_names[int(t)] for t in context] if fam.classes else [int(t) for t in context],
             label_answer=answer_id,
         )
+    if corpus is not None:
+        for c, share in corpus_shares(chosen, *corpus, cls).items():
+            rows[c]["label_corpus_share"] = share
     return _frame(rows)
+
+
+def _classifier(token_str: Mapping[int, str], class_names: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """token ids (or :data:`START`) -> class codes (indices into `class_names`), by lookup table."""
+    code = {name: i for i, name in enumerate(class_names)}
+    top = max((int(t) for t in token_str), default=0)
+    lut = np.full(top + 2, code["other"], np.int64)  # slot 0: START; slot t + 1: token t
+    lut[0] = code["start"]
+    for t, text in token_str.items():
+        lut[int(t) + 1] = code[token_class(text)]
+
+    def cls(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        inside = (ids >= START) & (ids <= top)
+        return np.where(inside, lut[np.clip(ids + 1, 0, top + 1)], code["other"])
+
+    return cls
+
+
+def corpus_shares(chosen: Mapping[int, tuple[int, np.ndarray]], answer: np.ndarray, prev: np.ndarray,
+                  cls: Callable[[np.ndarray], np.ndarray]) -> dict[int, float]:
+    """cluster -> the share of the corpus' targets (answer (T,), prev (T, 3)) that its rule
+    (family index, key) matches. One family's keys are built once for all its rules."""
+    n = len(answer)
+    if n == 0:
+        return {}
+    out = {}
+    for fi in sorted({f for f, _ in chosen.values()}):
+        keys = _keys(FAMILIES[fi], np.asarray(answer, np.int64), np.asarray(prev, np.int64), cls)
+        uniq, counts = np.unique(keys, axis=0, return_counts=True)
+        for c, (f, key) in chosen.items():
+            if f != fi:
+                continue
+            hit = np.flatnonzero((uniq == key[None, :]).all(axis=1))
+            out[c] = float(counts[hit[0]] / n) if hit.size else 0.0
+    return out
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
@@ -244,9 +292,10 @@ def render(fam: Family, key: np.ndarray, token_str: Mapping[int, str], class_nam
 
 
 def sweep_labels(sweep: Mapping[int, np.ndarray], answer: np.ndarray, prev: np.ndarray, token_str: Mapping[int, str],
-                 seed: int) -> pd.DataFrame:
+                 seed: int, corpus: Optional[tuple[np.ndarray, np.ndarray]] = None) -> pd.DataFrame:
     """:func:`label_clusters` for every clustering of a sweep (k -> labels): k, cluster, ..."""
-    frames = [label_clusters(lab, answer, prev, token_str, seed).assign(k=np.int32(k)) for k, lab in sweep.items()]
+    frames = [label_clusters(lab, answer, prev, token_str, seed, corpus).assign(k=np.int32(k))
+              for k, lab in sweep.items()]
     if not frames:
         return _frame([]).assign(k=pd.Series([], dtype="int32"))
     return pd.concat(frames, ignore_index=True)

@@ -32,7 +32,7 @@ there too, and ``quality_note`` in metrics/qdg.json says why.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -130,7 +130,8 @@ def share_in_clusters(table: pd.DataFrame, labels: np.ndarray, column: str, mini
 
 def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: ClusterConfig, *,
            answer: np.ndarray, prev: np.ndarray, token_str: Mapping[int, str],
-           projections: Sequence = ()) -> tuple[pd.DataFrame, dict]:
+           projections: Sequence = (), corpus: Optional[tuple[np.ndarray, np.ndarray]] = None
+           ) -> tuple[pd.DataFrame, dict]:
     """The cluster stage's assessment of every clustering of the sweep: one row per (k,
     cluster) with coherence, separation, null_z, quality (this module), stability and
     projection_stability (:mod:`pipeline.qdg.stability`) and the label columns (:mod:`pipeline.qdg.labels`);
@@ -139,7 +140,8 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
     affinity: the similarity stage's, over the samples `ids`; kind: its
     ``similarity.affinity``; clusters: the clusters table (row i = sample i); answer (N,)
     and prev (N, 3): every sample's target token and the three tokens before it;
-    projections: affinities over the same `ids` from the gradients' extra projection seeds.
+    projections: affinities over the same `ids` from the gradients' extra projection seeds;
+    corpus: (answer, prev) of every corpus target, for each label's ``label_corpus_share``.
     """
     sweep = {k: clusters[col].to_numpy()[ids] for k, col in sweep_columns(clusters).items()}
     main_k = next(iter(sweep))  # the clusters table lists the main clustering's k<k> column first
@@ -169,7 +171,7 @@ def assess(affinity, kind: str, clusters: pd.DataFrame, ids: np.ndarray, cfg: Cl
         stab_metrics["projection_ari"] = None
         stab_metrics["projection_note"] = "gradients.stability_seeds is empty: no second projection to compare"
     metrics["stability"] = stab_metrics
-    named = labels.sweep_labels(sweep, np.asarray(answer)[ids], np.asarray(prev)[ids], token_str, cfg.seed)
+    named = labels.sweep_labels(sweep, np.asarray(answer)[ids], np.asarray(prev)[ids], token_str, cfg.seed, corpus)
     metrics["explained_by_ngram"] = round(share_in_clusters(named[named["k"] == main_k], main, "ngram_f1", labels.NGRAM_F1), 4)
     metrics["explained_by_ngram_f1_min"] = labels.NGRAM_F1
     table = table.merge(stab, on=["k", "cluster"], how="left").merge(named, on=["k", "cluster"], how="left")
