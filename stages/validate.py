@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-import pandas as pd
-
 from pipeline.core import config, files, stage
 from pipeline.laws import cluster_curves
 from pipeline.lm import corpus
@@ -54,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         out["quality"] = scored
     if args.emergence and args.planted_metrics and Path(args.planted_metrics).exists():
         scorecard = json.loads(Path(args.planted_metrics).read_text())
-        out["emergence"] = cluster_curves.planted_check(pd.read_parquet(args.emergence),
+        out["emergence"] = cluster_curves.planted_check(cluster_curves.read_emergence(args.emergence),
                                                         clusters["cluster"].to_numpy(), quanta, scorecard)
     files.write_json(out, args.out)
     print(f"validate: {out}")

@@ -55,6 +55,8 @@ CONTRACTS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "cluster_summary.parquet": (("pipeline/qdg/clustering.py",), "pipeline.qdg.clustering.read_summary"),
     "token_curves.parquet": (("pipeline/laws/scaling.py",), "pipeline.laws.scaling (ScalingRun.curves_table)"),
+    "cluster_curves.parquet": (("pipeline/laws/cluster_curves.py",), "pipeline.laws.cluster_curves.read_curves"),
+    "cluster_emergence.parquet": (("pipeline/laws/cluster_curves.py",), "pipeline.laws.cluster_curves.read_emergence"),
 }
 
 # Names of variables, arguments and `args.<name>` attributes that hold a contract's path.
@@ -74,6 +76,9 @@ PATH_NAMES: dict[str, str] = {
     "summary": "cluster_summary.parquet",
     "summary_path": "cluster_summary.parquet",
     "meta_path": "_meta.json",
+    "curves_path": "cluster_curves.parquet",
+    "emergence": "cluster_emergence.parquet",
+    "emergence_path": "cluster_emergence.parquet",
 }
 
 # Raw readers: calls by these names (``pd.read_parquet``, ``path.read_text()``, ``open``).

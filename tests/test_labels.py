@@ -92,3 +92,27 @@ def test_unclustered_samples_are_left_out_and_explained_share():
 
 def test_quote_escapes_what_would_break_a_line():
     assert L.quote("a\nb\t'") == "'a\\nb\\t\\''" and L.quote(None) == "⟨start⟩"
+
+
+def test_corpus_share_counts_every_corpus_target_the_rule_matches():
+    ans, prev, lab = _samples()
+    # the corpus: the samples, plus 40 more targets: 10 more "don ' → t", 30 of other text
+    c_ans = np.r_[ans, np.full(10, 10), np.full(30, 5)]
+    c_prev = np.r_[prev, np.tile([11, 8, 9], (10, 1)), np.tile([4, 4, 4], (30, 1))]
+    t = L.label_clusters(lab, ans, prev, STRINGS, seed=0, corpus=(c_ans, c_prev)).set_index("cluster")
+    n = len(c_ans)
+    assert t.loc[0, "label_corpus_share"] == pytest.approx(30 / n)  # 20 members + 10 more trigrams
+    assert t.loc[2, "label_corpus_share"] == pytest.approx(50 / n)  # the answer "," anywhere: 20 + 30
+    assert pd.isna(t.loc[3, "label_corpus_share"])  # no label, no share
+    assert L.label_clusters(lab, ans, prev, STRINGS, seed=0)["label_corpus_share"].isna().all()  # no corpus given
+
+
+def test_class_rule_share_uses_the_token_classes():
+    strings = {**STRINGS, 20: "7", 21: "42"}
+    lab = np.r_[np.zeros(20, int), np.ones(20, int)]
+    ans = np.r_[np.resize([20, 21], 20), np.full(20, 11)]
+    prev = np.tile([4, 4, 4], (40, 1))
+    corpus = (np.r_[ans, [20, 21, 5, 5]], np.tile([4, 4, 4], (44, 1)))
+    t = L.label_clusters(lab, ans, prev, strings, seed=0, corpus=corpus).set_index("cluster")
+    assert t.loc[0, "label"] == "[open] → [digit]"  # two digits, each after "(": no one token rule holds
+    assert t.loc[0, "label_corpus_share"] == pytest.approx(22 / 44)  # every digit after an open bracket

@@ -132,9 +132,46 @@ def test_json_for_script_cannot_close_its_block():
     assert json.loads(text) == obj
 
 
+SIZES = (("a", 100.0), ("b", 1000.0), ("c", 10000.0))  # the curves' models and their N
+
+
+def make_across(k: int = 4) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """cluster_curves' outputs for k clusters: three sizes at step100, two steps of model c.
+    Cluster 0 is learned by the smallest model (left censored), cluster 2 by none (right
+    censored), the others first by model b and at step 100."""
+    rows = []
+    for c in range(k):
+        for i, (m, n) in enumerate(SIZES):
+            learned = c == 0 or (c != 2 and i >= 1)
+            rows.append(dict(cluster=c, model=m, revision="step100", n_params=n, step=100,
+                             mean_loss=0.05 if learned else 2.0 - 0.1 * i, frac_learned=1.0 if learned else 0.0))
+        rows.append(dict(cluster=c, model="c", revision="step10", n_params=10000.0, step=10, mean_loss=2.0,
+                         frac_learned=0.0))
+    curves = pd.DataFrame(rows)
+    censored = ["left", "none", "right", "none"] + ["none"] * k
+    emergence = pd.DataFrame({
+        "cluster": np.arange(k), "n_star": [100.0, 1000.0, None, 1000.0][:k] + [1000.0] * (k - 4),
+        "n_star_index": [0, 1, 3, 1][:k] + [1] * (k - 4), "n_star_censored": censored[:k],
+        "s_star": [100.0, 100.0, None, 100.0][:k] + [100.0] * (k - 4), "s_star_index": [1, 1, 2, 1][:k] + [1] * (k - 4),
+        "s_star_censored": ["none", "none", "right", "none"][:k] + ["none"] * (k - 4),
+        "abrupt_size": [None, 1.0, 0.5, 1.0][:k] + [1.0] * (k - 4), "abrupt_step": 1.0,
+    })
+    axes = {"size": {"points": [[m, "step100"] for m, _ in SIZES]}, "step": {"points": [["c", "step10"], ["c", "step100"]]}}
+    return emergence, curves, axes
+
+
+def test_scale_data_orders_each_axis_and_keeps_censoring():
+    out = report.scale_data(*make_across())
+    assert [p[0] for p in out[1]["curve_size"]] == [100.0, 1000.0, 10000.0]
+    assert out[1]["curve_size"][0][1:] == [2.0, 0.0] and out[1]["curve_size"][1][1:] == [0.05, 1.0]
+    assert out[3]["curve_step"] == [[10.0, 2.0, 0.0], [100.0, 0.05, 1.0]]  # model c only, in step order
+    assert out[0]["n_star_censored"] == "left" and out[2]["n_star"] is None and out[2]["n_star_index"] == 3
+    json.dumps(out)  # plain JSON: no numpy scalars left
+
+
 def _page(tmp_path, cfg: ReportConfig = ReportConfig(), **kw) -> tuple[str, report.ReportData]:  # noqa: B008 (frozen)
     tokens, samples, clusters, summary, quanta = make_inputs(tmp_path, **kw)
-    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, 4, quanta)
+    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", cfg, 4, quanta, make_across())
     theory = {"planted": True, "pass": False, "planted_alpha": 0.5, "failures": ["<b>bold</b> claim"], "routes": {}}
     qdg = {"stability": {"subsample_ari": 0.9, "subsample_draws": 5, "projection_ari": 0.95}, "above_null": 0.8,
            "above_null_z_min": 3.0, "explained_by_ngram": 0.3, "explained_by_ngram_f1_min": 0.9,
@@ -211,7 +248,18 @@ def test_report_in_chromium(tmp_path):
         assert "below null" in rows.nth(3).inner_text()
         assert rows.nth(2).locator("td").nth(2).inner_text() == f"'{HOSTILE[1]}' → ' x'"  # a label is text
         for i in range(4):  # purity as a plain fraction with the majority quantum
-            assert re.fullmatch(r"[01]\.\d\d \(q-?\d+\)", rows.nth(i).locator("td").nth(9).inner_text())
+            assert re.fullmatch(r"[01]\.\d\d \(q-?\d+\)", rows.nth(i).locator("td").nth(12).inner_text())
+        # N* with its censoring: learned by the smallest (≤), by none (>)
+        n_star = {rows.nth(i).get_attribute("data-id"): rows.nth(i).locator("td").nth(7).inner_text() for i in range(4)}
+        assert n_star == {"0": "\u2264 100", "1": "1.0k", "2": "> 10k", "3": "1.0k"}
+        # the selected cluster's two curves, drawn in the page
+        assert page.locator("#detail svg.chart").count() == 2
+        assert page.locator("#detail svg.chart polyline.loss").count() == 2
+        assert page.locator("#detail svg.chart circle.loss").count() == 3 + 2
+        page.click("th[data-key='n_star_index']")
+        page.click("th[data-key='n_star_index']")  # ascending: the earliest emergence first
+        assert [rows.nth(i).get_attribute("data-id") for i in range(4)] == ["0", "1", "3", "2"]
+        page.click("th[data-key='quality']")  # back to the ranking by quality
         n_examples = page.locator("#detail .example").count()
         assert n_examples == int(rows.nth(0).locator("td").nth(1).inner_text())
         assert "label: → ' cat'" in page.inner_text("#detail")

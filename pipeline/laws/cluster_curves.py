@@ -69,6 +69,16 @@ class Axis:
     skipped: str = ""  # why the axis has no emergence ('' when it has)
 
 
+def read_curves(path) -> pd.DataFrame:
+    """``cluster_curves.parquet`` (CURVE_SCHEMA) as a DataFrame."""
+    return pd.read_parquet(path)
+
+
+def read_emergence(path) -> pd.DataFrame:
+    """``cluster_emergence.parquet`` as a DataFrame: one row per cluster (see the module docstring)."""
+    return pd.read_parquet(path)
+
+
 def member_losses(root, model: str, revision: str, doc_id: np.ndarray, pos: np.ndarray) -> np.ndarray:
     """(N,) float64 loss of each (doc_id, pos) in one loss table; NaN where the table has no row."""
     doc, p, loss = scaling.read_loss_partition(root, model, revision)
@@ -201,7 +211,7 @@ def ordering_test(emergence: pd.DataFrame, axis: Axis, cfg: CurvesConfig) -> dic
     idx = emergence[f"{prefix}_index"].to_numpy(float)
     cens = emergence[f"{prefix}_censored"].to_numpy()
     out = {
-        "points": [f"{m}@{r}" for m, r in axis.points],
+        "points": [[m, r] for m, r in axis.points],  # (model, revision) in axis order
         "x": list(axis.x),
         "n_clusters": int(len(emergence)),
         "n_left_censored": int((cens == "left").sum()),

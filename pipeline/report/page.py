@@ -106,12 +106,39 @@ ASSESSMENT = ("quality", "stability", "projection_stability", "null_z", "coheren
               "label_recall", "label_f1", "ngram_f1")
 
 
+#: each browsed cluster's emergence columns (pipeline/laws/cluster_curves.py), plus its two curves
+SCALE = ("n_star", "n_star_index", "n_star_censored", "s_star", "s_star_index", "s_star_censored", "abrupt_size",
+         "abrupt_step", "curve_size", "curve_step")
+
+
+def scale_data(emergence: pd.DataFrame, curves: pd.DataFrame, axes: dict) -> dict[int, dict]:
+    """cluster -> its SCALE entries: the emergence columns, and each axis' curve as
+    [x, mean_loss, frac_learned] points (x: non-embedding parameters, or the step).
+
+    axes: metrics/cluster_curves.json, whose ``size`` and ``step`` list each axis' (model,
+    revision) points in order (absent when the axis was skipped)."""
+    index = curves.set_index(["model", "revision", "cluster"]).sort_index()
+    points = {axis: [tuple(p) for p in (axes.get(axis) or {}).get("points", [])] for axis in ("size", "step")}
+    out: dict[int, dict] = {}
+    for r in emergence.to_dict("records"):
+        c = int(r["cluster"])
+        entry = {key: _plain(r.get(key)) for key in SCALE if not key.startswith("curve_")}
+        for axis, xcol in (("size", "n_params"), ("step", "step")):
+            rows = [index.loc[(m, rev, c)] for m, rev in points[axis] if (m, rev, c) in index.index]
+            entry[f"curve_{axis}"] = [[float(row[xcol]), _plain(row["mean_loss"]), _plain(row["frac_learned"])]
+                                      for row in rows]
+        out[c] = entry
+    return out
+
+
 def _plain(v: Any) -> Any:
     """A summary value as JSON: floats rounded to 4 places, missing values None."""
     if v is None or (np.isscalar(v) and pd.isna(v)):
         return None
     if isinstance(v, (float, np.floating)):
         return round(float(v), 4)
+    if isinstance(v, np.integer):
+        return int(v)
     return v
 
 
@@ -123,6 +150,7 @@ def collect(
     cfg: ReportConfig,
     main_k: int,
     quanta: Optional[np.ndarray] = None,
+    across: Optional[tuple[pd.DataFrame, pd.DataFrame, dict]] = None,
 ) -> ReportData:
     """Gather the browser's data for one clustering.
 
@@ -131,7 +159,9 @@ def collect(
     main_k: the k of the ``cluster`` column (the first of the sweep); quanta: the planted
     quantum of each row of `samples` (-1: none), or None on a real suite.
     Examples per cluster are a seeded random choice of cfg.n_examples samples, shown with up
-    to cfg.context_tokens tokens before the target.
+    to cfg.context_tokens tokens before the target. across: (cluster_emergence, cluster_curves,
+    metrics/cluster_curves.json) of the main clustering; each browsed cluster of the main k then
+    carries its N*, S*, abruptness and its curves over sizes and checkpoints.
     """
     from pipeline.lm.corpus import read_token_texts, read_tokens
 
@@ -181,6 +211,7 @@ def collect(
             }
         )
 
+    scale = scale_data(*across) if across is not None and k == main_k else {}
     out = []
     for c, g in df.groupby("c", sort=True):
         purity = quantum = None
@@ -198,6 +229,7 @@ def collect(
                 "top": top.get(int(c), []),
                 "examples": examples.get(int(c), []),
                 **assessed.get(int(c), dict.fromkeys(ASSESSMENT)),
+                **scale.get(int(c), dict.fromkeys(SCALE)),
             }
         )
     return ReportData(k=k, n_samples=int(len(df)), planted=has_q, strings=strings, clusters=out)
@@ -307,6 +339,16 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
         auc = (val.get("quality") or {}).get("quality_auc")
         if auc is not None:
             items.append((_num(auc), "quality's ROC AUC, pure vs mixed clusters"))
+    across = metrics.get("cluster_curves") or {}
+    for axis, name in (("size", "N*"), ("step", "S*")):
+        rho = ((across.get(axis) or {}).get("share_of_samples") or {}).get("rho")
+        if rho is not None:
+            items.append((_num(rho, 2), f"Spearman(cluster frequency, {name}); the theory: negative"))
+    truth = (val.get("emergence") or {}) if val.get("planted") else {}
+    for axis, name in (("size", "N*"), ("step", "S*")):
+        rho = (truth.get(axis) or {}).get("spearman_vs_truth")
+        if rho is not None:
+            items.append((_num(rho, 2), f"Spearman(cluster {name}, its planted quantum's)"))
     # the theory's cluster-size route reads the rank MLE; CSN's tail MLE where it is absent
     fits = metrics.get("powerlaw") or {}
     for key, name in (("rank_mle", "rank MLE"), ("mle", "CSN tail MLE")):
@@ -367,7 +409,7 @@ def render(
 <label class="filter"><input id="hide-ngram" type="checkbox"> hide clusters an n-gram explains (held-out F1 ≥ 0.9)</label>
 <div id="count"></div>
 <div class="list"><table id="clusters"><thead><tr>
-<th class=num data-key="id">id</th><th class=num data-key="size">size</th><th data-key="label">label</th><th class=num data-key="label_f1" title="held-out F1 of the label">F1</th><th class=num data-key="quality" aria-sort="descending" title="coherence from a random group of its size (0) to identical gradients (1)">quality</th><th class=num data-key="stability" title="best-match Jaccard over subsamples">stability</th><th class=num data-key="null_z" title="coherence against random groups of its size, in standard deviations">null z</th><th>top answer tokens</th><th class=num data-key="mean_loss">mean loss</th>{purity_head}
+<th class=num data-key="id">id</th><th class=num data-key="size">size</th><th data-key="label">label</th><th class=num data-key="label_f1" title="held-out F1 of the label">F1</th><th class=num data-key="quality" aria-sort="descending" title="coherence from a random group of its size (0) to identical gradients (1)">quality</th><th class=num data-key="stability" title="best-match Jaccard over subsamples">stability</th><th class=num data-key="null_z" title="coherence against random groups of its size, in standard deviations">null z</th><th class=num data-key="n_star_index" title="N*: the smallest model (non-embedding parameters) at which the cluster is learned">N*</th><th class=num data-key="s_star_index" title="S*: the first checkpoint at which the cluster is learned">S*</th><th class=num data-key="abrupt_size" title="largest drop of the members' mean loss between adjacent sizes over all its drops">abrupt</th><th>top answer tokens</th><th class=num data-key="mean_loss">mean loss</th>{purity_head}
 </tr></thead><tbody></tbody></table></div>
 </div>
 <div id="detail" class="detail"></div>
@@ -394,19 +436,22 @@ FIGURE_FILES = {
     "emergence_vs_frequency": "dynamics/emergence_vs_frequency.png",
 }
 #: the metrics files (under the metrics directory, without .json) the report shows
-METRICS = ("qdg", "validate", "powerlaw", "scaling", "dynamics", "theory", "planted")
+METRICS = ("qdg", "validate", "cluster_curves", "powerlaw", "scaling", "dynamics", "theory", "planted")
 
 
 def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str | Path, tokens_path: str | Path,
           similarity_dir: str | Path, planted_dir: str | Path, metrics_dir: str | Path, plots_dir: str | Path,
-          cfg: ReportConfig, default_k: int) -> tuple[str, "ReportData"]:
+          cfg: ReportConfig, default_k: int, curves_path: Optional[str | Path] = None,
+          emergence_path: Optional[str | Path] = None) -> tuple[str, "ReportData"]:
     """The report page from the pipeline's outputs, and its data; writes the reordered
     similarity-matrix figure to ``<plots_dir>/report/similarity_matrix.png`` on the way.
 
     `default_k` is the browsed k when the clusters table does not name its main k. A missing
-    metrics file or figure shows as a note in the page.
+    metrics file or figure shows as a note in the page; without cluster_curves' tables
+    (`curves_path`, `emergence_path`) the clusters carry no curves.
     """
     from pipeline.core.files import read_config, read_json
+    from pipeline.laws import cluster_curves
     from pipeline.planted import suite
     from pipeline.qdg import clustering
     from pipeline.qdg import similarity as sim
@@ -418,7 +463,12 @@ def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str
     main_k = int(meta.get("main_k") or meta.get("n_clusters", [0])[0]) or default_k
     samples = read_samples(samples_path)
     quanta = suite.sample_quanta(planted_dir, samples)
-    data = collect(clusters, samples, clustering.read_summary(summary_path), tokens_path, cfg, main_k, quanta)
+    metrics = {n: read_json(p) for n in METRICS if (p := Path(metrics_dir) / f"{n}.json").exists()}
+    across = None
+    if curves_path and emergence_path and Path(curves_path).exists() and Path(emergence_path).exists():
+        across = (cluster_curves.read_emergence(emergence_path), cluster_curves.read_curves(curves_path),
+                  metrics.get("cluster_curves") or {})
+    data = collect(clusters, samples, clustering.read_summary(summary_path), tokens_path, cfg, main_k, quanta, across)
 
     # The similarity matrix of the clustered rows, sorted by the browsed clustering.
     aff, ids, _ = sim.read(similarity_dir, mmap=True)
@@ -429,7 +479,6 @@ def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str
         title=f"affinity, sorted by cluster (k = {data.k})",
     )
 
-    metrics = {n: read_json(p) for n in METRICS if (p := Path(metrics_dir) / f"{n}.json").exists()}
     figures = {key: (p.read_bytes() if (p := Path(plots_dir) / rel).exists() else None) for key, rel in FIGURE_FILES.items()}
     models = (metrics.get("scaling") or {}).get("models") or []
     subtitle = f"{data.n_samples:,} samples in {len(data.clusters)} clusters"

@@ -22,6 +22,65 @@
     var v = Number(x);
     return v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(1) : v.toFixed(4);
   }
+  // Parameter counts and steps, short: 252, 28.4k, 1.2M, 1.4B.
+  function short(x) {
+    if (x === null || x === undefined) return "\u2013";
+    var v = Number(x), units = [[1e9, "B"], [1e6, "M"], [1e3, "k"]];
+    for (var i = 0; i < units.length; i++) if (v >= units[i][0]) return (v / units[i][0]).toFixed(v >= 10 * units[i][0] ? 0 : 1) + units[i][1];
+    return String(Math.round(v));
+  }
+  // An emergence point with its censoring: "<= x" learned at the first point, "> x" at none.
+  function emergence(c, key, curve) {
+    var cens = c[key + "_censored"];
+    if (cens === null || cens === undefined) return "\u2013";
+    if (cens === "left") return "\u2264 " + short(c[key]);
+    if (cens === "right") return "> " + short(curve.length ? curve[curve.length - 1][0] : null);
+    return short(c[key]);
+  }
+  var SVG = "http://www.w3.org/2000/svg";
+  function svg(tag, attrs) {
+    var e = document.createElementNS(SVG, tag);
+    Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
+    return e;
+  }
+  // A small chart of one curve: mean loss (solid, left axis) and the share of members
+  // learned (dashed, 0..1 on the right) against log x; a vertical line at the emergence point.
+  function chart(curve, title, xName, at) {
+    var W = 280, H = 150, L = 42, R = 30, T = 20, B = 30;
+    var box = svg("svg", { "class": "chart", width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img" });
+    var t = svg("text", { x: L, y: 13, "class": "title" }); t.textContent = title; box.appendChild(t);
+    var pts = curve.filter(function (p) { return p[0] > 0 && p[1] !== null; });
+    if (pts.length < 2) {
+      var n = svg("text", { x: L, y: H / 2 }); n.textContent = "one point: no curve"; box.appendChild(n);
+      return box;
+    }
+    var lx = pts.map(function (p) { return Math.log(p[0]); });
+    var x0 = Math.min.apply(null, lx), x1 = Math.max.apply(null, lx);
+    var ys = pts.map(function (p) { return p[1]; });
+    var y1 = Math.max.apply(null, ys), y0 = Math.min(0, Math.min.apply(null, ys));
+    if (y1 <= y0) y1 = y0 + 1;
+    function X(v) { return L + (Math.log(v) - x0) / (x1 - x0 || 1) * (W - L - R); }
+    function Y(v) { return T + (1 - (v - y0) / (y1 - y0)) * (H - T - B); }
+    function F(v) { return T + (1 - v) * (H - T - B); }
+    box.appendChild(svg("rect", { x: L, y: T, width: W - L - R, height: H - T - B, "class": "frame" }));
+    [[y1, Y(y1)], [y0, Y(y0)]].forEach(function (a) {
+      var tx = svg("text", { x: L - 4, y: a[1] + 4, "text-anchor": "end" }); tx.textContent = a[0].toFixed(2); box.appendChild(tx);
+    });
+    [["1", F(1)], ["0", F(0)]].forEach(function (a) {
+      var tx = svg("text", { x: W - R + 4, y: a[1] + 4 }); tx.textContent = a[0]; box.appendChild(tx);
+    });
+    [pts[0][0], pts[pts.length - 1][0]].forEach(function (v, i) {
+      var tx = svg("text", { x: X(v), y: H - B + 14, "text-anchor": i ? "end" : "start" }); tx.textContent = short(v); box.appendChild(tx);
+    });
+    var xl = svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }); xl.textContent = xName; box.appendChild(xl);
+    if (at !== null && at !== undefined && at > 0) box.appendChild(svg("line", { x1: X(at), x2: X(at), y1: T, y2: H - B, "class": "emerge" }));
+    box.appendChild(svg("polyline", { points: pts.map(function (p) { return X(p[0]) + "," + Y(p[1]); }).join(" "), "class": "loss" }));
+    var fr = pts.filter(function (p) { return p[2] !== null; });
+    box.appendChild(svg("polyline", { points: fr.map(function (p) { return X(p[0]) + "," + F(p[2]); }).join(" "), "class": "learned" }));
+    pts.forEach(function (p) { box.appendChild(svg("circle", { cx: X(p[0]), cy: Y(p[1]), r: 2.5, "class": "loss" })); });
+    return box;
+  }
+
   function chip(text, count) {
     var c = el("span", "chip", visible(text));
     if (count !== undefined) { c.appendChild(document.createTextNode(" ")); c.appendChild(el("small", null, "\u00d7" + count)); }
@@ -55,6 +114,9 @@
     tr.appendChild(qual);
     tr.appendChild(el("td", "num", fixed(c.stability, 2)));
     tr.appendChild(el("td", "num", fixed(c.null_z, 1)));
+    tr.appendChild(el("td", "num", emergence(c, "n_star", c.curve_size || [])));
+    tr.appendChild(el("td", "num", emergence(c, "s_star", c.curve_step || [])));
+    tr.appendChild(el("td", "num", fixed(c.abrupt_size, 2)));
     var top = el("td");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
     tr.appendChild(top);
@@ -150,6 +212,16 @@
     detail.appendChild(el("div", "meta", "quality " + fixed(c.quality, 3) + " \u00b7 coherence " + fixed(c.coherence, 3) +
       " \u00b7 separation " + fixed(c.separation, 3) + " \u00b7 null z " + fixed(c.null_z, 1) + " \u00b7 stability " +
       fixed(c.stability, 2) + " (across projection seeds " + fixed(c.projection_stability, 2) + ")" + (belowNull(c) ? " \u00b7 below its null: not distinguishable from a random group" : "")));
+    if (c.curve_size && (c.curve_size.length || (c.curve_step && c.curve_step.length))) {
+      detail.appendChild(el("div", "meta", "emergence: N* " + emergence(c, "n_star", c.curve_size) + " non-embedding parameters" +
+        " \u00b7 S* " + emergence(c, "s_star", c.curve_step || []) + " steps \u00b7 abruptness over sizes " + fixed(c.abrupt_size, 2) +
+        ", over steps " + fixed(c.abrupt_step, 2)));
+      var charts = el("div", "charts");
+      if (c.curve_size.length) charts.appendChild(chart(c.curve_size, "members' loss against model size", "non-embedding parameters N", c.n_star));
+      if (c.curve_step && c.curve_step.length) charts.appendChild(chart(c.curve_step, "members' loss over training", "step", c.s_star));
+      detail.appendChild(charts);
+      detail.appendChild(el("div", "meta", "solid: the members' mean loss (nats, left axis) \u00b7 dashed: the share of members under select.max_loss (right axis) \u00b7 dotted: N* or S*"));
+    }
     var top = el("div", "meta", "top answer tokens: ");
     c.top.forEach(function (t) { top.appendChild(chip(t[0], t[1])); });
     detail.appendChild(top);
