@@ -4,8 +4,8 @@
         --out cache/scaling/token_curves.parquet --metrics metrics/scaling.json --plots plots/scaling
 
 Every model of `suite.models` must share one tokenizer (checked on each model's tokenizer
-at `scaling.revision`). Too few models: an error, or under `scaling.on_too_few_models: skip`
-an empty table and the reason in the metrics.
+at `scaling.revision`). Too few models: under `scaling.on_too_few_models: skip` (the default)
+an empty table and the reason in the metrics, under `error` an error.
 """
 
 from __future__ import annotations

@@ -186,6 +186,18 @@ def test_dvc_repro_tiny_suite(scratch):
         scored_q = validate["quality"]
         assert scored_q["quality_auc"] is not None or "at least" in scored_q["quality_auc_skipped"]
 
+    # Each cluster across the suite: 4 clusters x 3 models x 2 revisions, and its emergence
+    cc = pd.read_parquet(scratch / "cache/qdg/cluster_curves.parquet")
+    assert len(cc) == 4 * 3 * 2 and cc["n"].sum() == 6 * int((clusters["cluster"].to_numpy() >= 0).sum())
+    emergence = pd.read_parquet(scratch / "cache/qdg/cluster_emergence.parquet")
+    assert emergence["cluster"].tolist() == [0, 1, 2, 3]
+    assert set(emergence["n_star_censored"]) <= {"left", "none", "right"}
+    curves_m = json.loads((scratch / "metrics/cluster_curves.json").read_text())
+    assert [p[0] for p in curves_m["size"]["points"]] == ["tiny-a", "tiny-b", "tiny-c"]
+    assert curves_m["step"]["points"] == [["tiny-c", "step10"], ["tiny-c", "step40"]]
+    assert "spearman_vs_truth" in validate["emergence"]["size"] or "skipped" in validate["emergence"]["size"]
+    assert "spearman_size_vs_n_learned" in metrics and isinstance(metrics["n_learned_strictly_increasing"], bool)
+
     # Scaling analysis: per-token curves and dynamics as tables, every exponent in metrics, PNG plots.
     curves = pd.read_parquet(scratch / "cache/scaling/token_curves.parquet")
     assert len(curves) == len(scored) and set(curves["kind"].astype(str)) <= {"monogenic", "polygenic", "other"}
@@ -214,6 +226,7 @@ def test_dvc_repro_tiny_suite(scratch):
     assert data["k"] == 4 and data["planted"] is True
     main_k = clusters["cluster"].to_numpy()
     assert [c["size"] for c in data["clusters"]] == np.bincount(main_k[main_k >= 0]).tolist()
+    assert all(len(c["curve_size"]) == 3 and len(c["curve_step"]) == 2 for c in data["clusters"])
     assert page.count("data:image/png;base64,") == 6 and "http://" not in page and "https://" not in page
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], scratch).stdout
     assert "metrics/theory.json" in shown and "metrics/scaling.json" in shown
@@ -266,3 +279,35 @@ def test_params_typo_fails_dvc_repro_when_nothing_else_reruns(scratch):
     # the restored file is the one dvc.lock records: nothing reruns, nothing was lost
     r = _run([sys.executable, "-m", "dvc", "repro"], scratch)
     assert "Running stage" not in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_one_model_run_reaches_the_report_with_default_params(scratch, tmp_path):
+    """QDG on one model, as a new user first runs it: the repo's params with only suite,
+    corpus and select changed. Every analysis that needs several models or checkpoints is
+    skipped with its reason, in its metrics and in the report; nothing fails."""
+    import yaml
+
+    model = scratch / "cache/planted/models/tiny-c/step40"
+    if not model.exists():
+        _run([sys.executable, "-m", "dvc", "repro", "planted"], scratch)
+    solo = _make_scratch(tmp_path / "solo")
+    shutil.copytree(model, solo / "models/solo")
+    (solo / "data").mkdir()
+    shutil.copy(scratch / "cache/planted/corpus.jsonl", solo / "data/corpus.jsonl")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["suite"].update(models=["solo"], revisions=["main"], sources={"solo": "models/solo"})
+    params["corpus"].update(source="data/corpus.jsonl")
+    params["select"].update(model="solo", revision="main", max_loss=5.0, n_samples=150)  # 40 steps: nothing under 0.1
+    (solo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    out = _run([sys.executable, "-m", "dvc", "repro"], solo)
+    log = out.stdout + out.stderr
+    assert "scaling: skipped" in log and "dynamics: skipped" in log
+    curves = json.loads((solo / "metrics/cluster_curves.json").read_text())
+    assert "at least 2" in curves["size"]["skipped"] and "at least 2" in curves["step"]["skipped"]
+    assert "at least 3" in json.loads((solo / "metrics/scaling.json").read_text())["skipped"]
+    page = (solo / "cache/report/index.html").read_text()
+    assert "Skipped in this run" in page and "scaling.min_models" in page
+    assert json.loads((solo / "metrics/qdg.json").read_text())["k"] == 50

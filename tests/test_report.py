@@ -333,3 +333,14 @@ def test_quanta_screenshot(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["screenshot", "--report", str(tmp_path / "missing.html")])
     assert e.value.code == 2 and "dvc repro report" in capsys.readouterr().err
+
+
+def test_skipped_analyses_are_listed_with_their_reason(tmp_path):
+    tokens, samples, clusters, summary, quanta = make_inputs(tmp_path)
+    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", ReportConfig(), 4, quanta)
+    metrics = {"scaling": {"skipped": "1 model(s) (solo): <needs> 3"}, "qdg": {"k": 4},
+               "cluster_curves": {"size": {"skipped": "one model"}, "step": {"rho": 1}}}
+    assert report.skipped_parts(metrics) == [("cluster_curves: size", "one model"), ("scaling", "1 model(s) (solo): <needs> 3")]
+    page = report.render(data, metrics, {})
+    assert "Skipped in this run (2)" in page and "&lt;needs&gt; 3" in page
+    assert "Skipped in this run" not in report.render(data, {"qdg": {"k": 4}}, {})

@@ -245,8 +245,8 @@ def test_mean_loss_fit_recovers_alpha():
 def test_too_few_models_error_or_skip(tmp_path):
     N = {"a": 1e6, "b": 1e7}
     with pytest.raises(ScalingError, match=r"2 model\(s\) \(a, b\).*at least 3.*on_too_few_models: skip"):
-        scaling.analyze_suite(tmp_path, ["a", "b"], "main", N, CFG)
-    res = scaling.analyze_suite(tmp_path, ["a", "b"], "main", N, dataclasses.replace(CFG, on_too_few_models="skip"))
+        scaling.analyze_suite(tmp_path, ["a", "b"], "main", N, dataclasses.replace(CFG, on_too_few_models="error"))
+    res = scaling.analyze_suite(tmp_path, ["a", "b"], "main", N, CFG)  # skip: the default
     assert res.table is None and "at least 3" in res.skipped and res.metrics == {"skipped": res.skipped}
     with pytest.raises(ScalingError, match="at least 3 models"):
         scaling.token_curves(np.zeros((4, 2), np.float32), [1e6, 1e7], CFG)

@@ -90,8 +90,8 @@ def test_too_few_models_error_or_skip(tmp_path):
     two = dict(list(N4.items())[:2])
     models, revs = power_suite(tmp_path, models=two)
     with pytest.raises(scaling.ScalingError, match="at least 3.*on_too_few_models: skip"):
-        scaling.run(tmp_path, models, revs, CFG)
-    res = scaling.run(tmp_path, models, revs, dataclasses.replace(CFG, on_too_few_models="skip"))
+        scaling.run(tmp_path, models, revs, dataclasses.replace(CFG, on_too_few_models="error"))
+    res = scaling.run(tmp_path, models, revs, CFG)  # skip: the default
     assert res.suite.table is None and "at least 3" in res.metrics["skipped"]
 
 
@@ -330,7 +330,7 @@ def test_stage_errors_are_one_line(tmp_path, capsys):
     scaling_stage, dyn_stage = _stage("scaling"), _stage("dynamics")
 
     models, _ = power_suite(tmp_path / "l", models=dict(list(N4.items())[:2]))
-    params = _params(tmp_path, suite={"models": models, "revisions": ["step100"]})
+    params = _params(tmp_path, suite={"models": models, "revisions": ["step100"]}, scaling={"on_too_few_models": "error"})
     argv = ["--params", str(params), "--losses", str(tmp_path / "l"), "--out", str(tmp_path / "t.parquet"),
             "--metrics", str(tmp_path / "s.json"), "--plots", str(tmp_path / "plots")]
     with pytest.raises(SystemExit) as e:
@@ -339,8 +339,8 @@ def test_stage_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "at least 3" in err[0]
 
-    # skip: an empty table and the reason, and exit 0
-    params = _params(tmp_path, suite={"models": models, "revisions": ["step100"]}, scaling={"on_too_few_models": "skip"})
+    # skip (the default): an empty table and the reason, and exit 0
+    params = _params(tmp_path, suite={"models": models, "revisions": ["step100"]})
     stage.run(scaling_stage.main, argv)
     assert pd.read_parquet(tmp_path / "t.parquet").empty
     assert "at least 3" in json.loads((tmp_path / "s.json").read_text())["skipped"]

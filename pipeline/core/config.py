@@ -364,8 +364,9 @@ class ScalingConfig:
     mono_low: float = 0.3  # ... and the emergence size and every larger one are below this
     poly_slope: float = -0.3  # polygenic: d loss / d ln N below this (nats per e-fold of N)
     poly_r2: float = 0.98  # ... and R² of the OLS line above this
-    min_models: int = 3  # fewer models: error or skip (with 2, R² is always 1)
-    on_too_few_models: Literal["error", "skip"] = "error"
+    min_models: int = 3  # fewer models: skip with the reason in the metrics, or error (with 2, R² is always 1)
+    # skip: a one-model run (QDG on one model, the most common first use) reaches the report
+    on_too_few_models: Literal["error", "skip"] = "skip"
     # Tokens per chunk of the per-token pass. Small on purpose: the temporaries (~1 MiB
     # each) stay in cache and reuse freed memory; 1M-token chunks page-fault fresh 56 MiB
     # arrays and ran 5x slower (bench/bench_scaling.py).

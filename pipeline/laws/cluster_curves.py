@@ -244,8 +244,9 @@ def build_axes(models: Sequence[str], revisions: Sequence[str], n_params: Mappin
     order = sorted(models, key=lambda m: n_params[m])
     sizes = Axis("size", tuple((m, size_revision) for m in order), tuple(float(n_params[m]) for m in order))
     if len(order) < 2:
-        sizes = dataclasses.replace(sizes, skipped=f"one model ({', '.join(order) or 'none'}) shares the select model's "
-                                                   "tokenizer: emergence over sizes needs at least 2")
+        sizes = dataclasses.replace(sizes, skipped=f"{len(order)} model ({', '.join(order) or 'none'}) with the select "
+                                                   "model's tokenizer: emergence over sizes needs at least 2 "
+                                                   "(add models to suite.models)")
     steps = sorted((step_of(r), r) for r in revisions if step_of(r) is not None)
     if step_model is None or step_model not in models:
         stepped = Axis("step", (), (), skipped=f"dynamics.model {step_model!r} is not among the compared models")

@@ -359,6 +359,30 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
     return '<div class="cards">' + "".join(f"<div class=card><b>{e(v)}</b><span>{e(t)}</span></div>" for v, t in items) + "</div>"
 
 
+def skipped_parts(metrics: dict[str, dict]) -> list[tuple[str, str]]:
+    """(what, why) of every analysis this run skipped: a metrics file's top-level ``skipped``,
+    or one of its parts' (cluster_curves' axes)."""
+    out = []
+    for name, m in sorted(metrics.items()):
+        if not isinstance(m, dict):
+            continue
+        if isinstance(m.get("skipped"), str):
+            out.append((name, m["skipped"]))
+        for part, v in sorted(m.items()):
+            if isinstance(v, dict) and isinstance(v.get("skipped"), str):
+                out.append((f"{name}: {part}", v["skipped"]))
+    return out
+
+
+def _skipped_list(metrics: dict[str, dict]) -> str:
+    e = html.escape
+    parts = skipped_parts(metrics)
+    if not parts:
+        return ""
+    items = "".join(f"<li><b>{e(what)}</b>: {e(why)}</li>" for what, why in parts)
+    return f'<details class="skipped" open><summary>Skipped in this run ({len(parts)})</summary><ul>{items}</ul></details>'
+
+
 def _page_data(data: ReportData, metrics: dict[str, dict]) -> dict:
     """The browser's JSON: the clusters, and the thresholds that mark them (metrics/qdg.json)."""
     qdg = metrics.get("qdg") or {}
@@ -400,7 +424,7 @@ def render(
 <nav><a href="#browser">clusters</a><a href="#figures">figures</a><a href="#theory">theory check</a><a href="#metrics">metrics</a></nav>
 </header>
 <main>
-<section id="summary">{_cards(data, metrics)}</section>
+<section id="summary">{_cards(data, metrics)}{_skipped_list(metrics)}</section>
 <section id="browser">
 <h2>Clusters (k = {data.k})</h2>
 <div class="browser">
@@ -419,6 +443,7 @@ def render(
 <section id="theory"><h2>Theory check</h2>{_theory_table(metrics.get("theory"))}</section>
 <section id="metrics"><h2>All metrics</h2>{raw}</section>
 </main>
+<svg id="svg-ns" width="0" height="0" aria-hidden="true"></svg>
 <script id="quanta-data" type="application/json">{_json_for_script(_page_data(data, metrics))}</script>
 <script>{js}</script>
 </body>

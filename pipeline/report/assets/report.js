@@ -37,7 +37,8 @@
     if (cens === "right") return "> " + short(curve.length ? curve[curve.length - 1][0] : null);
     return short(c[key]);
   }
-  var SVG = "http://www.w3.org/2000/svg";
+  // The SVG namespace, as the HTML parser gave it to the page's empty <svg> (no URL in the script).
+  var SVG = document.getElementById("svg-ns").namespaceURI;
   function svg(tag, attrs) {
     var e = document.createElementNS(SVG, tag);
     Object.keys(attrs).forEach(function (k) { e.setAttribute(k, attrs[k]); });
