@@ -15,7 +15,8 @@ and reports, per schedule and for the suite's own six checkpoints and for the de
 α_S of all tokens (fit_curve with offset, as the scaling stage), α_S of the answer tokens
 (OLS of log loss on log S after warm-up), and the emergence slope (OLS of log S_k on log 1/p_k
 over the quanta learned by the last checkpoint, S_k the first checkpoint from which quantum k
-stays learned) with the number never learned. The theory: α_S = α/(α+1), slope 1.
+stays learned) with the number never learned, and the same slope over the most frequent quanta
+up to the first never learned (no censoring inside). The theory: α_S = α/(α+1), slope 1.
 ``constant`` holds the peak learning rate after warm-up (min_lr_ratio 1); ``cosine`` is the
 suite's schedule (cosine decay to planted.min_lr_ratio). Results: docs/planted-routes.md.
 """
@@ -82,8 +83,15 @@ def routes(table: pd.DataFrame, freq: np.ndarray, warmup: int) -> dict:
     ok = stays[-1]
     s_k = s[np.argmax(stays, axis=0)]
     slope = float(fits.ols(np.log(1 / freq[ok]), np.log(s_k[ok]))[0]) if ok.sum() > 2 else None
+    # Censoring-free: the most frequent quanta up to the first one never learned. Leaving the
+    # never-learned (the rarest, the latest) out of the fit above flattens it; this prefix
+    # has none left out.
+    order = np.argsort(-freq, kind="stable")
+    prefix = order[: int(np.argmin(ok[order])) if not ok.all() else len(order)]
+    slope_prefix = float(fits.ols(np.log(1 / freq[prefix]), np.log(s_k[prefix]))[0]) if prefix.size > 2 else None
     return {"alpha_S_all_tokens": full.alpha, "E": full.E, "alpha_S_answer_tokens": alpha_ans,
-            "emergence_slope": slope, "n_learned_at_end": int(ok.sum()), "n_never_learned": int((~ok).sum()),
+            "emergence_slope": slope, "emergence_slope_uncensored_prefix": slope_prefix,
+            "uncensored_prefix": int(prefix.size), "n_learned_at_end": int(ok.sum()), "n_never_learned": int((~ok).sum()),
             "distinct_emergence_steps": int(np.unique(s_k[ok]).size)}
 
 
