@@ -20,8 +20,9 @@ The documents are dealt into interleaved rounds and every method runs in every r
 
 It reports tokens/s, the ratios, the peak memory of each (RSS sampled every 5 ms on
 CPU; ``torch.cuda.max_memory_allocated`` on GPU), the largest difference between our
-losses and the paper's (fp32: ~1e-6 nats), and on GPU the fraction of peak bf16
-FLOP/s (a forward pass costs ~2 N FLOPs per token, N = non-embedding + unembedding
+losses and the paper's and its mean (fp32: ~1e-6 nats; bf16 on GPU: the same weights,
+rounded), and the fraction of peak bf16 FLOP/s (on GPU, or wherever --peak-tflops is
+given; a forward pass costs ~2 N FLOPs per token, N = non-embedding + unembedding
 parameters; attention's own FLOPs are left out, so the fraction is a lower bound).
 
 The models have Pythia shapes with random weights (no hub here): losses of a random
@@ -226,8 +227,8 @@ def bench_shape(shape: str, docs: list[np.ndarray], args) -> dict:
     for name in ("paper", "paper+nograd"):
         if name in row:
             row[f"speedup_vs_{name}"] = row["ours"]["tokens_per_s"] / row[name]["tokens_per_s"]
-    if device.startswith("cuda"):
-        peak = peak_tflops(args)
+    peak = peak_tflops(args) if device.startswith("cuda") else args.peak_tflops
+    if peak is not None or device.startswith("cuda"):
         flops = 2 * row["forward_params"] * row["ours"]["tokens_per_s"]
         row["ours"]["tflops"] = flops / 1e12
         row["ours"]["fraction_of_peak_bf16"] = flops / (peak * 1e12) if peak else None

@@ -31,8 +31,9 @@ fails or runs out of time is recorded as such in the JSON, and the next part run
   commands, once with ``suite.device: cuda`` and once on the CPU, and validate's ARI of
   both. To keep to the time limit the suite has one model, the default's largest
   (planted-w48, the QDG model) at its last revision; the language, corpus and QDG settings
-  are the default's. Similarity and clustering have no device: they run on the CPU, on the
-  CUDA run's gradients.
+  are the default's. The two runs share the trained suite and its corpus and run side by
+  side, so their stage times are not each alone. Similarity and clustering have no device:
+  they run on the CPU, on the CUDA run's gradients.
 
 The targets (issue 30's) are judged from those numbers and written into the JSON's
 "targets", each with its value and pass (true, false, or null where its part did not
@@ -46,6 +47,7 @@ measure it).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -59,6 +61,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -75,11 +78,13 @@ WHEELS = ROOT / "bench" / "wheels"
 WHEELS_MAX_BYTES = 64 * 2**20
 # What the check installs on a GPU box that has torch, transformers, numpy, pandas, pyarrow,
 # scikit-learn, scipy, matplotlib and tqdm: Dask, for the LocalCluster test on CUDA.
-INSTALL = ("dask", "distributed")
+# Dask, for the LocalCluster test on CUDA; Leiden (python-igraph), which the validate stage
+# scores beside the main clustering. Distribution names; the modules are the same but igraph's.
+INSTALL = ("dask", "distributed", "leidenalg", "igraph")
 # Their dependencies, at this environment's versions: pip takes one only where the box's own
 # copy is missing or too old, so the install works offline whatever the box holds.
 DEPENDENCIES = ("partd", "locket", "tblib", "tornado", "zict", "toolz", "cloudpickle", "click", "fsspec", "msgpack",
-                "sortedcontainers", "psutil", "jinja2", "markupsafe", "pyyaml", "packaging")
+                "sortedcontainers", "psutil", "jinja2", "markupsafe", "pyyaml", "packaging", "texttable")
 # The box's interpreter: wheels are fetched for it, not for this machine's.
 BOX_PYTHON, BOX_ABI, BOX_PLATFORM = "3.12", "cp312", "manylinux_2_28_x86_64"
 NEVER_INSTALL = ("torch", "nvidia", "triton")  # the box's CUDA stack: a wheel of these in the folder is refused
@@ -189,16 +194,18 @@ def write_json(path: Path, data: Any) -> None:
 
 
 class Record(dict):
-    """A part's results, rewritten to its file after every change, so a part stopped by its
-    time limit leaves what it had measured."""
+    """A part's results, rewritten to its file after every change (from any thread), so a part
+    stopped by its time limit leaves what it had measured."""
 
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
+        self.lock = threading.RLock()
 
     def __setitem__(self, key: str, value: Any) -> None:
-        super().__setitem__(key, value)
-        write_json(self.path, dict(self))
+        with self.lock:
+            super().__setitem__(key, value)
+            write_json(self.path, dict(self))
 
 
 def one_line(e: BaseException) -> str:
@@ -281,6 +288,13 @@ def _version(name: str) -> Optional[str]:
         return None
 
 
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def wheel_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.whl")) if folder.is_dir() else []
 
@@ -298,7 +312,7 @@ def part_wheels(rec: Record, plan: Plan, out: Path, dry_run: bool) -> None:
     banned = [f.name for f in files if f.name.lower().startswith(NEVER_INSTALL)]
     if banned:
         raise CheckError(f"{WHEELS} holds {', '.join(banned)}: the GPU box's own CUDA build must stay; remove them")
-    missing = [n for n in INSTALL if importlib.util.find_spec(n) is None]
+    missing = [n for n in INSTALL if not importable(n)]
     rec["missing_before"] = missing
     torch_before = _version("torch")
     rec["torch_version"] = torch_before
@@ -328,7 +342,7 @@ def part_wheels(rec: Record, plan: Plan, out: Path, dry_run: bool) -> None:
     if r.returncode:
         raise CheckError(f"pip install from {WHEELS} failed (exit {r.returncode}): {rec['pip_output_tail'][-1:]}")
     importlib.invalidate_caches()
-    rec["missing_after"] = [n for n in INSTALL if importlib.util.find_spec(n) is None]
+    rec["missing_after"] = [n for n in INSTALL if not importable(n)]
     rec["installed"] = {n: _version(n) for n in INSTALL}
     if _version("torch") != torch_before:
         raise CheckError(f"torch changed from {torch_before} to {_version('torch')} during the install")
@@ -488,7 +502,7 @@ def _gradients_shape(gs: GradShape, plan: Plan, out: Path, row: dict, save: Call
                          "forward_backward_s": fb, "min_cosine_vs_ours": float(cos.min())}
     row["speedup_vs_per_target"] = row["ours"]["gradient_samples_per_s"] / row["per_target"]["samples_per_s"]
     save()
-    del ref, ours
+    del ref, ours, projector  # the projector's table cache too
     free_device_memory()
 
     # the paper's blocks of 250 at N = 10,000: its count of backward passes and block products
@@ -496,7 +510,7 @@ def _gradients_shape(gs: GradShape, plan: Plan, out: Path, row: dict, save: Call
     blocked: dict = {"n": PAPER_N, "block": PAPER_BLOCK, "backward_passes": passes, "block_products": products}
     if gs.block:
         st: dict = {}
-        b = gs.block
+        b = min(gs.block, rows_that_fit(p_selected, device, copies=3))  # two blocks and one normalised copy
         bg.paper_similarity(model, docs, doc_ids[:2], positions[:2], 2)  # untimed: first-call costs
         bg.paper_similarity(model, docs, doc_ids[:b], positions[:b], b, "context", st)
         per_pass = st["grad_s"] / st["backward_passes"]
@@ -518,7 +532,7 @@ def _gradients_shape(gs: GradShape, plan: Plan, out: Path, row: dict, save: Call
 
     # the projection's cosine error against the exact gradients of the first cos_n samples
     if gs.cos_n:
-        n = min(gs.cos_n, gs.n, _exact_rows_that_fit(p_selected, device))
+        n = min(gs.cos_n, gs.n, rows_that_fit(p_selected, device, copies=2))  # the host's array and the device's
         with tempfile.TemporaryDirectory(prefix="gpu_check_cos_") as tmp:
             for method, projection in (("ours-exact", "none"), ("ours-sjlt", "sjlt")):
                 C = bg.our_similarity(model, docs, doc_ids[:n], positions[:n], projection, k)
@@ -532,15 +546,16 @@ def _gradients_shape(gs: GradShape, plan: Plan, out: Path, row: dict, save: Call
     del model
 
 
-def _exact_rows_that_fit(p_selected: int, device: str) -> int:
-    """Exact fp32 gradient rows that fit in a third of the free memory, on the host and the device."""
+def rows_that_fit(p_selected: int, device: str, copies: int) -> int:
+    """Exact fp32 gradient rows of which `copies` copies fit in 80% of the free memory, on the
+    host and on the device."""
     import torch
 
     with open("/proc/meminfo") as f:
         free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     if device.startswith("cuda"):
         free = min(free, torch.cuda.mem_get_info()[0])
-    return max(2, int(free / 3 // (4 * p_selected)))
+    return max(2, int(0.8 * free / copies // (4 * p_selected)))
 
 
 def planted_params(sections: dict, device: str) -> dict:
@@ -573,18 +588,21 @@ def part_planted(rec: Record, plan: Plan, out: Path, dry_run: bool) -> None:
         rec["chains"] = chains
 
         def stage(name: str, chain: str) -> bool:
+            print(f"[{chain} on {runs[chain][0]}] {name} ...", flush=True)
             t0 = time.perf_counter()
+            error = None
             try:
                 run_stages(runs[chain][1], model, [name])
             except Exception as e:
-                chains[chain]["stages"][name] = {"seconds": time.perf_counter() - t0, "ok": False, "error": one_line(e)}
-                chains[chain]["error"] = f"stage {name} failed"
-                print(f"{chain}: {name} failed:\n{e}", flush=True)
+                error = e
+                print(f"[{chain}] {name} failed:\n{e}", flush=True)
+            with rec.lock:  # the other chain's thread writes the same record
+                chains[chain]["stages"][name] = {"seconds": time.perf_counter() - t0, "ok": error is None}
+                if error is not None:
+                    chains[chain]["stages"][name]["error"] = one_line(error)
+                    chains[chain]["error"] = f"stage {name} failed"
                 rec["chains"] = chains
-                return False
-            chains[chain]["stages"][name] = {"seconds": time.perf_counter() - t0, "ok": True}
-            rec["chains"] = chains
-            return True
+            return error is None
 
         # the suite and its corpus once (training runs on the CPU whatever the device), then shared
         first, second = runs["device"][1], runs["cpu"][1]
@@ -592,8 +610,9 @@ def part_planted(rec: Record, plan: Plan, out: Path, dry_run: bool) -> None:
             raise CheckError("the planted suite or its corpus could not be built")
         for sub in ("cache/planted", "cache/corpus"):
             shutil.copytree(first / sub, second / sub)
-        for chain in ("device", "cpu"):
-            all(stage(s, chain) for s in ("losses", "select", "gradients", "similarity", "cluster", "validate"))
+        qdg = ("losses", "select", "gradients", "similarity", "cluster", "validate")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the two chains at once, each stage in its own process
+            list(pool.map(lambda chain: all(stage(s, chain) for s in qdg), ["device", "cpu"]))
         _compare_planted(rec, runs, model, revision)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -712,20 +731,12 @@ def _get(results: dict, *path: Any) -> Any:
     return x
 
 
-def _last(d: Optional[dict]) -> Optional[str]:
-    return list(d)[-1] if d else None
-
-
-def _first(d: Optional[dict]) -> Optional[str]:
-    return next(iter(d)) if d else None
-
-
 def judge(results: dict, plan: Plan) -> list[dict]:
     """Issue 30's targets from the measured numbers: value, pass (null where not measured)."""
     loss_shapes = _get(results, "losses", "results", "shapes") or {}
     grad_shapes = _get(results, "gradients", "results", "shapes") or {}
-    big = _last(loss_shapes) or plan.loss_args[1].split(",")[-1]
-    small = _first(grad_shapes) or plan.grad_shapes[0].shape
+    big = plan.loss_args[plan.loss_args.index("--shapes") + 1].split(",")[-1]  # the targets' shapes: 1b ...
+    small = plan.grad_shapes[0].shape  # ... and pythia-70m
     bf16_means = [r["mean_abs_diff_nats"] for r in loss_shapes.values() if "mean_abs_diff_nats" in r]
     peaks = [r["ours"]["peak_over_memory_gb"] for r in grad_shapes.values() if "ours" in r]
     pytest_res = _get(results, "pytest", "results") or {}
