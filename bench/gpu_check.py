@@ -3,7 +3,7 @@
 Why: the pipeline is for researchers with GPUs, yet CI has none, so its CUDA path (bf16
 autocast in the loss stage, the gradients stage's device-memory plan, Dask workers on CUDA,
 the GPU modes of the benchmarks) runs nowhere else. This script runs all of it in one go on
-one H100 or H200, within --budget-s (470 s: the 8 minutes asked for, with a margin), and
+one H100 or H200, within --budget-s (470 s, under 8 minutes), and
 writes every number into one folder: ``gpu_check.json`` (all numbers, the targets with
 pass/fail), ``gpu_check.log`` (everything each part printed) and ``pytest_gpu.xml``.
 
@@ -11,7 +11,8 @@ Parts, in order, each in a child process of its own with its own time limit; a p
 fails or runs out of time is recorded as such in the JSON, and the next part runs:
 
 - ``env``: ``nvidia-smi`` and torch's view of the device, so the numbers carry their machine;
-- ``wheels``: what the GPU box lacks (dask, distributed and their small dependencies),
+- ``wheels``: what the GPU box lacks (dask, distributed, leidenalg, igraph and their small
+  dependencies),
   installed from the prepared, git-ignored folder bench/wheels/ with ``pip --no-index``;
   never torch: the box's CUDA build stays as it is;
 - ``pytest``: ``pytest -m gpu``: losses, gradients, the projection and a Dask LocalCluster
@@ -35,7 +36,7 @@ fails or runs out of time is recorded as such in the JSON, and the next part run
   side, so their stage times are not each alone. Similarity and clustering have no device:
   they run on the CPU, on the CUDA run's gradients.
 
-The targets (issue 30's) are judged from those numbers and written into the JSON's
+The targets are judged from those numbers and written into the JSON's
 "targets", each with its value and pass (true, false, or null where its part did not
 measure it).
 
@@ -77,9 +78,8 @@ import _common  # noqa: E402
 WHEELS = ROOT / "bench" / "wheels"
 WHEELS_MAX_BYTES = 64 * 2**20
 # What the check installs on a GPU box that has torch, transformers, numpy, pandas, pyarrow,
-# scikit-learn, scipy, matplotlib and tqdm: Dask, for the LocalCluster test on CUDA.
-# Dask, for the LocalCluster test on CUDA; Leiden (python-igraph), which the validate stage
-# scores beside the main clustering. Distribution names; the modules are the same but igraph's.
+# scikit-learn, scipy, matplotlib and tqdm: Dask, for the LocalCluster test on CUDA; Leiden
+# (python-igraph), which the validate stage scores beside the main clustering.
 INSTALL = ("dask", "distributed", "leidenalg", "igraph")
 # Their dependencies, at this environment's versions: pip takes one only where the box's own
 # copy is missing or too old, so the install works offline whatever the box holds.
@@ -732,7 +732,7 @@ def _get(results: dict, *path: Any) -> Any:
 
 
 def judge(results: dict, plan: Plan) -> list[dict]:
-    """Issue 30's targets from the measured numbers: value, pass (null where not measured)."""
+    """The check's targets from the measured numbers: value, pass (null where not measured)."""
     loss_shapes = _get(results, "losses", "results", "shapes") or {}
     grad_shapes = _get(results, "gradients", "results", "shapes") or {}
     big = plan.loss_args[plan.loss_args.index("--shapes") + 1].split(",")[-1]  # the targets' shapes: 1b ...
