@@ -99,6 +99,7 @@ SHAPES = {
     "planted": dict(hidden=48, layers=2, heads=2, intermediate=192, vocab=300, max_pos=32, context=32),
     "pythia-14m": dict(hidden=128, layers=6, heads=4, intermediate=512, vocab=50304, max_pos=2048, context=128),
     "pythia-70m": dict(hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304, max_pos=2048, context=1024),
+    "pythia-160m": dict(hidden=768, layers=12, heads=12, intermediate=3072, vocab=50304, max_pos=2048, context=1024),
 }
 METHODS = ("reference", "ours-exact", "ours-sjlt")  # the default run
 PROJECTED = {"ours-sjlt": "sjlt", "ours-logra": "logra"}  # method -> gradients.projection
@@ -221,6 +222,15 @@ def paper_similarity(model, docs, doc_ids, positions, block: int, ref_input: str
     return C
 
 
+def reference_counts(n: int, block: int) -> tuple[int, int]:
+    """(backward passes, block products) of :func:`paper_similarity` on n samples: every
+    i-block once, plus every j-block with j >= i, recomputed. n = 10,000, block = 250:
+    (215,000, 820)."""
+    sizes = [min(block, n - a) for a in range(0, n, block)]
+    passes = sum(sizes[i] + sum(sizes[i:]) for i in range(len(sizes)))
+    return passes, len(sizes) * (len(sizes) + 1) // 2
+
+
 # --------------------------------------------------------------------------- ours
 
 
@@ -248,8 +258,12 @@ def gram_upper(G, block: int = 2048):
     return C
 
 
-def our_similarity(model, docs, doc_ids, positions, projection: str, k: int, stats: dict | None = None):
-    """Ours: each gradient once (pipeline.qdg.gradients), normalised rows, one fp32 Gram matrix."""
+def our_similarity(model, docs, doc_ids, positions, projection: str, k: int, stats: dict | None = None,
+                   calibrations: dict | None = None):
+    """Ours: each gradient once (pipeline.qdg.gradients), normalised rows, one fp32 Gram matrix.
+
+    calibrations: kept between calls on one model, so the memory planner measures it once, as
+    the stage does once per process (None: measured in this call, and timed with it)."""
     import torch
 
     from pipeline.qdg import gradients
@@ -259,7 +273,7 @@ def our_similarity(model, docs, doc_ids, positions, projection: str, k: int, sta
     cfg = gradients_config(projection, k)
     samples = {"doc_id": doc_ids, "pos": positions}
     tokens_by_doc = {int(d): docs[d] for d in np.unique(doc_ids)}
-    res = gradients.compute_gradients(model, samples, tokens_by_doc, cfg)
+    res = gradients.compute_gradients(model, samples, tokens_by_doc, cfg, calibrations=calibrations)
     t1 = time.perf_counter()
     G = torch.from_numpy(res.grads).to(device)  # (N, D) fp32; on CPU this shares the array
     G.div_(G.norm(dim=1, keepdim=True).clamp_min(1e-30))
@@ -461,7 +475,6 @@ def main(argv=None) -> dict:
         if not fits:
             methods.remove("ours-exact")
             notes.append(f"ours-exact skipped: {why}")
-    nb = math.ceil(args.n / args.block)
     s = SHAPES[args.shape]
     result: dict = {
         "machine": machine(args.device),
@@ -478,9 +491,7 @@ def main(argv=None) -> dict:
         "methods": {},
         "notes": notes,
     }
-    # backward passes of the reference: every i-block once, plus every j >= i block
-    sizes = [min(args.block, args.n - a) for a in range(0, args.n, args.block)]
-    result["reference_backward_passes_expected"] = sum(sizes[i] + sum(sizes[i:]) for i in range(nb))
+    result["reference_backward_passes_expected"] = reference_counts(args.n, args.block)[0]
     print(f"machine: {result['machine']}")
     print(f"command: {result['command']}")
     print(f"N = {args.n} samples over {result['n_docs']} documents of {args.context} tokens; shape {args.shape} "

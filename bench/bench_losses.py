@@ -20,8 +20,9 @@ The documents are dealt into interleaved rounds and every method runs in every r
 
 It reports tokens/s, the ratios, the peak memory of each (RSS sampled every 5 ms on
 CPU; ``torch.cuda.max_memory_allocated`` on GPU), the largest difference between our
-losses and the paper's (fp32: ~1e-6 nats), and on GPU the fraction of peak bf16
-FLOP/s (a forward pass costs ~2 N FLOPs per token, N = non-embedding + unembedding
+losses and the paper's and its mean (fp32: ~1e-6 nats; bf16 on GPU: the same weights,
+rounded), and the fraction of peak bf16 FLOP/s (on GPU, or wherever --peak-tflops is
+given; a forward pass costs ~2 N FLOPs per token, N = non-embedding + unembedding
 parameters; attention's own FLOPs are left out, so the fraction is a lower bound).
 
 The models have Pythia shapes with random weights (no hub here): losses of a random
@@ -37,6 +38,7 @@ truncation at 1024 is 532 tokens, the paper's own (106,396,004 tokens / 200,000 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import platform
@@ -58,6 +60,7 @@ from pipeline.lm import losses  # noqa: E402
 
 # Pythia shapes (hidden, layers, heads); all: vocab 50304, rotary_pct 0.25, max_pos 2048.
 SHAPES = {
+    "14m": (128, 6, 4),  # the smallest Pythia: gpu_check.py's CPU dry run
     "70m": (512, 6, 8),
     "160m": (768, 12, 12),
     "410m": (1024, 24, 16),
@@ -85,8 +88,9 @@ def make_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> to
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(cfg).to(dtype=dtype).eval()
-    return model.to(device)
+    with torch.device(device):  # initialised where it runs: a 1b shape takes seconds on a CPU
+        model = GPTNeoXForCausalLM(cfg)
+    return model.to(dtype=dtype).eval()
 
 
 def forward_params(model: torch.nn.Module) -> int:
@@ -183,7 +187,8 @@ def bench_shape(shape: str, docs: list[np.ndarray], args) -> dict:
     row["forward_params"] = forward_params(ref_model)
     # ours in the dtype the stage uses on this device: fp32 on CPU, bf16 on CUDA
     dtype = torch.bfloat16 if device.startswith("cuda") and args.autocast != "none" else torch.float32
-    model = ref_model if dtype == torch.float32 else make_model(shape, dtype, device)
+    # the same weights, rounded: |ours - paper| is then the bf16 error alone
+    model = ref_model if dtype == torch.float32 else copy.deepcopy(ref_model).to(dtype)
     runners = {}
     if "paper" not in args.skip:
         runners["paper"] = lambda ds: paper_losses(ref_model, ds, device, no_grad=False)
@@ -216,12 +221,14 @@ def bench_shape(shape: str, docs: list[np.ndarray], args) -> dict:
         row[name] = dict(st, tokens_per_s=n_tokens / st["seconds"])
     reference = next((results[n] for n in ("paper", "paper+nograd") if n in results), None)
     if reference is not None:
-        row["max_abs_diff_nats"] = float(max(np.abs(a - b).max() for a, b in zip(reference, results["ours"])))
+        diffs = np.concatenate([np.abs(a - b) for a, b in zip(reference, results["ours"])])
+        row["max_abs_diff_nats"] = float(diffs.max())
+        row["mean_abs_diff_nats"] = float(diffs.mean(dtype=np.float64))
     for name in ("paper", "paper+nograd"):
         if name in row:
             row[f"speedup_vs_{name}"] = row["ours"]["tokens_per_s"] / row[name]["tokens_per_s"]
-    if device.startswith("cuda"):
-        peak = peak_tflops(args)
+    peak = peak_tflops(args) if device.startswith("cuda") else args.peak_tflops
+    if peak is not None or device.startswith("cuda"):
         flops = 2 * row["forward_params"] * row["ours"]["tokens_per_s"]
         row["ours"]["tflops"] = flops / 1e12
         row["ours"]["fraction_of_peak_bf16"] = flops / (peak * 1e12) if peak else None
@@ -314,7 +321,8 @@ def cluster_overhead(args) -> dict:
     return row
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the device's defaults filled in (shapes, documents, rounds, sizes)."""
     global _DEVICE
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -338,10 +346,26 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     _DEVICE = args.device
     cuda = args.device.startswith("cuda")
-    shapes = (args.shapes or ("160m,410m,1b" if cuda else "70m")).split(",")
+    args.shapes = (args.shapes or ("160m,410m,1b" if cuda else "70m")).split(",")
     args.n_docs = args.n_docs or (1000 if cuda else 40)
     args.rounds = max(1, min(args.rounds or (1 if cuda else 4), args.n_docs))
     args.skip = set(filter(None, args.skip.split(",")))
+    if not args.cluster_overhead:
+        args.batch_tokens, args.logits_chunk = losses.batch_sizes(torch.device(args.device), args.batch_tokens,
+                                                                  args.logits_chunk)
+    return args
+
+
+def make_docs(args) -> list[np.ndarray]:
+    """args.n_docs synthetic documents: random token ids, lognormal lengths of the paper's mean."""
+    rng = np.random.default_rng(args.seed)
+    lengths = lognormal_lengths(args.n_docs, args.sigma, args.max_len, rng)
+    return [rng.integers(0, VOCAB, size=n).astype(np.int64) for n in lengths]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    shapes = args.shapes
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -354,10 +378,8 @@ def main(argv=None) -> None:
             Path(args.json).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "cluster": row}, indent=2) + "\n")
         return
 
-    args.batch_tokens, args.logits_chunk = losses.batch_sizes(torch.device(args.device), args.batch_tokens, args.logits_chunk)
-    rng = np.random.default_rng(args.seed)
-    lengths = lognormal_lengths(args.n_docs, args.sigma, args.max_len, rng)
-    docs = [rng.integers(0, VOCAB, size=n).astype(np.int64) for n in lengths]
+    docs = make_docs(args)
+    lengths = np.array([len(d) for d in docs])
     print(f"machine: {machine()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(
@@ -387,7 +409,7 @@ def main(argv=None) -> None:
             if f"speedup_vs_{name}" in row:
                 print(f"speed-up vs {name}: {row[f'speedup_vs_{name}']:.2f}x")
         if "max_abs_diff_nats" in row:
-            print(f"max |ours - paper| = {row['max_abs_diff_nats']:.2e} nats")
+            print(f"|ours - paper|: max {row['max_abs_diff_nats']:.2e}, mean {row['mean_abs_diff_nats']:.2e} nats")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "argv": sys.argv, "rows": rows}, indent=2) + "\n")
 

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
+from _common import matmul_tflops  # noqa: E402
 from bench_gradients import useful_flops  # noqa: E402
 from bench_losses import paper_losses  # noqa: E402
 
@@ -87,34 +88,28 @@ def documents(tok, n_docs: int, max_len: int, min_len: int = 16) -> list[np.ndar
     return [docs[i] for i in sorted(pick)]
 
 
-def matmul_tflops(seconds: float = 3.0, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
-
-
 def per_sample_reference(model, docs, doc_ids, positions, projector, params) -> tuple[np.ndarray, float]:
     """(N, k) projected gradients, one forward + one backward per target; and the seconds
-    spent in forward + backward alone (the blocked method's unit of work)."""
+    spent in forward + backward alone (the blocked method's unit of work). Runs on the
+    model's device; on CUDA each forward + backward is timed to its synchronize."""
     import torch.nn.functional as F
 
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = np.zeros((len(doc_ids), projector.dim), dtype=np.float32)
     fb = 0.0
     for i, (d, p) in enumerate(zip(doc_ids, positions)):
         t0 = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        ids = torch.as_tensor(docs[d][: p + 1])[None]  # (1, p + 1): context and target
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        F.cross_entropy(logits[0, p - 1][None], ids[0, p][None]).backward()
+        ids = torch.as_tensor(docs[d][: p + 1], device=device)[None]  # (1, p + 1): context and target
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (1, p + 1, vocab)
+        F.cross_entropy(logits[0, p - 1][None], ids[0, p][None]).backward()  # logits at p - 1 predict token p
+        sync()
         fb += time.perf_counter() - t0
-        proj = torch.zeros(1, projector.dim)
+        proj = torch.zeros(1, projector.dim, device=device)
         for name, prm in params:
             projector.add_(proj, name, prm.grad[None])
-        out[i] = proj[0].numpy()
+        out[i] = proj[0].cpu().numpy()
     model.zero_grad(set_to_none=True)
     return out, fb
 

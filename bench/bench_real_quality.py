@@ -58,7 +58,8 @@ def stage_argv(name: str, model: str) -> list[str]:
 
 def run_stages(work: Path, model: str, names=QDG_STAGES, timeout: float = 3600) -> dict[str, float]:
     """Run `names` in `work` (its params.yaml), in order; stage -> wall seconds. Raises on a failure."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "QUANTA_RUN_LOG": str(work / "logs")}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # the caller's entries kept
+    env = {**os.environ, "PYTHONPATH": path, "QUANTA_RUN_LOG": str(work / "logs")}
     times = {}
     for name in names:
         t0 = time.perf_counter()

@@ -12,6 +12,17 @@ from typing import Optional, Sequence
 import numpy as np
 
 
+def devices() -> list:
+    """pytest params "cpu" and "cuda" for a test that compares a device's results with the CPU
+    fp32 reference: "cuda" is marked gpu and skipped without a CUDA device (bench/gpu_check.py
+    runs it on a GPU); "cpu" runs the same test body everywhere, so a GPU test cannot rot unseen."""
+    import pytest
+    import torch
+
+    no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    return [pytest.param("cpu"), pytest.param("cuda", marks=(pytest.mark.gpu, no_cuda))]
+
+
 def pythia_steps() -> np.ndarray:
     """The 154 published Pythia checkpoint steps, in order: 0, 1, 2, 4, ..., 512, 1000, ..., 143000."""
     return np.array([0] + [2**i for i in range(10)] + list(range(1000, 143001, 1000)), dtype=np.int64)

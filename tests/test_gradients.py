@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
+from helpers import devices
 
 from pipeline.core import config as config_lib
 from pipeline.core.config import ConfigError
@@ -159,6 +160,38 @@ def test_self_check_catches_a_layer_output_it_cannot_explain(model):
     docs = random_docs(3, 10, 20)
     with pytest.raises(GradientError, match="dense_h_to_4h.weight.*do not add up"):
         compute_gradients(m, random_samples(docs, 4), docs, EXACT)
+
+
+# --------------------------------------------------------------------------- each device (bench/gpu_check.py runs the cuda ones)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_gradients_on_each_device_match_the_cpu_single_backward_loop(model, tiny_neox_dir, device):
+    """Exact gradients on `device` (fp32, the stage's dtype) equal the CPU reference loop, and the
+    sjlt projection there equals the CPU's: its tables are the same on every device."""
+    docs = random_docs(12, 5, 90, seed=6)
+    samples = random_samples(docs, 40, seed=6)
+    on_device = models.load_model(models.ModelSpec(name="tiny", source=str(tiny_neox_dir)), dtype="float32", device=device)
+    exact = compute_gradients(on_device, samples, docs, EXACT)
+    assert max_rel_error(exact.grads, reference_matrix(model, select_params(model), docs, samples)) <= 1e-4
+    projected = compute_gradients(on_device, samples, docs, GradientsConfig())
+    assert max_rel_error(projected.grads, compute_gradients(model, samples, docs, GradientsConfig()).grads) <= 1e-4
+    assert not exact.bad.any() and not projected.bad.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_allocated_memory_stays_under_memory_gb(tiny_neox_dir):
+    """On CUDA, gradients.memory_gb bounds the device memory torch allocates, the model's included,
+    and changes batches, not gradients."""
+    docs = random_docs(12, 5, 90, seed=7)
+    samples = random_samples(docs, 60, seed=7)
+    cuda = models.load_model(models.ModelSpec(name="tiny", source=str(tiny_neox_dir)), dtype="float32", device="cuda")
+    free = compute_gradients(cuda, samples, docs, dataclasses.replace(EXACT, memory_gb=None))
+    with Peak("cuda") as peak:
+        bounded = compute_gradients(cuda, samples, docs, dataclasses.replace(EXACT, memory_gb=1.0))
+    assert 0 < peak.bytes <= 2**30
+    np.testing.assert_allclose(bounded.grads, free.grads, rtol=1e-5, atol=1e-6 * np.abs(free.grads).max())
 
 
 # --------------------------------------------------------------------------- projection accuracy

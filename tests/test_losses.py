@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import devices
 
 from pipeline.core import execution, files
 from pipeline.core.config import CorpusConfig, LossesConfig, SuiteConfig
@@ -127,6 +128,23 @@ def test_strided_windows_match_reference_and_score_every_token_once(tiny_model):
     ours = score_to_dict(tiny_model, docs, windows)
     assert set(ours) == {(d, p) for d, t in docs.items() for p in range(1, len(t))}
     assert_close(ours, reference_table(tiny_model, docs, windows), atol=1e-4)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_losses_on_each_device_match_the_cpu_fp32_reference(tiny_neox_dir, tiny_model, device):
+    """fp32 on `device` is the per-document CPU fp32 forward to rounding; the device's default
+    precision (dtype auto: bf16 weights under bf16 autocast on CUDA, fp32 on a CPU) is within bf16's."""
+    docs = random_docs(30, 120, seed=11)
+    windows = corpus.make_windows(list(docs), [len(t) for t in docs.values()], CorpusConfig(max_len=64))
+    ref = reference_table(tiny_model, docs, windows)
+    spec = models.ModelSpec("tiny", str(tiny_neox_dir))
+    fp32 = models.load_model(spec, dtype="float32", device=device)
+    assert_close(score_to_dict(fp32, docs, windows, autocast="none"), ref, atol=1e-4)
+    auto = models.load_model(spec, dtype="auto", device=device)
+    ours = score_to_dict(auto, docs, windows)
+    diff = np.abs(np.array([ours[k] - ref[k] for k in sorted(ref)]))
+    # bf16 weights and autocast on this model, emulated on a CPU: mean 5e-4, max 3e-3 nats
+    assert diff.mean() <= 0.01 and diff.max() <= 0.05, f"mean {diff.mean():.3g}, max {diff.max():.3g} nats"
 
 
 @pytest.mark.parametrize("batch_tokens,logits_chunk", [(1, 1), (100, 5), (10**6, 4096)])
@@ -446,6 +464,28 @@ def test_stage_killed_by_sigkill_resumes_to_identical_output(tmp_path, tiny_neox
     assert resumed.equals(clean)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_stage_on_each_device_records_its_precision_and_matches_the_cpu_table(tmp_path, tiny_neox_dir, device):
+    """The stage at the device's default precision (suite.dtype auto): its meta names the device
+    and the dtypes, CUDA's its peak memory, and the table is the CPU fp32 one within bf16 rounding."""
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(20, 60, seed=12))
+    run(tiny_neox_dir, tokens, tmp_path / "cpu")  # fp32 on the CPU
+    suite = SuiteConfig(models=("tiny",), revisions=("main",), sources={"tiny": str(tiny_neox_dir)}, dtype="auto",
+                        device=device)
+    meta = losses.run_losses(models.spec_from_suite(suite, "tiny", "main"), tokens, tmp_path / "dev",
+                             losses=LossesConfig(scheduler="inprocess", progress=False), suite=suite,
+                             corpus=CorpusConfig(max_len=64))
+    cuda = device == "cuda"
+    assert meta["compute"]["device_type"] == device
+    assert meta["compute"]["compute_dtype"] == ("bfloat16" if cuda else "float32")
+    assert (meta["peak_cuda_bytes"] is not None) == cuda
+    part = Path("model=tiny") / "revision=main"
+    a, b = read_dir(tmp_path / "cpu" / part), read_dir(tmp_path / "dev" / part)
+    assert a.select(["doc_id", "pos"]).equals(b.select(["doc_id", "pos"]))
+    diff = np.abs(a["loss"].to_numpy() - b["loss"].to_numpy())
+    assert diff.mean() <= 0.01 and diff.max() <= 0.05, f"mean {diff.mean():.3g}, max {diff.max():.3g} nats"
+
+
 # --------------------------------------------------------------------------- Dask
 
 
@@ -457,6 +497,31 @@ def test_local_cluster_of_two_workers_gives_the_inprocess_table(tmp_path, tiny_n
     meta = run(tiny_neox_dir, tokens, tmp_path / "dask", shard_tokens=300, scheduler="local", n_workers=2,
                threads_per_worker=1)
     assert meta["execution"] == "local" and meta["computed_parts"] == ref["parts"]
+    part = Path("model=tiny") / "revision=main"
+    a, b = read_dir(tmp_path / "inproc" / part), read_dir(tmp_path / "dask" / part)
+    assert a.select(["doc_id", "pos"]).equals(b.select(["doc_id", "pos"]))
+    np.testing.assert_allclose(a["loss"].to_numpy(), b["loss"].to_numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_local_cluster_workers_score_on_cuda(tmp_path, tiny_neox_dir):
+    """Workers of a LocalCluster load the model on the GPU (pipeline.core.execution.worker_device)
+    and give the in-process CUDA table."""
+    pytest.importorskip("distributed")
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(40, 60, seed=9))
+    suite = SuiteConfig(models=("tiny",), revisions=("main",), sources={"tiny": str(tiny_neox_dir)}, dtype="float32",
+                        device="cuda")
+    spec = models.spec_from_suite(suite, "tiny", "main")
+
+    def stage(out: str, **kw) -> dict:
+        cfg = LossesConfig(progress=False, shard_tokens=300, autocast="none", **kw)
+        return losses.run_losses(spec, tokens, tmp_path / out, losses=cfg, suite=suite, corpus=CorpusConfig(max_len=64))
+
+    ref = stage("inproc", scheduler="inprocess")
+    meta = stage("dask", scheduler="local", n_workers=2, threads_per_worker=1)
+    assert ref["parts"] >= 4 and meta["execution"] == "local" and meta["computed_parts"] == ref["parts"]
+    assert meta["compute"]["device_type"] == "cuda" and meta["peak_cuda_bytes"] is not None
     part = Path("model=tiny") / "revision=main"
     a, b = read_dir(tmp_path / "inproc" / part), read_dir(tmp_path / "dask" / part)
     assert a.select(["doc_id", "pos"]).equals(b.select(["doc_id", "pos"]))
