@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         scored["pass"] = bool((scored["quality_auc"] is None or scored["quality_auc"] >= quality.TARGET_AUC)
                               and (scored["labels_name_cues"] or 0) >= quality.TARGET_CUES)
         out["quality"] = scored
-    if args.emergence and args.planted_metrics and Path(args.planted_metrics).exists():
+    if args.emergence and args.planted_metrics and Path(args.planted_metrics).exists() and Path(args.emergence).exists():
         scorecard = json.loads(Path(args.planted_metrics).read_text())
         out["emergence"] = cluster_curves.planted_check(cluster_curves.read_emergence(args.emergence),
                                                         clusters["cluster"].to_numpy(), quanta, scorecard)
