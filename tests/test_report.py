@@ -338,7 +338,7 @@ def test_quanta_screenshot(tmp_path, capsys):
 def test_skipped_analyses_are_listed_with_their_reason(tmp_path):
     tokens, samples, clusters, summary, quanta = make_inputs(tmp_path)
     data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", ReportConfig(), 4, quanta)
-    metrics = {"scaling": {"skipped": "1 model(s) (solo): <needs> 3"}, "qdg": {"k": 4},
+    metrics = {"scaling": {"skipped": "1 model(s) (solo): <needs> 3"}, "qdg": {"k": 4}, "dynamics": {"skipped": ""},
                "cluster_curves": {"size": {"skipped": "one model"}, "step": {"rho": 1}}}
     assert report.skipped_parts(metrics) == [("cluster_curves: size", "one model"), ("scaling", "1 model(s) (solo): <needs> 3")]
     page = report.render(data, metrics, {})

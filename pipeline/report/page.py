@@ -361,15 +361,15 @@ def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
 
 def skipped_parts(metrics: dict[str, dict]) -> list[tuple[str, str]]:
     """(what, why) of every analysis this run skipped: a metrics file's top-level ``skipped``,
-    or one of its parts' (cluster_curves' axes)."""
+    or one of its parts' (cluster_curves' axes); an empty reason means it ran."""
     out = []
     for name, m in sorted(metrics.items()):
         if not isinstance(m, dict):
             continue
-        if isinstance(m.get("skipped"), str):
+        if isinstance(m.get("skipped"), str) and m["skipped"]:  # "" means it ran
             out.append((name, m["skipped"]))
         for part, v in sorted(m.items()):
-            if isinstance(v, dict) and isinstance(v.get("skipped"), str):
+            if isinstance(v, dict) and isinstance(v.get("skipped"), str) and v["skipped"]:
                 out.append((f"{name}: {part}", v["skipped"]))
     return out
 
