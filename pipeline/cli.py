@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pipeline.core import config
-from pipeline.core.errors import QuantaError
+from pipeline.core.errors import QuantaError, os_error_line
 
 
 def _fmt_count(n: Optional[int]) -> str:
@@ -49,13 +49,17 @@ def cmd_info(args) -> None:
             cached = why is None
             if why is not None:
                 missing.append(f"  {name} @ {revision}: {why}")
-            rows = partitions.count_loss_rows(losses_dir, name, revision)
+            try:
+                rows = partitions.count_loss_rows(losses_dir, name, revision)
+            except partitions.LayoutError as e:  # a truncated part: say so, list the rest
+                rows = "damaged"
+                missing.append(f"  {name} @ {revision}: {e}")
             total = counts["total"] if counts else None
             non_emb = counts["non_embedding"] if counts else None
             print(f"{name:<22} {revision:<12} {_fmt_count(total):>8} {_fmt_count(non_emb):>8} "
                   f"{'yes' if cached else 'no':>7} {rows:>10}  {spec.source}")
     if missing:
-        print("\nnot loadable offline (params '?' and cached 'no'):")
+        print("\nnot loadable offline (params '?' and cached 'no'), or with a damaged loss table:")
         print("\n".join(missing))
     corpus_tokens = Path(args.tokens)
     if corpus_tokens.exists():
@@ -129,6 +133,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.fn(args)
     except QuantaError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pipeline.core import config, files, stage
+from pipeline.core import config, execution, files, stage
 from pipeline.lm import models
 from pipeline.qdg import gradients
 
@@ -39,6 +39,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     corpus = config.section(params, "corpus")
     select_spec = models.spec_from_suite(suite, sel.model, sel.revision)
     spec = models.spec_from_suite(suite, cfg.model or sel.model, cfg.revision or sel.revision)
+    if execution.runs_here(cfg.scheduler):  # a device this machine lacks fails before any part is looked at
+        models.resolve_device(suite.device)
     hub = models.hub_kwargs(suite)
     meta = gradients.run_gradients(
         args.samples, args.tokens, args.out, args.table, cfg=cfg, select_spec=select_spec, spec=spec,

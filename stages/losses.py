@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Optional, Sequence
 
-from pipeline.core import config, stage
+from pipeline.core import config, execution, stage
 from pipeline.lm import corpus, losses, models
 
 
@@ -35,8 +35,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     suite = config.section(params, "suite")
     corpus_cfg = config.section(params, "corpus")
     losses_cfg = config.section(params, "losses")
-    # every spec first: a revision that is not in the suite fails before any work
+    # every spec and the device first: a revision that is not in the suite, or a device this
+    # machine lacks, fails before any finished part is looked at
     specs = [models.spec_from_suite(suite, args.model, r) for r in (args.revision or suite.revisions)]
+    if execution.runs_here(losses_cfg.scheduler):
+        models.resolve_device(suite.device)
     tokens = corpus.read_tokens(args.tokens)  # once for all revisions (a Pythia corpus is ~100M tokens)
     for spec in specs:
         losses.run_losses(spec, tokens, args.out, losses=losses_cfg, suite=suite, corpus=corpus_cfg)

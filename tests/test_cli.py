@@ -73,3 +73,16 @@ def test_info_says_why_a_model_is_not_loadable(tmp_path, capsys):
     cli.main(["--params", str(p), "info", "--losses", str(tmp_path / "none"), "--tokens", str(tmp_path / "none.parquet")])
     out = capsys.readouterr().out
     assert "m @ step1: " in out and "single revision 'main'" in out
+
+
+def test_info_names_a_truncated_loss_part_and_lists_the_rest(tmp_path, capsys):
+    from pipeline.lm import partitions
+
+    d = partitions.partition_dir(tmp_path / "losses", "m", "step1")
+    d.mkdir(parents=True)
+    (d / "part-00000.parquet").write_bytes(b"PAR1 cut short")
+    p = tmp_path / "params.yaml"
+    p.write_text("suite:\n  models: [m]\n  revisions: [step1]\n  sources: {m: cache/planted/models/m}\n")
+    cli.main(["--params", str(p), "info", "--losses", str(tmp_path / "losses"), "--tokens", str(tmp_path / "none.parquet")])
+    out = capsys.readouterr().out
+    assert "damaged" in out and "part-00000.parquet is unreadable" in out and "dvc repro losses@m" in out

@@ -111,6 +111,17 @@ def test_crash_leaves_no_output_and_the_rerun_reuses_finished_parts(tmp_path, in
     assert stage(d, spec, tmp_path / "run", seed=1)["reused_parts"] == 0
 
 
+def test_a_lower_memory_bound_or_no_progress_bar_after_a_kill_reuses_every_part(tmp_path, inputs, monkeypatch):
+    """The usual reaction to running out of memory is a lower gradients.memory_gb: it must not
+    cost the finished parts, nor must hiding the progress bar."""
+    d, spec, _, _ = inputs
+    killed_run(monkeypatch, d, spec, tmp_path / "run", 4)
+    meta = stage(d, spec, tmp_path / "run", memory_gb=2.0, progress=True, verify=False, n_workers=2)
+    assert meta["reused_parts"] == 3
+    stage(d, spec, tmp_path / "clean")
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "g.npy"), np.load(tmp_path / "clean" / "g.npy"))
+
+
 def test_damaged_or_nan_parts_are_logged_by_name_and_recomputed(tmp_path, inputs, monkeypatch, caplog):
     import logging
 

@@ -345,6 +345,39 @@ def test_rerun_reuses_valid_parts_and_recomputes_damaged_or_foreign_ones(tmp_pat
     assert "differs in losses.batch_tokens" in caplog.text
 
 
+def test_a_run_that_fails_keeps_every_finished_part_and_the_revert_reuses_them(tmp_path, tiny_neox_dir, monkeypatch):
+    """A value that makes every part stale and then fails (a typo, a device that is not there)
+    must not cost the finished parts: nothing is deleted before its successor is written."""
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(30, 40, seed=7))
+    out = tmp_path / "out"
+    n_parts = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)["parts"]
+    d = out / "model=tiny" / "revision=main"
+    before = {p.name: p.read_bytes() for p in d.glob("part-*.parquet")}
+
+    def fails(task, on_rows=None):
+        raise QuantaError("suite.device is 'cuda' but torch sees no CUDA device")
+
+    monkeypatch.setattr(losses, "compute_part", fails)
+    with pytest.raises(QuantaError):  # another batch size: every part is stale, and the work fails
+        run(tiny_neox_dir, tokens, out, shard_tokens=100, batch_tokens=64, threads_per_worker=1)
+    with pytest.raises(QuantaError):  # more, smaller shards: the surplus of the old run stays too
+        run(tiny_neox_dir, tokens, out, shard_tokens=50, threads_per_worker=1)
+    assert {p.name: p.read_bytes() for p in d.glob("part-*.parquet")} == before
+    monkeypatch.undo()
+    meta = run(tiny_neox_dir, tokens, out, shard_tokens=100, threads_per_worker=1)  # the value reverted
+    assert meta["computed_parts"] == 0 and meta["reused_parts"] == n_parts
+    assert {p.name: p.read_bytes() for p in d.glob("part-*.parquet")} == before
+
+
+def test_execution_settings_are_not_in_a_parts_identity(tiny_neox_dir):
+    suite = suite_for(tiny_neox_dir, ("tiny",), ("main",))
+    spec = models.spec_from_suite(suite, "tiny", "main")
+    base = losses.stage_identity(spec, suite, CorpusConfig(), LossesConfig())
+    moved = LossesConfig(scheduler="inprocess", n_workers=4, threads_per_worker=2, progress=False)
+    assert losses.stage_identity(spec, suite, CorpusConfig(), moved) == base
+    assert losses.stage_identity(spec, suite, CorpusConfig(), LossesConfig(batch_tokens=64)) != base
+
+
 def test_a_part_made_under_another_numerics_version_is_recomputed(tmp_path, tiny_neox_dir, monkeypatch, caplog):
     tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(30, 40, seed=7))
     out = tmp_path / "out"

@@ -35,3 +35,21 @@ def test_stage_stops_and_cleans_up_on_a_signal(sig, code):
     assert "cleaned up" in out
     if sig == signal.SIGINT:
         assert err.strip().startswith("interrupted:")
+
+
+@pytest.mark.parametrize("err, says", [
+    (OSError(28, "No space left on device", "cache/qdg/.gradients-parts/part-00003.npz"), "no space left on the device"),
+    (PermissionError(13, "Permission denied", "cache/corpus/tokens.parquet"), "cannot write cache/corpus/tokens.parquet"),
+    (OSError(30, "Read-only file system", "cache/losses"), "make cache/ writable"),
+])
+def test_the_machines_refusals_are_one_line(err, says, capsys):
+    """A read-only cache/ or a full disk ends a stage with one line naming the path, not a traceback."""
+    from pipeline.core import stage
+
+    def main(argv):
+        raise err
+
+    with pytest.raises(SystemExit) as e:
+        stage.run(main, [])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0]

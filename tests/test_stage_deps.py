@@ -116,3 +116,22 @@ def test_closure_walks_nested_and_lazy_imports():
     assert "pipeline/lm/corpus.py" in closure  # a lazy import in pipeline.qdg.gradients
     assert "pipeline/report/page.py" not in closure
     assert "pipeline/report/assets" in import_closure(REPO / "stages" / "report.py")
+
+
+def test_sharded_stages_list_exactly_the_params_that_change_their_numbers():
+    """losses and gradients list every key of their section but the execution ones, so an edit
+    of a progress bar, a worker count or the memory bound reruns nothing (the parts' identity
+    leaves the same keys out)."""
+    import dataclasses
+
+    from pipeline.core.config import GradientsConfig, LossesConfig
+    from pipeline.lm.losses import EXECUTION_KEYS as LOSSES_EXECUTION
+    from pipeline.qdg.gradients import EXECUTION_KEYS as GRADIENTS_EXECUTION
+
+    stages = _stages()
+    for name, cls, execution_keys, extra in (("losses", LossesConfig, LOSSES_EXECUTION, ()),
+                                              ("gradients", GradientsConfig, GRADIENTS_EXECUTION, ("model", "revision"))):
+        listed = {p.split(".", 1)[1] for p in stages[name]["params"] if p.startswith(f"{name}.")}
+        numeric = {f.name for f in dataclasses.fields(cls) if f.name not in execution_keys} | set(extra)
+        assert listed == numeric, f"{name}: dvc.yaml lists {sorted(listed)}, the numbers depend on {sorted(numeric)}"
+        assert name not in stages[name]["params"]  # not the whole section

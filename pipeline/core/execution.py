@@ -54,6 +54,13 @@ def scheduler_address(configured: str) -> str:
     return env or configured
 
 
+def runs_here(configured: str) -> bool:
+    """Whether shards run on this machine (in process or on a LocalCluster), so that the
+    device they will use can be checked here before any work; on a remote cluster only
+    the workers can say."""
+    return scheduler_address(configured) in (LOCAL, INPROCESS)
+
+
 def local_threads(threads_per_worker: int, n_workers: int) -> int:
     """Torch threads per process for `n_workers` processes sharing this machine's cores.
 

@@ -150,8 +150,9 @@ class ShardedRun:
 def run_sharded(work: ShardedWork, how: Execution, assemble: Callable[[ShardedRun], T]) -> T:
     """Compute every part of `work` that does not verify, then ``assemble(run)``.
 
-    Stale temp files and surplus parts are removed first; finished parts that verify are
-    reused. `assemble` runs once every part is on disk (computed or reused), and its
+    Stale temp files are removed first; finished parts that verify are reused; parts that
+    do not are replaced as their successors are written, and surplus parts (a run that had
+    more) are removed once every part of this run is on disk. `assemble` runs once every part is on disk (computed or reused), and its
     answer is returned. A failure before the first part leaves no empty folders.
     """
     store = work.store
@@ -164,6 +165,7 @@ def run_sharded(work: ShardedWork, how: Execution, assemble: Callable[[ShardedRu
         if todo and work.on_todo is not None:
             work.on_todo(todo)
         results, mode, seconds = _execute(work, how, todo, identities)
+        store.remove_surplus(len(identities))
         run = ShardedRun(results=results, identity=identity, n_parts=len(identities),
                          reused_parts=len(identities) - len(todo), mode=mode, compute_seconds=seconds)
         return assemble(run)

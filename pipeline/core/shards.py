@@ -13,8 +13,13 @@ every part carries, inside the file:
   the file still parses;
 - the names of the arrays that must be finite, checked on reuse as when computed.
 
-Anything that fails is logged by name with the reason, deleted, and recomputed. Parts are
-written through :func:`pipeline.core.files.atomic_path`, so a part file is whole or absent.
+Anything that fails is logged by name with the reason and recomputed. Nothing finished is
+deleted before its successor exists: a part that fails verification stays on disk until the
+recomputed part replaces it (parts are written through :func:`pipeline.core.files.atomic_path`,
+so a part file is whole or absent, and the rename is the replacement), and parts beyond this
+run's count are removed only once every part of the run is written. A stage that stops on a
+bad value (a device that is not there, a typo) therefore leaves every finished part as it was,
+and reverting the value reuses them.
 
 The checksum is of the decoded arrays rather than of the file's bytes so that it is one
 definition for Parquet and npz parts alike, and so that it lives inside the part (no
@@ -112,13 +117,19 @@ class ShardStore:
         return [p for _, p in sorted(found)]
 
     def prepare(self, n_parts: int) -> None:
-        """Create the directory; remove temp files of a killed writer and parts beyond `n_parts`."""
+        """Create the directory and remove temp files of a killed writer (never a finished part)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         for p in sorted(self.directory.iterdir()):
             if p.name.startswith(".") and p.name.endswith(".tmp"):
                 log.info("removing %s, left by a killed run", p)
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                continue
+
+    def remove_surplus(self, n_parts: int) -> None:
+        """Remove part-like files that are not parts 0..n_parts-1 of this run: called once all
+        of them are written, so that a run stopped early never loses a finished part."""
+        if not self.directory.is_dir():
+            return
+        for p in sorted(self.directory.iterdir()):
             m = self._re.match(p.name)
             if (m and int(m.group(1)) >= n_parts) or (p.suffix == self.fmt.suffix and not m):
                 log.warning("removing %s: not one of this run's %d parts", p, n_parts)
@@ -158,7 +169,8 @@ class ShardStore:
         return None
 
     def plan(self, identities: Sequence[dict], n_rows: Sequence[int], finite: Sequence[str] = ()) -> list[int]:
-        """The part indices to compute: every part that fails :meth:`verify`, deleted first.
+        """The part indices to compute: every part that fails :meth:`verify`. A failing part
+        is not deleted: its recomputed successor replaces it when written.
 
         Logs each failing part with its reason and the number reused.
         """
@@ -168,8 +180,8 @@ class ShardStore:
             if why is None:
                 continue
             if why != "missing":
-                log.warning("%s: %s %s; recomputing it", self.what, self.path(index).name, why)
-                self.path(index).unlink(missing_ok=True)
+                log.warning("%s: %s %s; recomputing it (it stays until its successor is written)", self.what,
+                            self.path(index).name, why)
             todo.append(index)
         reused = len(identities) - len(todo)
         if reused:

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from pipeline.core.errors import QuantaError
+from pipeline.core.errors import QuantaError, os_error_line
 
 
 def parser(description: str, *paths: str) -> argparse.ArgumentParser:
@@ -39,13 +39,16 @@ def interruptible() -> None:
 
 
 def run(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> None:
-    """Run a stage's main; a QuantaError becomes one line on stderr and exit status 2, an
-    interrupt one line and status 130."""
+    """Run a stage's main; a QuantaError or an OSError (read-only folder, full disk) becomes
+    one line on stderr and exit status 2, an interrupt one line and status 130."""
     interruptible()
     try:
         main(argv)
     except QuantaError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the machine refused: a read-only folder, a full disk
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: nothing half-written is left; a rerun resumes from finished parts where the stage has them",

@@ -480,6 +480,10 @@ def shard_digest(windows: Sequence[Any], tokens: Sequence[np.ndarray]) -> str:
     return h.hexdigest()
 
 
+#: LossesConfig keys that never change a part's numbers: where and how visibly the work runs
+EXECUTION_KEYS = ("scheduler", "n_workers", "threads_per_worker", "progress")
+
+
 def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: LossesConfig) -> dict:
     """What defines the numbers of a part file (goes into its metadata, checked on resume).
 
@@ -495,12 +499,8 @@ def stage_identity(spec: Any, suite: SuiteConfig, corpus: CorpusConfig, losses: 
         "weights": models_lib.weights_fingerprint(spec, cache_dir=suite.cache_dir),
         "suite": {"dtype": suite.dtype, "device": suite.device},
         "corpus": {"context": corpus.context, "max_len": corpus.max_len, "min_context": corpus.min_context},
-        "losses": {
-            "batch_tokens": losses.batch_tokens,
-            "logits_chunk": losses.logits_chunk,
-            "autocast": losses.autocast,
-            "shard_tokens": losses.shard_tokens,
-        },
+        # batch_tokens, logits_chunk, autocast, shard_tokens
+        "losses": {k: v for k, v in dataclasses.asdict(losses).items() if k not in EXECUTION_KEYS},
     }
 
 

@@ -95,7 +95,14 @@ def count_loss_rows(root: str | Path, model: str, revision: str) -> int:
     import pyarrow.parquet as pq
 
     path = partition_dir(root, model, revision)
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(path.glob("part-*.parquet")))
+    total = 0
+    for p in sorted(path.glob("part-*.parquet")):
+        try:
+            total += pq.ParquetFile(p).metadata.num_rows
+        except Exception as e:  # truncated or foreign: arrow raises several types
+            raise LayoutError(f"{p} is unreadable ({type(e).__name__}); rerun dvc repro losses@{model}, "
+                              "which recomputes it") from None
+    return total
 
 
 def read_partition_meta(root: str | Path, model: str, revision: str) -> Optional[dict]:

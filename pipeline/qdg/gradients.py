@@ -463,13 +463,28 @@ def _sample_columns(samples: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(samples[c].to_numpy(np.int64) for c in ("doc_id", "pos", "token_id"))
 
 
+#: GradientsConfig keys that never change a part's numbers (see _plan_shards); model and
+#: revision are in the identity through the resolved spec instead
+EXECUTION_KEYS = ("scheduler", "n_workers", "threads_per_worker", "progress", "model", "revision", "verify", "memory_gb")
+
+
 def _plan_shards(samples: Any, cfg: GradientsConfig, spec: Any, load_kwargs: dict,
                  max_len: int) -> tuple[dict, list[tuple[int, int]], list[dict]]:
     """(the run's identity, each shard's [start, stop) of the samples, the facts that
     identify each part's input).
 
     A part is reused only under the same identity: the model and its weights, the config
-    that changes the numbers, and a digest of the shard's own samples."""
+    that changes the numbers, and a digest of the shard's own samples.
+
+    Which keys are which: the parameters differentiated (include, exclude), dtype, device,
+    max_len, the projection (projection, k, nnz, seed, stability_seeds), out_dtype,
+    share_context, the packing (batch_tokens, batch_rows: other packings move fp32 results
+    in the last bits, 1.6e-7 at most on the planted default) and shard_samples change the
+    parts' numbers or their layout, and are in it. Where and how visibly it runs (scheduler,
+    n_workers, threads_per_worker, progress, verify) is not, nor is the memory bound
+    (memory_gb): it is a fact about the machine, lowered after running out of memory, and
+    it only splits batches that would not fit (the same last-bit effect at most), so a run
+    resumed under a lower bound keeps every finished part."""
     n = len(samples)
     doc, pos, tok = _sample_columns(samples)
     shard_bounds = [(s, min(n, s + cfg.shard_samples)) for s in range(0, n, cfg.shard_samples)]
@@ -485,7 +500,7 @@ def _plan_shards(samples: Any, cfg: GradientsConfig, spec: Any, load_kwargs: dic
         "gradients": {
             k: v
             for k, v in dataclasses.asdict(cfg).items()
-            if k not in ("scheduler", "n_workers", "threads_per_worker", "progress", "model", "revision", "verify")
+            if k not in EXECUTION_KEYS
         },
     }
     parts = []
