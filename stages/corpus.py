@@ -29,7 +29,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # Both tables are complete before either is written: an error leaves the old outputs.
     write_parquet(docs, args.docs, config=meta)
     write_parquet(tokens, args.tokens, config=meta)
-    print(f"corpus: {docs.num_rows:,} documents, {tokens.num_rows:,} tokens -> {args.docs}, {args.tokens}")
+    n = meta["documents"]
+    dropped = n["dropped_empty"] + n["dropped_short"]
+    note = (f"; dropped {dropped:,} of {n['read']:,} documents ({n['dropped_empty']:,} with empty or null text, "
+            f"{n['dropped_short']:,} of one token)") if dropped else ""
+    print(f"corpus: {docs.num_rows:,} documents, {tokens.num_rows:,} tokens -> {args.docs}, {args.tokens}{note}")
 
 
 if __name__ == "__main__":

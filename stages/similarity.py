@@ -25,6 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
 
     cfg = config.load("similarity", args.params)
+    gradient_files.verify_gradients(args.gradients, args.table)
     grads = gradient_files.read_gradients(args.gradients)
     bad = gradient_files.read_bad(args.table)
     aff, ids, meta = sim.compute(grads, bad, cfg, progress=not args.no_progress)

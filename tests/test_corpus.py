@@ -72,7 +72,7 @@ def test_tokenize_strided_keeps_all(tiny_corpus_jsonl, tiny_tokenizer):
 
 def test_n_tokens_limit(tiny_corpus_jsonl, tiny_tokenizer):
     cfg = cfg_for(tiny_corpus_jsonl, max_len=64, n_tokens=100)
-    docs, tokens = corpus.build_corpus(cfg, tiny_tokenizer)
+    docs, tokens, _ = corpus.build_corpus(cfg, tiny_tokenizer)
     assert tokens.num_rows == 100
     assert set(docs["doc_id"].to_pylist()) == set(tokens["doc_id"].to_pylist()) == {0, 1, 4}
     df = tokens.to_pandas()
@@ -84,9 +84,9 @@ def test_limits_stop_reading(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "big.jsonl", [{"text": f"the quick fox {i}"} for i in range(600)])
     with path.open("a") as f:
         f.write("{not json\n")
-    docs, tokens = corpus.build_corpus(cfg_for(path, n_tokens=50), tiny_tokenizer)
+    docs, tokens, _ = corpus.build_corpus(cfg_for(path, n_tokens=50), tiny_tokenizer)
     assert tokens.num_rows == 50
-    docs, _ = corpus.build_corpus(cfg_for(path, n_docs=10), tiny_tokenizer)
+    docs, _, _ = corpus.build_corpus(cfg_for(path, n_docs=10), tiny_tokenizer)
     assert docs.num_rows == 10
     with pytest.raises(CorpusError, match=r"big.jsonl line 601: not valid JSON"):
         corpus.build_corpus(cfg_for(path), tiny_tokenizer)
@@ -144,11 +144,11 @@ def test_hf_dataset_streamed(dataset_folder, tiny_corpus_jsonl, tiny_tokenizer, 
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
     cfg = cfg_for(dataset_folder, max_len=64)
-    docs, tokens = corpus.build_corpus(cfg, tiny_tokenizer)
+    docs, tokens, _ = corpus.build_corpus(cfg, tiny_tokenizer)
     # the hub-id code path: load_dataset(source, name=..., split=..., streaming=True)
     assert calls and calls[0][0] == (str(dataset_folder),)
     assert calls[0][1]["streaming"] is True and calls[0][1]["split"] == "test"
-    ref_docs, ref_tokens = corpus.build_corpus(cfg_for(tiny_corpus_jsonl, max_len=64), tiny_tokenizer)
+    ref_docs, ref_tokens, _ = corpus.build_corpus(cfg_for(tiny_corpus_jsonl, max_len=64), tiny_tokenizer)
     assert docs.equals(ref_docs) and tokens.equals(ref_tokens)
 
 
@@ -359,8 +359,17 @@ def test_stage_warns_on_different_tokenizers(tmp_path, tiny_neox_dir, tiny_corpu
 def test_token_str_partial_characters(tmp_path, tiny_tokenizer):
     # "量子" is split into byte pieces by the tiny tokenizer: each must stay distinguishable
     path = write_jsonl(tmp_path / "u.jsonl", [{"text": "naïve café — 量子 quanta ✓"}])
-    _, tokens = corpus.build_corpus(cfg_for(path), tiny_tokenizer)
+    _, tokens, _ = corpus.build_corpus(cfg_for(path), tiny_tokenizer)
     df = tokens.to_pandas()  # pandas needs the dictionary's strings to be distinct
     strs = df.token_str.astype(str).tolist()
     assert "\ufffd" not in "".join(strs) and any("\\x" in s for s in strs)
     assert len(set(zip(df.token_id, strs))) == len(set(df.token_id))  # one string per id
+
+
+def test_dropped_documents_are_counted(tmp_path, tiny_tokenizer):
+    """A null or empty text, or a one-token document, is dropped and counted, never silently."""
+    path = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "the quick brown fox"}, {"text": None}, {"text": ""},
+                                                   {"text": "a"}, {"text": "jumps over the dog"}])
+    docs, _, counts = corpus.build_corpus(cfg_for(path), tiny_tokenizer)
+    assert docs.num_rows == 2
+    assert counts == {"read": 5, "kept": 2, "dropped_empty": 2, "dropped_short": 1}

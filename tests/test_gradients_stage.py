@@ -229,3 +229,18 @@ def test_stability_seeds_are_the_same_gradients_projected_with_each_seed(tmp_pat
     assert np.array_equal(np.load(tmp_path / "a" / "g.npy"), np.load(tmp_path / "b" / "g.npy"))
     np.testing.assert_allclose(extra[1], np.load(tmp_path / "c" / "g.npy"), rtol=1e-5, atol=1e-7)
     assert np.load(tmp_path / "b" / "g_projections.npy").shape == (0, 57, 512)  # no seeds: empty, still written
+
+
+def test_similarity_refuses_a_gradient_matrix_changed_after_the_stage(tmp_path, inputs):
+    """A finite edit of gradients.npy passes every shape and NaN check; its checksum does not."""
+    from pipeline.core.errors import QuantaError
+    from pipeline.qdg import gradient_files
+
+    d, spec, _, _ = inputs
+    stage(d, spec, tmp_path)
+    gradient_files.verify_gradients(tmp_path / "g.npy", tmp_path / "g.parquet")  # as written: fine
+    g = np.load(tmp_path / "g.npy")
+    g[3, 5] += 0.25
+    np.save(tmp_path / "g.npy", g)
+    with pytest.raises(QuantaError, match="does not match the checksum.*dvc repro -f gradients"):
+        gradient_files.verify_gradients(tmp_path / "g.npy", tmp_path / "g.parquet")

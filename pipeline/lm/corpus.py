@@ -360,16 +360,18 @@ def _token_strings(tokenizer, token_ids: np.ndarray) -> pa.DictionaryArray:
 
 def _tokenize_stream(
     docs: Iterable[Document], tokenizer, cfg: CorpusConfig, progress: bool = False, batch_docs: int = 256
-) -> tuple[list[Document], pa.Table]:
+) -> tuple[list[Document], pa.Table, dict]:
     """Tokenize documents in order until the stream or the n_tokens budget ends.
 
-    Returns the documents kept (>= 2 tokens) and their tokens (:data:`TOKENS_SCHEMA`).
+    Returns the documents kept (>= 2 tokens), their tokens (:data:`TOKENS_SCHEMA`) and the
+    count of documents read and dropped: ``empty`` (no text, or a null one) and ``short``
+    (one token, so no position to score).
     """
     from tqdm.auto import tqdm
 
     kept: list[Document] = []
     ids_parts: list[np.ndarray] = []  # per kept doc: (n_tokens_of_doc,) int32
-    n_read = n_kept_tokens = 0
+    n_read = n_kept_tokens = n_empty = n_short = 0
     budget = cfg.n_tokens
     done = False
     with tqdm(total=cfg.n_docs, unit="doc", desc="tokenize", disable=not progress, mininterval=1) as bar:
@@ -387,6 +389,10 @@ def _tokenize_stream(
                     kept.append(doc)
                     ids_parts.append(np.asarray(ids, dtype=np.int32))
                     n_kept_tokens += len(ids)
+                elif doc.text == "":
+                    n_empty += 1
+                else:
+                    n_short += 1
                 if done:
                     break
             bar.update(n_read - bar.n)
@@ -415,7 +421,7 @@ def _tokenize_stream(
         },
         schema=TOKENS_SCHEMA,
     )
-    return kept, tokens
+    return kept, tokens, {"read": n_read, "kept": len(kept), "dropped_empty": n_empty, "dropped_short": n_short}
 
 
 def _docs_of_table(docs: pa.Table) -> Iterator[Document]:
@@ -429,20 +435,21 @@ def tokenize(docs: pa.Table, tokenizer, cfg: CorpusConfig) -> pa.Table:
     Documents shorter than 2 tokens get no rows; ``truncate`` keeps each document's first
     max_len tokens; ``n_tokens`` caps the total (cutting the last document).
     """
-    _, tokens = _tokenize_stream(_docs_of_table(docs), tokenizer, cfg)
+    _, tokens, _ = _tokenize_stream(_docs_of_table(docs), tokenizer, cfg)
     return tokens
 
 
 def build_corpus(
     cfg: CorpusConfig, tokenizer, cache_dir: Optional[str] = None, progress: bool = False
-) -> tuple[pa.Table, pa.Table]:
+) -> tuple[pa.Table, pa.Table, dict]:
     """(docs, tokens) in one streaming pass: reading stops when n_docs or n_tokens is
     reached, so a large streamed dataset is read only as far as needed.
 
-    docs holds exactly the documents that have tokens (the same doc_id set as tokens).
+    docs holds exactly the documents that have tokens (the same doc_id set as tokens); the
+    dict counts the documents read, kept and dropped (empty or null text; one token).
     """
-    kept, tokens = _tokenize_stream(iter_documents(cfg, cache_dir), tokenizer, cfg, progress=progress)
-    return docs_table(kept), tokens
+    kept, tokens, counts = _tokenize_stream(iter_documents(cfg, cache_dir), tokenizer, cfg, progress=progress)
+    return docs_table(kept), tokens, counts
 
 
 def corpus_tokenizer(cfg: CorpusConfig, suite: SuiteConfig) -> str:
@@ -475,8 +482,8 @@ def _warn_if_tokenizers_differ(suite: SuiteConfig, name: str, tokenizer) -> None
 
 def build_for_suite(cfg: CorpusConfig, suite: SuiteConfig, progress: bool = False) -> tuple[pa.Table, pa.Table, dict]:
     """(docs, tokens, meta) of the suite's corpus, tokenized by :func:`corpus_tokenizer` at the
-    suite's last revision. `meta` (the corpus config and the tokenizer's origin) goes into
-    both tables' Parquet metadata. ``corpus.max_len`` is checked against that model's context
+    suite's last revision. `meta` (the corpus config, the tokenizer's origin and the count of
+    documents read, kept and dropped) goes into both tables' Parquet metadata. ``corpus.max_len`` is checked against that model's context
     before any document is read. (pipeline.lm.models is imported here, not at the top, so that
     reading tokens never imports torch.)"""
     from pipeline.lm import models
@@ -486,10 +493,12 @@ def build_for_suite(cfg: CorpusConfig, suite: SuiteConfig, progress: bool = Fals
     tokenizer = models.load_tokenizer(spec, **models.hub_kwargs(suite))
     check_max_len(cfg, models.max_context(models.load_config(spec, **models.hub_kwargs(suite))), model=name)
     _warn_if_tokenizers_differ(suite, name, tokenizer)
-    docs, tokens = build_corpus(cfg, tokenizer, cache_dir=str(Path(suite.cache_dir) / "datasets"), progress=progress)
+    docs, tokens, counts = build_corpus(cfg, tokenizer, cache_dir=str(Path(suite.cache_dir) / "datasets"),
+                                        progress=progress)
     meta = {
         "corpus": to_dict(cfg),
         "tokenizer": {"model": name, "source": spec.source, "revision": spec.revision, "gguf_file": spec.gguf_file},
+        "documents": counts,
     }
     return docs, tokens, meta
 

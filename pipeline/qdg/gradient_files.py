@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.core import files
 from pipeline.core.errors import QuantaError
+
+#: the key of gradients.parquet's config metadata that holds gradients.npy's sha256
+CHECKSUM_KEY = "gradients_sha256"
 
 
 def read_gradients(path: str | Path) -> np.ndarray:
@@ -32,3 +36,17 @@ def read_bad(table_path: str | Path) -> np.ndarray:
         return pq.read_table(table_path, columns=["bad"]).column("bad").to_numpy()
     except FileNotFoundError:
         raise QuantaError(f"{table_path} not found; run the gradients stage first (dvc repro gradients)") from None
+
+
+def verify_gradients(path: str | Path, table_path: str | Path) -> None:
+    """Raise unless ``gradients.npy`` has the sha256 its table recorded when the gradients stage
+    wrote both: a matrix edited or replaced since (a finite change passes every other check)
+    would otherwise feed the affinity silently. A table without a checksum (older runs) passes."""
+    stored = (files.read_config(table_path) or {}).get(CHECKSUM_KEY)
+    if stored is None:
+        return
+    if not Path(path).exists():
+        raise QuantaError(f"{path} not found; run the gradients stage first (dvc repro gradients)")
+    if files.sha256_file(path) != stored:
+        raise QuantaError(f"{path} does not match the checksum the gradients stage recorded in {table_path}: it changed "
+                          "after it was written; rerun dvc repro -f gradients")

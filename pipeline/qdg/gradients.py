@@ -36,6 +36,7 @@ from pipeline.core.config import GradientsConfig
 from pipeline.core.resources import peak_rss_bytes
 from pipeline.lm import models as models_lib
 from pipeline.lm.models import check_output_head, model_device
+from pipeline.qdg import gradient_files
 from pipeline.qdg.memory_plan import Row, plan, plan_memory
 from pipeline.qdg.per_sample import Engine, GradientError, abbreviate, grad_mode, select_params
 from pipeline.qdg.projection import NoProjection, Projector, StackedProjector, make_projector
@@ -567,7 +568,9 @@ def _assemble(store: "shards.ShardStore", shard_bounds: list[tuple[int, int]], i
             "reason": pa.array([r or None for r in reasons], pa.string()),
         }
     )
-    files.write_parquet(table, out_table, config=identity)
+    # the matrix's checksum rides with the table, so that similarity refuses a matrix changed since
+    checksum = {gradient_files.CHECKSUM_KEY: files.sha256_file(out_npy)}
+    files.write_parquet(table, out_table, config=dict(identity, **checksum))
     store.remove_parts()
     return {
         "n_samples": n,
