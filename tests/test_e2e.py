@@ -311,3 +311,13 @@ def test_one_model_run_reaches_the_report_with_default_params(scratch, tmp_path)
     page = (solo / "cache/report/index.html").read_text()
     assert "Skipped in this run" in page and "scaling.min_models" in page
     assert json.loads((solo / "metrics/qdg.json").read_text())["k"] == 50
+
+    # the local corpus is a dependency through its content hash: unchanged, nothing reruns;
+    # edited in place (a null-text document appended), the corpus stage reruns and says what it dropped
+    again = _run([sys.executable, "-m", "dvc", "repro", "corpus"], solo).stdout
+    assert "Running stage 'sources'" in again and "Running stage 'corpus'" not in again
+    with (solo / "data/corpus.jsonl").open("a") as f:
+        f.write('{"text": null}\n{"text": "u000 v000 ! w001"}\n')
+    edited = _run([sys.executable, "-m", "dvc", "repro", "corpus"], solo)
+    assert "Running stage 'corpus'" in edited.stdout
+    assert "dropped 1 of" in edited.stdout + edited.stderr and "1 with empty or null text" in edited.stdout + edited.stderr

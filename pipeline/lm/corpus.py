@@ -107,6 +107,12 @@ def _local_kind(source: str) -> Optional[str]:
     return None
 
 
+def is_local(source: str) -> bool:
+    """Whether corpus.source names a local file (.jsonl, .txt, .parquet, compressed text)
+    rather than a hub dataset."""
+    return _local_kind(source) is not None
+
+
 def _meta(record: dict, text_field: str) -> str:
     return json.dumps({k: v for k, v in record.items() if k != text_field}, ensure_ascii=False, sort_keys=True, default=str)
 

@@ -165,6 +165,12 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
+def is_local_source(source: str) -> bool:
+    """Whether a suite source names something on this disk (an existing path, or one written
+    as a path) rather than a hub id."""
+    return Path(source).expanduser().exists() or _looks_like_path(source)
+
+
 def source_kind(spec: ModelSpec) -> str:
     """One of ``hub``, ``local``, ``local_revisions``, ``gguf`` (see the module docstring).
 
