@@ -26,6 +26,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     cfg = config.load("similarity", args.params)
     gradient_files.verify_gradients(args.gradients, args.table)
+    if gradient_files.remove_leftover_parts(args.gradients):
+        print(f"similarity: removed {gradient_files.parts_dir(args.gradients)}, the parts of an interrupted gradients "
+              "run whose finished matrix is here")
     grads = gradient_files.read_gradients(args.gradients)
     bad = gradient_files.read_bad(args.table)
     aff, ids, meta = sim.compute(grads, bad, cfg, progress=not args.no_progress)

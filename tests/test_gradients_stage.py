@@ -244,3 +244,18 @@ def test_similarity_refuses_a_gradient_matrix_changed_after_the_stage(tmp_path, 
     np.save(tmp_path / "g.npy", g)
     with pytest.raises(QuantaError, match="does not match the checksum.*dvc repro -f gradients"):
         gradient_files.verify_gradients(tmp_path / "g.npy", tmp_path / "g.parquet")
+
+
+def test_parts_left_beside_a_finished_matrix_are_removed_once_it_verifies(tmp_path, inputs, monkeypatch):
+    """A killed `dvc repro -f -s gradients` then a plain `dvc repro`: DVC restores the matrix from
+    its cache, and the killed run's parts would stay forever; the next reader removes them."""
+    from pipeline.qdg import gradient_files
+
+    d, spec, _, _ = inputs
+    stage(d, spec, tmp_path)  # the finished matrix
+    killed_run(monkeypatch, d, spec, tmp_path / "killed", 2)
+    shutil.copytree(tmp_path / "killed" / ".g-parts", gradient_files.parts_dir(tmp_path / "g.npy"))
+    gradient_files.verify_gradients(tmp_path / "g.npy", tmp_path / "g.parquet")
+    assert gradient_files.remove_leftover_parts(tmp_path / "g.npy")
+    assert not gradient_files.parts_dir(tmp_path / "g.npy").exists()
+    assert not gradient_files.remove_leftover_parts(tmp_path / "g.npy")  # nothing left: nothing to do

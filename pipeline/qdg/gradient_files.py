@@ -8,6 +8,7 @@ which writes these files.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +51,20 @@ def verify_gradients(path: str | Path, table_path: str | Path) -> None:
     if files.sha256_file(path) != stored:
         raise QuantaError(f"{path} does not match the checksum the gradients stage recorded in {table_path}: it changed "
                           "after it was written; rerun dvc repro -f gradients")
+
+
+def parts_dir(path: str | Path) -> Path:
+    """Where the gradients stage keeps the finished parts of an unfinished run of ``path``:
+    ``<folder>/.<stem>-parts`` (removed once the matrix is assembled)."""
+    return Path(path).parent / f".{Path(path).stem}-parts"
+
+
+def remove_leftover_parts(path: str | Path) -> bool:
+    """Remove the parts folder of ``path`` once the matrix there is complete and verified: DVC
+    restores a finished stage's outputs from its cache without running it, so a run killed
+    before that leaves parts nothing would ever read again. True when it removed one."""
+    d = parts_dir(path)
+    if not d.is_dir():
+        return False
+    shutil.rmtree(d)
+    return True

@@ -401,8 +401,7 @@ def run_gradients(
     if tokenizer_loader is not None:
         check_same_tokenizer(select_spec, spec, tokenizer_loader)
     samples, tokens = _read_inputs(samples_path, tokens_path)
-    store = shards.ShardStore(Path(parts_dir or Path(out_npy).parent / f".{Path(out_npy).stem}-parts"), shards.NPZ,
-                              "gradients")
+    store = shards.ShardStore(Path(parts_dir or gradient_files.parts_dir(out_npy)), shards.NPZ, "gradients")
     identity, shard_bounds, parts = _plan_shards(samples, cfg, spec, load_kwargs, max_len)
     work = sharded.ShardedWork(
         store=store, identity=identity, numerics=NUMERICS_VERSION, parts=parts,
