@@ -656,3 +656,35 @@ def test_preceding_tokens_stop_at_the_document_start():
                               token_ids=np.array([10, 11, 12, 20, 21, 22, 23], dtype=np.int32))
     got = table.preceding(np.array([3, 7, 7]), np.array([1, 1, 3]), 2)
     np.testing.assert_array_equal(got, [[-1, 10], [-1, 20], [21, 22]])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_fails_in_one_line_and_the_revert_reuses_every_part(tmp_path, tiny_revisions_dir,
+                                                                                       capsys):
+    """suite.device: cuda on a CPU machine: one line naming suite.device, before any part is
+    looked at; back to cpu, every finished part is reused."""
+    from pipeline.core import stage
+    from stages import losses as losses_stage
+
+    tokens = write_tokens(tmp_path / "tokens.parquet", random_docs(20, 80, seed=5))
+
+    def params(device: str) -> str:
+        p = {"suite": {"models": ["tiny-a"], "revisions": ["step1"], "device": device,
+                       "sources": {"tiny-a": str(tiny_revisions_dir)}},
+             "corpus": {"max_len": 64}, "losses": {"scheduler": "inprocess", "shard_tokens": 300, "progress": False}}
+        (tmp_path / f"{device}.yaml").write_text(yaml.safe_dump(p))
+        return str(tmp_path / f"{device}.yaml")
+
+    argv = ["--model", "tiny-a", "--tokens", str(tokens), "--out", str(tmp_path / "out")]
+    losses_stage.main(["--params", params("cpu"), *argv])
+    d = tmp_path / "out" / "model=tiny-a" / "revision=step1"
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert len([n for n in before if n.startswith("part-")]) >= 3
+    capsys.readouterr()  # the first run's progress bars
+    with pytest.raises(SystemExit) as e:
+        stage.run(losses_stage.main, ["--params", params("cuda"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "suite.device" in err[0]
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # parts and _meta.json untouched
+    losses_stage.main(["--params", params("cpu"), *argv])
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # every part reused, nothing rewritten
