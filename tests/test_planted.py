@@ -260,7 +260,7 @@ def test_real_model_run_writes_only_a_marker(tmp_path):
 
 def test_stage_refuses_a_missing_source_before_training(tmp_path, monkeypatch):
     """A suite of planted models and one local model that is not there: the planted stage
-    fails on the missing one before it trains the others (once, it retrained them first)."""
+    fails on the missing one before it trains the others."""
     import yaml
 
     from pipeline.core.config import to_dict

@@ -323,9 +323,12 @@ def test_plots_are_written(tmp_path):
 
 
 def _params(tmp_path: Path, **sections) -> Path:
+    """A params file of `sections`; every suite model gets a (hub id) source, as params need."""
     p = tmp_path / "params.yaml"
     import yaml
 
+    if "suite" in sections:
+        sections["suite"] = {"sources": {m: f"org/{m}" for m in sections["suite"]["models"]}, **sections["suite"]}
     p.write_text(yaml.safe_dump(sections))
     return p
 
