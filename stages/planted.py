@@ -22,7 +22,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = ap.parse_args(argv)
 
-    params = config.load_params(args.params)
+    params = config.load_params(args.params, planted_root=args.out)  # sources under --out: this stage writes them
     cfg = config.section(params, "planted")
     suite = config.section(params, "suite")
     corpus = config.section(params, "corpus")

@@ -27,11 +27,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     params = config.load_params(args.params)
     cfg = config.section(params, "select")
     suite = config.section(params, "suite")
-    if cfg.model not in suite.models or cfg.revision not in suite.revisions:
-        raise config.ConfigError(
-            f"select.model/revision {cfg.model}@{cfg.revision} is not evaluated by the suite "
-            f"(suite.models: {', '.join(suite.models)}; suite.revisions: {', '.join(suite.revisions)})"
-        )
+    # load_params checks these when the file writes them (as every DVC run does); a partial
+    # params file leaves them at the planted default, which names no model of its suite
+    config.check_member("select.model", cfg.model, suite.models, "suite.models",
+                        "set select.model to one of them (its losses choose the samples)")
+    config.check_member("select.revision", cfg.revision, suite.revisions, "suite.revisions",
+                        "set select.revision to one of them")
     table = partitions.read_loss_partition(args.losses, cfg.model, cfg.revision).to_pandas()
     tokens = corpus.read_tokens(args.tokens)
     warnings.simplefilter("always", select_lib.SelectWarning)  # say it on every run, not once

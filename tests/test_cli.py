@@ -54,14 +54,17 @@ def test_check_validates_the_suite_sources(tmp_path, tiny_revisions_dir, capsys,
         assert e.value.code == 2
         return capsys.readouterr().err
 
-    assert "does not exist; fix suite.sources.m" in check(str(tmp_path / "missing.gguf"))
+    assert f"suite.sources['m'] = '{tmp_path / 'missing.gguf'}': no such file or folder; fix suite.sources.m" in check(
+        str(tmp_path / "missing.gguf"))
+    assert "suite.sources['m'] = 'models/x': no such file or folder" in check("models/x")  # a path, not a hub id
     (tmp_path / "model.gguf").write_bytes(b"GGUF")
     assert "fix suite.revisions" in check(str(tmp_path / "model.gguf"))
     assert "no revision 'step9'" in check(str(tiny_revisions_dir), "[step9]")
     assert "step123456" in check("EleutherAI/pythia-70m", "[step123456]")
     # a source the planted stage writes is fine before the stage has run
     p = tmp_path / "params.yaml"
-    p.write_text("suite:\n  models: [m]\n  revisions: [step1]\n  sources: {m: cache/planted/models/m}\n")
+    p.write_text("suite:\n  models: [m]\n  revisions: [step1]\n  sources: {m: cache/planted/models/m}\n"
+                 "planted:\n  widths: [8]\n")
     cli.main(["--params", str(p), "check"])
     assert "built by the pipeline: m" in capsys.readouterr().out
 
@@ -82,7 +85,37 @@ def test_info_names_a_truncated_loss_part_and_lists_the_rest(tmp_path, capsys):
     d.mkdir(parents=True)
     (d / "part-00000.parquet").write_bytes(b"PAR1 cut short")
     p = tmp_path / "params.yaml"
-    p.write_text("suite:\n  models: [m]\n  revisions: [step1]\n  sources: {m: cache/planted/models/m}\n")
+    p.write_text(f"suite:\n  models: [m]\n  revisions: [step1]\n  sources: {{m: org/m}}\n  cache_dir: {tmp_path / 'hf'}\n")
     cli.main(["--params", str(p), "info", "--losses", str(tmp_path / "losses"), "--tokens", str(tmp_path / "none.parquet")])
     out = capsys.readouterr().out
     assert "damaged" in out and "part-00000.parquet is unreadable" in out and "dvc repro losses@m" in out
+
+
+def test_check_accepts_a_revision_the_planted_stage_will_add(tmp_path, capsys, monkeypatch):
+    """A planted model already built at step1 is retrained at step1 and step2 when step2 is
+    added: `dvc repro` builds it, so `quanta check` does not refuse it."""
+    monkeypatch.chdir(tmp_path)
+    built = tmp_path / "cache" / "planted" / "models" / "m" / "step1"
+    built.mkdir(parents=True)
+    (built / "config.json").write_text("{}")
+    p = tmp_path / "params.yaml"
+    p.write_text("suite:\n  models: [m]\n  revisions: [step1, step2]\n  sources: {m: cache/planted/models/m}\n"
+                 "planted:\n  widths: [8]\n  steps: 10\n")
+    cli.main(["--params", str(p), "check"])
+    assert "ok" in capsys.readouterr().out
+    p.write_text(p.read_text().replace("step2", "step20"))  # past planted.steps: never saved
+    with pytest.raises(SystemExit):
+        cli.main(["--params", str(p), "check"])
+    assert "'step20' is not a checkpoint the planted stage saves" in capsys.readouterr().err
+
+
+def test_info_says_local_files_only_only_when_it_is_set(tmp_path, capsys):
+    """A hub model not in the cache is listed as such; "local_files_only is set" only when it is."""
+    p = tmp_path / "params.yaml"
+    for flag in ("false", "true"):
+        p.write_text("suite:\n  models: [m]\n  revisions: [main]\n  sources: {m: org/m}\n"
+                     f"  cache_dir: {tmp_path / 'hf'}\n  local_files_only: {flag}\n")
+        cli.main(["--params", str(p), "info", "--losses", str(tmp_path / "none"), "--tokens", str(tmp_path / "none.parquet")])
+        out = capsys.readouterr().out
+        assert f"m @ main: org/m at revision main is not in the Hugging Face cache {tmp_path / 'hf'}; fetch it first" in out
+        assert "local_files_only" not in out  # info asks the cache only, whatever the suite says

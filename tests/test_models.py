@@ -141,9 +141,14 @@ def test_local_revisions_tokenizer_at_top(tmp_path, tiny_revisions_dir):
     assert len(models.load_tokenizer(ModelSpec("t", str(root), "step2"))) == 300
 
 
-def test_missing_local_source(tmp_path):
-    with pytest.raises(models.ModelError, match="does not exist"):
+def test_missing_local_source(tmp_path, no_network, monkeypatch):
+    with pytest.raises(models.ModelError, match="no such file or folder"):
         models.load_model(ModelSpec("m", str(tmp_path / "nope" / "model")))
+    # `models/x` has the form of a hub id, but no hub has an organisation "models": it is a
+    # local folder that is not there, said so before any network attempt
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(models.ModelError, match=r"^suite.sources\['m'\] = 'models/x': no such file or folder; "):
+        models.load_tokenizer(ModelSpec("m", "models/x"), local_files_only=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(models.ModelError, match="no config.json"):
         models.load_model(ModelSpec("m", str(tmp_path / "empty")))
@@ -287,8 +292,9 @@ def test_resolve_device_dtype_cpu(monkeypatch):
     assert models.resolve_dtype("float16", "cpu") == torch.float16
     assert models.resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
     assert models.resolve_device(torch.device("cpu")) == torch.device("cpu")
-    with pytest.raises(ConfigError, match="no CUDA device"):
+    with pytest.raises(ConfigError, match="no CUDA device") as e:
         models.resolve_device("cuda")
+    assert "\n" not in str(e.value) and str(e.value).startswith("suite.device is 'cuda'")  # one line, naming the key
     with pytest.raises(ConfigError, match="not a device"):
         models.resolve_device("gpu0")
     with pytest.raises(ConfigError, match="not one of auto"):

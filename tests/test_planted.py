@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from helpers import read_corpus_tokens, write_reference_losses
 
-from pipeline.core.config import PlantedConfig, SuiteConfig
+from pipeline.core.config import ConfigError, PlantedConfig, SuiteConfig
 from pipeline.lm import models
 from pipeline.planted import scorecard
 from pipeline.planted import suite as planted
@@ -194,25 +194,26 @@ def test_gate_rule_answers_on_active_arguments_only():
     # the top quanta share one answer, so the answer token barely tells the quantum
     k, y = quanta[quanta >= 0], tokens[quanta >= 0]
     assert adjusted_rand_score(k, y) < 0.3
-    with pytest.raises(planted.PlantedError, match="n_active"):
-        planted.make_language(dataclasses.replace(cfg, n_active=8))
-    with pytest.raises(planted.PlantedError, match="planted.rule"):
-        planted.make_language(dataclasses.replace(cfg, rule="lookup"))
-    with pytest.raises(planted.PlantedError, match="answer_noise"):
-        planted.make_language(dataclasses.replace(cfg, answer_noise=1.0))
+    with pytest.raises(ConfigError, match="n_active"):
+        dataclasses.replace(cfg, n_active=8)
+    with pytest.raises(ConfigError, match="planted.rule"):
+        dataclasses.replace(cfg, rule="lookup")
+    with pytest.raises(ConfigError, match="answer_noise"):
+        dataclasses.replace(cfg, answer_noise=1.0)
 
 
 def test_config_errors_are_one_line_and_name_the_key():
-    with pytest.raises(planted.PlantedError, match="n_args must equal n_answers"):
-        planted.make_language(dataclasses.replace(TINY, rule="table", n_args=3))
-    with pytest.raises(planted.PlantedError, match="doc_len"):
-        planted.make_language(dataclasses.replace(TINY, doc_len=8))
-    with pytest.raises(planted.PlantedError, match="quanta_per_doc"):
-        planted.make_language(dataclasses.replace(TINY, rule="table", quanta_per_doc=5))
-    with pytest.raises(planted.PlantedError, match="n_quanta must be >= 2 for rule pair"):
-        planted.make_language(dataclasses.replace(TINY, n_quanta=1))
-    with pytest.raises(planted.PlantedError, match="widths"):
-        planted.make_language(dataclasses.replace(TINY, widths=(10,)))  # head size 5 is odd
+    """The planted section is checked when params are read (PlantedConfig), so `quanta check`
+    and every stage refuse it, not only the planted stage when it builds the language."""
+    for bad, match in [(dict(rule="table", n_args=3), "n_args must equal n_answers"), (dict(doc_len=8), "doc_len"),
+                       (dict(rule="table", quanta_per_doc=5), "quanta_per_doc"),
+                       (dict(n_quanta=1), "n_quanta must be >= 2 for rule pair"),
+                       (dict(widths=(10,)), "widths"),  # head size 5 is odd
+                       (dict(n_heads=0), "n_heads"),  # not a ZeroDivisionError
+                       (dict(steps=0), "planted.steps"), (dict(rule="table", n_quanta=0), "planted.n_quanta must be >= 1")]:
+        with pytest.raises(ConfigError, match=match) as e:
+            dataclasses.replace(TINY, **bad)
+        assert "\n" not in str(e.value)
 
 
 # --------------------------------------------------------------------------- revisions
@@ -255,6 +256,33 @@ def test_real_model_run_writes_only_a_marker(tmp_path):
     out = planted.build_suite(TINY, suite, "EleutherAI/some-dataset", tmp_path / "planted", progress=False)
     assert out == {"planted": False}
     assert [p.name for p in (tmp_path / "planted").iterdir()] == ["README.md"]
+
+
+def test_stage_refuses_a_missing_source_before_training(tmp_path, monkeypatch):
+    """A suite of planted models and one local model that is not there: the planted stage
+    fails on the missing one before it trains the others."""
+    import yaml
+
+    from pipeline.core.config import to_dict
+    from stages import planted as planted_stage
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "planted"
+    params = {"planted": {**to_dict(dataclasses.replace(TINY, widths=(8, 16, 24))), "widths": [8, 16, 24]},
+              "suite": {"models": ["tiny-a", "tiny-b", "mine"], "revisions": list(REVISIONS),
+                        "sources": {"tiny-a": str(out / "models" / "tiny-a"), "tiny-b": str(out / "models" / "tiny-b"),
+                                    "mine": "models/mine"}},
+              "corpus": {"source": str(out / "corpus.jsonl")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ConfigError, match=r"suite.sources\['mine'\] = 'models/mine': no such file or folder"):
+        planted_stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--no-progress"])
+    assert not (out / "models").exists()
+    # with the model there, the stage goes on to build the suite: sources under its --out need not exist yet
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    built = []
+    monkeypatch.setattr(planted_stage.planted, "build_suite", lambda *a, **k: built.append(a[3]) or {"planted": True})
+    planted_stage.main(["--params", str(tmp_path / "params.yaml"), "--out", str(out), "--no-progress"])
+    assert built == [str(out)]
 
 
 # --------------------------------------------------------------------------- the built suite

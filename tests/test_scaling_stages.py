@@ -208,6 +208,17 @@ def test_analyze_clusters_mle_and_envelope():
     assert t["fittable"] and t["n_quanta"] == np.unique(sweep[30][::2]).size
 
 
+def test_powerlaw_k_null_is_the_main_clustering_whatever_it_made():
+    """n_clusters [4, 3] on samples that form one group: both cuts make one cluster. The main
+    clustering is k = 4 (as the cluster stage calls it), with 1 cluster, never "k = 3"."""
+    one = np.zeros(12, dtype=np.int32)
+    m = cluster_sizes.analyze_clusters(_clusters({4: one, 3: one}), PowerlawConfig(n_boot_ci=0, n_boot_gof=0)).metrics
+    assert m["k"] == 4 and m["n_clusters"] == 1
+    two = np.arange(12, dtype=np.int32) % 2  # a main clustering that made 2 clusters of its 5
+    m = cluster_sizes.analyze_clusters(_clusters({5: two, 2: two}), PowerlawConfig(n_boot_ci=0, n_boot_gof=0)).metrics
+    assert m["k"] == 5 and m["n_clusters"] == 2
+
+
 def test_all_cluster_sizes_equal_is_reported():
     lab = np.repeat(np.arange(20), 5).astype(np.int32)
     res = cluster_sizes.analyze_clusters(_clusters({20: lab}), PowerlawConfig(n_boot_ci=10, n_boot_gof=10, envelope_rank_lo=1,
@@ -312,9 +323,12 @@ def test_plots_are_written(tmp_path):
 
 
 def _params(tmp_path: Path, **sections) -> Path:
+    """A params file of `sections`; every suite model gets a (hub id) source, as params need."""
     p = tmp_path / "params.yaml"
     import yaml
 
+    if "suite" in sections:
+        sections["suite"] = {"sources": {m: f"org/{m}" for m in sections["suite"]["models"]}, **sections["suite"]}
     p.write_text(yaml.safe_dump(sections))
     return p
 

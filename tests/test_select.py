@@ -99,7 +99,8 @@ def test_too_few_qualifying_tokens_warns_and_takes_them_all():
     tokens = make_tokens([np.arange(10)])
     loss = np.ones(10, dtype=np.float32)
     loss[[2, 5]] = 0.01
-    with pytest.warns(SelectWarning, match=r"only 2 tokens qualify .* of the 100 asked for"):
+    with pytest.warns(SelectWarning, match=r"only 2 tokens qualify .* of the 100 asked for \(select.n_samples\); taking all "
+                                           r"of them \(for more: raise select.max_loss or use a stronger select.model\)"):
         df = select_samples(loss_frame(tokens, loss), tokens, SelectConfig(n_samples=100)).to_pandas()
     assert df["pos"].tolist() == [2, 5]
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -26,6 +27,9 @@ class ConfigError(QuantaError, ValueError):
 
 
 # --------------------------------------------------------------------------- sections
+
+# The planted language's rules (pipeline/planted/language.py explains each).
+PLANTED_RULES = ("pair", "table", "gate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,64 @@ class PlantedConfig:
     # Results do not depend on it (each model's training is its own seeded computation).
     workers: int = 0
 
+    def __post_init__(self):
+        # Checked here, when params are read, not when the planted stage builds the language:
+        # `quanta check` and every stage then refuse a suite that cannot be trained.
+        problems = []
+        if self.n_quanta < 1:
+            problems.append("planted.n_quanta must be >= 1")
+        if self.alpha <= 0:
+            problems.append("planted.alpha must be > 0 (p_k ∝ k^-(alpha+1) must fall with k)")
+        if self.n_filler < 1 or self.n_answers < 2:
+            problems.append("planted.n_filler must be >= 1 and n_answers >= 2")
+        if self.rule not in PLANTED_RULES:
+            problems.append(f"planted.rule must be one of {list(PLANTED_RULES)}, got {self.rule!r}")
+        if self.rule == "pair" and self.n_quanta < 2:
+            problems.append("planted.n_quanta must be >= 2 for rule pair (a decoy pairs one quantum's cue with another's)")
+        if self.rule == "table" and self.n_args != self.n_answers:
+            problems.append(
+                "planted.n_args must equal n_answers (each quantum's table is a permutation of the answers, "
+                "so neither the trigger nor the argument alone tells the answer)"
+            )
+        if self.rule == "gate" and not 1 <= self.n_active < self.n_args:
+            problems.append("planted.n_active must be in 1..n_args - 1 (a gate quantum answers on some arguments, not all)")
+        if not 0 <= self.answer_noise < 1:
+            problems.append("planted.answer_noise must be in [0, 1)")
+        if not 0 <= self.distinct_from_top <= self.n_answers // 2:
+            problems.append("planted.distinct_from_top must be in 0..n_answers // 2 (tables avoid that many others per argument)")
+        if self.rule != "pair" and not 1 <= self.quanta_per_doc <= self.n_args:
+            problems.append("planted.quanta_per_doc must be in 1..n_args (no (quantum, argument) pair repeats in a document)")
+        if self.doc_len < 3 * self.quanta_per_doc:
+            problems.append("planted.doc_len must be >= 3 * quanta_per_doc (an instance is 3 tokens)")
+        if not self.widths:
+            problems.append("planted.widths is empty")
+        for w in self.widths:
+            if w < 1 or self.n_heads < 1 or w % self.n_heads or (w // self.n_heads) % 2:
+                problems.append(f"planted.widths: {w} is not a positive multiple of 2 * n_heads (rotary needs an even head size)")
+        if len(set(self.widths)) != len(self.widths):
+            problems.append("planted.widths has repeats; one width per model")
+        if min(self.steps, self.batch_size, self.n_eval_docs, self.n_probe, self.n_layers, self.n_heads, self.mlp_ratio) < 1:
+            problems.append("planted.steps, batch_size, n_eval_docs, n_probe, n_layers, n_heads and mlp_ratio must be >= 1")
+        if self.quanta_per_doc < 1:
+            problems.append("planted.quanta_per_doc must be >= 1")
+        if not 0 <= self.min_lr_ratio <= 1 or self.lr <= 0 or self.lr_base_width < 1:
+            problems.append("planted.lr must be > 0, lr_base_width >= 1 and min_lr_ratio in [0, 1]")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+_PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+# Deduplicated-Pile twins exist for the eight original sizes only.
+_PYTHIA_DEDUPED = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
+
+#: suite model name -> hub id, so params.yaml may list ``pythia-70m`` without a source.
+PYTHIA_MODELS: dict[str, str] = {
+    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in _PYTHIA_SIZES},
+    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in _PYTHIA_DEDUPED},
+}
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
 
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
@@ -107,6 +169,10 @@ class SuiteConfig:
                                   "use a name without '/', '\\' or '=' (the source goes in suite.sources)")
         if not self.revisions:
             raise ConfigError("suite.revisions is empty; name at least one (e.g. main or step143000)")
+        # The form only: whether this machine has the device is known when a stage resolves it
+        # (pipeline.lm.models.resolve_device), which says so in one line naming suite.device.
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"suite.device: '{self.device}' is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +230,17 @@ class LossesConfig:
     n_workers: int = 1
     threads_per_worker: int = 0  # torch threads per task; 0: torch's own in-process, cores / workers on a LocalCluster
     progress: bool = True
+
+    def __post_init__(self):
+        for key in ("batch_tokens", "logits_chunk"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"losses.{key} must be >= 1, or 0 (auto by device), got {getattr(self, key)}")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"losses.shard_tokens must be >= 1, got {self.shard_tokens}")
+        if self.n_workers < 1:
+            raise ConfigError(f"losses.n_workers must be >= 1, got {self.n_workers}")
+        if self.threads_per_worker < 0:
+            raise ConfigError(f"losses.threads_per_worker must be >= 0 (0: torch's own), got {self.threads_per_worker}")
 
 
 # Parameter groups that gradients.include / exclude may name besides regular expressions.
@@ -462,7 +539,9 @@ POWERLAW_ALTERNATIVES = ("lognormal", "exponential", "truncated_power_law")
 class PowerlawConfig:
     """Cluster-size power laws (pipeline/laws/cluster_sizes.py): CSN's discrete MLE, and the paper's envelope."""
 
-    k: Optional[int] = None  # the clustering whose sizes the MLE fits; null: the main k (cluster.n_clusters[0])
+    # The clustering whose sizes the MLE fits (a k of cluster.n_clusters); null: the main clustering
+    # (cluster.n_clusters[0]; leiden: its own k), however many clusters it made.
+    k: Optional[int] = None
     xmin: Optional[int] = None  # null: chosen by KS over every candidate (CSN); a value fixes it
     min_tail: int = 10  # fewest sizes >= xmin a candidate xmin may leave
     n_boot_ci: int = 1000  # resamples of the exponent's percentile CI (0: none)
@@ -622,9 +701,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = ""
             if isinstance(value, str):
+                # load_params reads `6e-3` as DVC does, a float; a string here was quoted
                 with contextlib.suppress(ValueError):
-                    float(value)
-                    hint = f" (YAML reads {value} as a string: write it with a dot, e.g. {float(value)!r})"
+                    if math.isfinite(float(value)):
+                        hint = f" (a string: write the number without quotes, e.g. {float(value)!r})"
             raise ConfigError(f"{where}: expected float, got {value!r}{hint}")
         return float(value)
     if tp is int:
@@ -659,8 +739,161 @@ def build(cls: type, data: Optional[dict], section: str):
     return cls(**kwargs)
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """Read params.yaml, refusing duplicate keys (PyYAML silently keeps the last one)."""
+# --------------------------------------------------------------------------- across sections
+
+#: Where the planted stage writes its suite (dvc.yaml: ``--out cache/planted``): a source under
+#: it exists once that stage has run, so its absence before then is no error.
+PLANTED_ROOT = Path("cache/planted")
+
+# A hub id is "name" or "org/name". "models" is no hub organisation (huggingface.co/models is
+# the hub's own list of models) and "cache" is the folder this pipeline writes: a source that
+# starts with either is meant as a local folder.
+_LOCAL_PREFIXES = ("cache/", "models/")
+
+
+def is_local_source(source: str) -> bool:
+    """Whether a suite.sources value names a local file or folder; if not, it is a hub id.
+
+    Said by its form, whether or not it exists: a typo in a local path is then reported as
+    a missing file, never sent to the hub (which retries for ~25 s, then names a repository).
+    """
+    return (
+        source.startswith((".", "/", "~", *_LOCAL_PREFIXES))
+        or source.count("/") > 1
+        or "\\" in source
+        or source.endswith(".gguf")
+    )
+
+
+def missing_source(name: str, source: str) -> str:
+    """The one-line error for suite model `name` whose local `source` does not exist."""
+    return (f"suite.sources['{name}'] = '{source}': no such file or folder; fix suite.sources.{name} "
+            "(a local Hugging Face folder, a .gguf file, or a hub id such as EleutherAI/pythia-70m)")
+
+
+def inside(path: str | Path, root: str | Path) -> bool:
+    """Whether `path` is `root` or lies under it (both resolved against the working directory)."""
+    return Path(path).expanduser().resolve().is_relative_to(Path(root).expanduser().resolve())
+
+
+def check_member(key: str, value: Any, allowed: Sequence, allowed_key: str, fix: str) -> None:
+    """A ConfigError when params key `key` names `value`, which is not in `allowed` (params
+    key `allowed_key`); `fix` says what to write instead."""
+    if value not in allowed:
+        listed = ", ".join(map(str, allowed)) or "empty"
+        raise ConfigError(f"{key} {value!r} is not in {allowed_key} ({listed}); {fix}")
+
+
+def check_consistent(cfgs: dict, written: Optional[dict] = None, planted_root: str | Path = PLANTED_ROOT) -> None:
+    """Cross-section checks of typed sections (name -> config), one ConfigError each: every
+    key that names a model, a revision, a k or a source against what it names.
+
+    written: the params as read (section -> mapping). A reference left out of the file takes
+    its default, which names the planted suite (select.model: planted-w48), and is checked
+    only when written: DVC refuses to run a stage whose params (dvc.yaml lists select.model)
+    are missing from the file, so a run through DVC always writes it, while a stage run by
+    hand on a partial file (a suite and a corpus, to compute losses) need not. None: every
+    reference counts as written.
+    """
+    select, cluster, suite = cfgs["select"], cfgs["cluster"], cfgs["suite"]
+
+    def given(sec: str, key: str) -> bool:
+        return written is None or key in (written.get(sec) or {})
+
+    big = [k for k in cluster.n_clusters if k >= select.n_samples]
+    if big:
+        raise ConfigError(
+            f"cluster.n_clusters {big} needs more than select.n_samples = {select.n_samples} samples (k must be < N); "
+            "lower cluster.n_clusters or raise select.n_samples"
+        )
+    models, revisions = suite.models, suite.revisions
+    if given("select", "model"):
+        check_member("select.model", select.model, models, "suite.models",
+                     "set select.model to one of them (its losses choose the samples), or add it to suite.models")
+    if given("select", "revision"):
+        check_member("select.revision", select.revision, revisions, "suite.revisions",
+                     "set select.revision to one of them, or add it to suite.revisions")
+    grads = cfgs["gradients"]
+    if grads.model is not None:
+        check_member("gradients.model", grads.model, models, "suite.models",
+                     "set gradients.model to one of them, or null (select.model)")
+    if grads.revision is not None:
+        check_member("gradients.revision", grads.revision, revisions, "suite.revisions",
+                     "set gradients.revision to one of them, or null (select.revision)")
+    # With leiden the main clustering's k is the data's (Leiden's own partition), known only
+    # once it has run; the cluster stage's table then holds that k beside the listed ones.
+    if cluster.method != "leiden":
+        for sec in ("report", "powerlaw"):
+            k = cfgs[sec].k
+            if k is not None:
+                check_member(f"{sec}.k", k, cluster.n_clusters, "cluster.n_clusters",
+                             f"set {sec}.k to one of them, or null (the main k), or add it to cluster.n_clusters")
+    dyn, scal, corp = cfgs["dynamics"], cfgs["scaling"], cfgs["corpus"]
+    if dyn.model is not None:
+        check_member("dynamics.model", dyn.model, models, "suite.models",
+                     "set dynamics.model to one of them, or null (the last)")
+    if scal.alpha_s_model is not None:
+        check_member("scaling.alpha_s_model", scal.alpha_s_model, models, "suite.models",
+                     "set scaling.alpha_s_model to one of them, or null (the largest)")
+    if scal.revision is not None:
+        check_member("scaling.revision", scal.revision, revisions, "suite.revisions",
+                     "set scaling.revision to one of them, or null (the last)")
+    if corp.tokenizer is not None:
+        check_member("corpus.tokenizer", corp.tokenizer, models, "suite.models",
+                     "set corpus.tokenizer to one of them, or null (the first)")
+    _check_sources(suite, cfgs["planted"], Path(planted_root))
+
+
+def _check_sources(suite: SuiteConfig, planted: PlantedConfig, planted_root: Path) -> None:
+    """Every suite model has a source that exists, or that the planted stage will write; the
+    planted ones where that stage saves them, at revisions it can save."""
+    trained = []
+    for name in suite.models:
+        source = suite.sources.get(name) or PYTHIA_MODELS.get(name)
+        if source is None:
+            raise ConfigError(f"suite.models names '{name}', which has no source; "
+                              f"add suite.sources.{name}: <hub id | local folder | file.gguf>")
+        path = Path(source).expanduser()
+        if inside(path, planted_root):
+            trained.append(name)
+            if path.resolve() != (planted_root / "models" / name).resolve():
+                raise ConfigError(
+                    f"suite.sources.{name} points into {planted_root} but not at {planted_root / 'models' / name}, "
+                    f"where the planted stage saves it; set suite.sources.{name}: {planted_root / 'models' / name}"
+                )
+            continue
+        if is_local_source(source) and not path.exists():
+            raise ConfigError(missing_source(name, source))
+        gguf = suite.gguf_files.get(name)
+        if gguf is not None and path.is_dir() and not (path / gguf).is_file():
+            raise ConfigError(f"suite.gguf_files['{name}'] = '{gguf}': no such file in {source}; fix suite.gguf_files.{name}")
+    if not trained:
+        return
+    # The planted stage trains one width per model name and saves every revision: what it
+    # cannot save is refused here, before it trains anything.
+    if len(planted.widths) != len(suite.models):
+        raise ConfigError(f"planted.widths has {len(planted.widths)} entries but suite.models has {len(suite.models)}; "
+                          "give one width per model name, in order")
+    steps: dict[int, str] = {}
+    for rev in suite.revisions:
+        n = step_of(rev)
+        if n is None or n > planted.steps:
+            raise ConfigError(
+                f"suite.revisions: {rev!r} is not a checkpoint the planted stage saves; use 'stepN' with N in "
+                f"0..{planted.steps} (planted.steps), or raise planted.steps"
+            )
+        if n in steps:
+            raise ConfigError(f"suite.revisions: {steps[n]} and {rev} name the same step {n}; list each checkpoint once")
+        steps[n] = rev
+
+
+def load_params(path: str | Path = "params.yaml", planted_root: str | Path = PLANTED_ROOT) -> dict:
+    """Read params.yaml as DVC reads it, refusing duplicate keys (PyYAML would keep the last
+    one), unknown sections, and whatever :func:`check_consistent` finds.
+
+    planted_root: where the planted stage writes its suite (its ``--out``); a source under it
+    need not exist yet.
+    """
 
     class StrictLoader(yaml.SafeLoader):
         pass
@@ -668,7 +901,8 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     def no_duplicates(loader, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
+            # a scalar key as written: `yes` and `true` are two keys to DVC's YAML 1.2 reader
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else loader.construct_object(key_node, deep=deep)
             if key in seen:
                 raise ConfigError(f"{path}: duplicate key '{key}' (line {key_node.start_mark.line + 1})")
             seen.add(key)
@@ -678,15 +912,32 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
+    text = path.read_text()
     try:
-        with path.open() as f:
-            params = yaml.load(f, Loader=StrictLoader) or {}
+        yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         # A key without its colon is found only on the next line; the scanner's context
         # mark points at the line with the typo.
         if str(getattr(e, "context", "")).startswith("while scanning a simple key"):
             mark = getattr(e, "context_mark", None) or mark
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    # The values are read as DVC reads them. DVC reads params.yaml with ruamel.yaml's safe
+    # loader, which follows YAML 1.2: `6e-3` is the float 0.006, `yes` and `on` are strings,
+    # `017` is 17. PyYAML follows YAML 1.1, where `6e-3` is a string (a float needs a dot),
+    # `yes` is true and `017` is octal 15. A stage that read a value otherwise than DVC would
+    # run on something `dvc repro` never saw (DVC decides what to rerun from the params as it
+    # reads them; `planted.lr: 0.006` -> `6e-3` is no change to it), so the values come from
+    # DVC's own reader; PyYAML only checks the syntax and the duplicate keys above, because
+    # its messages point at the line to fix (a key without its colon: that line, not the next).
+    from ruamel.yaml import YAML
+    from ruamel.yaml import YAMLError as RuamelYAMLError
+
+    try:
+        params = YAML(typ="safe").load(text) or {}
+    except RuamelYAMLError as e:
+        mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
     if not isinstance(params, dict):
@@ -698,19 +949,8 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         raise ConfigError(f"unknown section '{unknown[0]}' in {path}; valid sections: {', '.join(SECTIONS)}")
     # Every section is checked whichever stage reads the file, and the sections against
     # each other, so that a run never fails late on something knowable at the start.
-    check_consistent({name: section(params, name) for name in SECTIONS})
+    check_consistent({name: section(params, name) for name in SECTIONS}, written=params, planted_root=planted_root)
     return params
-
-
-def check_consistent(cfgs: dict) -> None:
-    """Cross-section checks of typed sections (name -> config), one ConfigError each."""
-    select, cluster = cfgs["select"], cfgs["cluster"]
-    big = [k for k in cluster.n_clusters if k >= select.n_samples]
-    if big:
-        raise ConfigError(
-            f"cluster.n_clusters {big} needs more than select.n_samples = {select.n_samples} samples (k must be < N); "
-            "lower cluster.n_clusters or raise select.n_samples"
-        )
 
 
 _STEP = re.compile(r"^step(\d+)$")

@@ -923,13 +923,19 @@ def analyze_clusters(clusters, cfg, truth: Optional[np.ndarray] = None) -> Clust
     all sizes equal gives an unfittable MLE with its reason. truth: (samples,) planted
     quantum of each row (-1 = none), planted suite only: adds ``planted_partition``.
     """
+    from pipeline.qdg.clustering import sweep_columns
+
     sweep = sweep_labels(clusters)
     if cfg.k is None:
         if "cluster" not in clusters.columns:
             raise QuantaError("the clusters table has no 'cluster' column; rerun the cluster stage")
         labels = clusters["cluster"].to_numpy()
-        k = int(np.unique(labels[labels >= 0]).size) if (labels >= 0).any() else 0
-        k = next((kk for kk, lab in sweep.items() if np.array_equal(lab, labels)), k)
+        # The main clustering's k is its k<k> column, the first one (the cluster stage writes
+        # them so; leiden's is the data's k), whatever number of clusters it made. The labels
+        # cannot tell it: a cut can make fewer clusters than its k, and two cuts of the sweep
+        # the same clusters. Without k<k> columns, its k is the count it made.
+        columns = sweep_columns(clusters)
+        k = next(iter(columns)) if columns else int(np.unique(labels[labels >= 0]).size)
     else:
         if cfg.k not in sweep:
             raise QuantaError(

@@ -763,7 +763,11 @@ def run(
     """
     revision = cfg.revision or revisions[-1]
     if revision not in revisions:
-        raise ScalingError(f"scaling.revision {revision!r} is not in suite.revisions ({', '.join(revisions)})")
+        raise ScalingError(f"scaling.revision {revision!r} is not in suite.revisions ({', '.join(revisions)}); "
+                           "set scaling.revision to one of them, or null (the last)")
+    if cfg.alpha_s_model is not None and cfg.alpha_s_model not in models:  # before the fits, not after them
+        raise ScalingError(f"scaling.alpha_s_model {cfg.alpha_s_model!r} is not in suite.models ({', '.join(models)}); "
+                           "set scaling.alpha_s_model to one of them, or null (the largest)")
     reason = too_few_models(list(models), cfg)
     if reason:
         res = _skipped(models, [], reason)
@@ -781,8 +785,6 @@ def run(
         del aligned
         curves = {m: pending[m].result() if pool else learning_curve_fit(root, m, revisions, cfg) for m in res.models}
     head = cfg.alpha_s_model or res.models[-1]
-    if head not in curves:
-        raise ScalingError(f"scaling.alpha_s_model {head!r} is not in suite.models ({', '.join(models)})")
     h = curves[head]
     metrics = dict(res.metrics)
     metrics["revision"] = revision

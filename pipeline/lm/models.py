@@ -39,7 +39,15 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from pipeline.core.config import ConfigError, SuiteConfig
+from pipeline.core.config import (
+    PLANTED_ROOT,
+    PYTHIA_MODELS,
+    ConfigError,
+    SuiteConfig,
+    inside,
+    is_local_source,
+    missing_source,
+)
 from pipeline.core.errors import QuantaError
 
 # --------------------------------------------------------------------------- errors
@@ -59,15 +67,8 @@ class UnknownRevisionError(ModelError):
 
 # --------------------------------------------------------------------------- Pythia
 
-_PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
-# Deduplicated-Pile twins exist for the eight original sizes only.
-_PYTHIA_DEDUPED = ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b")
-
-#: suite model name -> hub id, so params.yaml may list ``pythia-70m`` without a source.
-PYTHIA_MODELS: dict[str, str] = {
-    **{f"pythia-{s}": f"EleutherAI/pythia-{s}" for s in _PYTHIA_SIZES},
-    **{f"pythia-{s}-deduped": f"EleutherAI/pythia-{s}-deduped" for s in _PYTHIA_DEDUPED},
-}
+# PYTHIA_MODELS (suite name -> hub id) lives in pipeline.core.config, which checks the suite's
+# sources when params are read.
 
 
 def pythia_revisions() -> list[str]:
@@ -154,23 +155,6 @@ def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _looks_like_path(source: str) -> bool:
-    # A hub id is "name" or "org/name"; anything with more parts, or that starts like a
-    # path, is meant as a local path even when it does not exist (yet).
-    return (
-        source.startswith((".", "/", "~"))
-        or source.count("/") > 1
-        or "\\" in source
-        or source.endswith(".gguf")
-    )
-
-
-def is_local_source(source: str) -> bool:
-    """Whether a suite source names something on this disk (an existing path, or one written
-    as a path) rather than a hub id."""
-    return Path(source).expanduser().exists() or _looks_like_path(source)
-
-
 def source_kind(spec: ModelSpec) -> str:
     """One of ``hub``, ``local``, ``local_revisions``, ``gguf`` (see the module docstring).
 
@@ -178,19 +162,14 @@ def source_kind(spec: ModelSpec) -> str:
     hub id with ``gguf_file`` is ``hub``.
     """
     path = Path(spec.source).expanduser()
-    if spec.source.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"model '{spec.name}': GGUF file {spec.source} does not exist; fix suite.sources.{spec.name}")
+    if spec.source.endswith(".gguf") and path.is_file():
         return "gguf"
     if path.is_dir():
         if spec.gguf_file is not None:
             return "gguf"
         return "local" if _has_config(path) else "local_revisions"
-    if _looks_like_path(spec.source):
-        raise ModelError(
-            f"model '{spec.name}': source {spec.source} does not exist; "
-            f"fix suite.sources.{spec.name} (or run the stage that writes it, e.g. `dvc repro planted`)"
-        )
+    if is_local_source(spec.source):  # before any network attempt: the hub would retry a path for ~25 s
+        raise ModelError(missing_source(spec.name, spec.source))
     return "hub"
 
 
@@ -262,8 +241,12 @@ def _hub_cached(spec: ModelSpec, cache_dir: Optional[str]) -> Optional[Path]:
     return Path(found) if spec.gguf_file else Path(found).parent
 
 
-def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool) -> _Location:
-    """Check that `spec` can be loaded now, and say how; raise a one-line error if not."""
+def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool, probe: bool = False) -> _Location:
+    """Check that `spec` can be loaded now, and say how; raise a one-line error if not.
+
+    probe: only the cache is asked whatever the suite says (`quanta info`), so a missing hub
+    model is not said to be missing because downloads are off: they may well be on.
+    """
     kind = source_kind(spec)
     path = Path(spec.source).expanduser()
     if kind == "local":
@@ -305,11 +288,13 @@ def _locate(spec: ModelSpec, *, cache_dir: Optional[str], local_files_only: bool
     _check_hub_revision(spec)
     offline = local_files_only or hub_offline()
     if offline and _hub_cached(spec, cache_dir) is None:
-        why = "local_files_only is set" if local_files_only else "HF_HUB_OFFLINE=1"
         where = f"the Hugging Face cache {cache_dir}" if cache_dir else "the default Hugging Face cache"
+        if probe:
+            off = ""
+        else:
+            off = " and downloads are off ({})".format("suite.local_files_only is set" if local_files_only else "HF_HUB_OFFLINE=1")
         raise ModelNotAvailableError(
-            f"{spec.source} at revision {spec.revision} is not in {where} and downloads are off ({why}); "
-            f"fetch it first: {download_command(spec, cache_dir)}"
+            f"{spec.source} at revision {spec.revision} is not in {where}{off}; fetch it first: {download_command(spec, cache_dir)}"
         )
     kwargs: dict[str, Any] = {"revision": spec.revision, "cache_dir": cache_dir, "local_files_only": offline}
     if spec.gguf_file:
@@ -519,23 +504,23 @@ def load_config(
 def unavailable_reason(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> Optional[str]:
     """Why `spec` cannot be loaded without the network (the loader's one-line error), or None."""
     try:
-        _locate(spec, cache_dir=cache_dir, local_files_only=True)
+        _locate(spec, cache_dir=cache_dir, local_files_only=True, probe=True)
     except QuantaError as e:
         return str(e)
     return None
 
 
-#: where the planted stage writes its models (dvc.yaml): sources there exist after it runs
-PIPELINE_BUILT = Path("cache/planted")
-
-
-def check_source(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf") -> bool:
+def check_source(spec: ModelSpec, *, cache_dir: Optional[str] = "cache/hf", planted_root: Path = PLANTED_ROOT) -> bool:
     """Raise the loader's one-line error if `spec` can never load as written (a local path
     that does not exist, a revision it does not have, a hub revision name Pythia lacks);
-    never touches the network. False for a local source the pipeline builds and has not
-    built yet (under ``cache/planted``), True otherwise."""
-    path = Path(spec.source).expanduser()
-    if not path.exists() and path.resolve().is_relative_to(PIPELINE_BUILT.resolve()):
+    never touches the network. False for a source the planted stage writes (under
+    `planted_root`), True otherwise.
+
+    A planted source is not read here even when it exists: the planted stage retrains it
+    at every revision of suite.revisions, so a revision it does not hold yet is one it will
+    (:func:`pipeline.core.config.check_consistent` checks the names against planted.steps).
+    """
+    if inside(spec.source, planted_root):
         return False
     if source_kind(spec) == "hub":  # source_kind raises for a local path that does not exist
         _check_hub_revision(spec)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.core import files
-from pipeline.core.config import CorpusConfig, SuiteConfig
+from pipeline.core.config import CorpusConfig, SuiteConfig, is_local_source
 from pipeline.core.errors import QuantaError
 
 #: what the planted stage writes: DVC tracks it as that stage's output
@@ -91,7 +91,8 @@ def manifest(suite: SuiteConfig, corpus: CorpusConfig, hashes: HashCache) -> dic
     out["models"] = {}
     for name in suite.models:
         spec = models.spec_from_suite(suite, name)
-        entry = describe(spec.source, hashes, local=models.is_local_source(spec.source),
+        local = Path(spec.source).expanduser().exists() or is_local_source(spec.source)
+        entry = describe(spec.source, hashes, local=local,
                          what=f"suite.sources.{name}")
         if spec.gguf_file:
             entry["gguf_file"] = spec.gguf_file

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from pipeline.core.config import PlantedConfig, SuiteConfig, step_of, to_dict
+from pipeline.core.config import PlantedConfig, SuiteConfig, inside, step_of, to_dict
 from pipeline.core.files import atomic_path, read_meta, run_log_path, split_run, write_json, write_meta, write_parquet
 from pipeline.planted.language import (  # noqa: F401 (re-exported: the suite's public names)
     Language,
@@ -206,22 +206,14 @@ def train_model(
     return model.eval()
 
 
-def _inside(path: str, root: Path) -> bool:
-    try:
-        Path(path).resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def planted_models(suite: SuiteConfig, root: Path) -> list[str]:
     """Names of suite models whose source lies inside `root` (the ones the planted stage trains)."""
-    return [name for name in suite.models if _inside(suite.sources.get(name, ""), root)] if suite.sources else []
+    return [name for name in suite.models if inside(suite.sources.get(name, ""), root)] if suite.sources else []
 
 
 def planted_requested(suite: SuiteConfig, corpus_source: str, root: Path) -> bool:
     """Whether anything of the run reads from `root`: a suite source or the corpus source."""
-    return bool(planted_models(suite, root)) or _inside(corpus_source, root)
+    return bool(planted_models(suite, root)) or inside(corpus_source, root)
 
 
 MARKER = """\

@@ -51,12 +51,18 @@ METHODS = ("agglomerative", "leiden", "spectral")  # cluster.method; the first i
 
 
 def check_k(ks: Sequence[int], n: int) -> None:
-    """k must be < the number of samples clustered (spectral clustering needs k < N)."""
+    """k must be < the number of samples clustered (spectral clustering needs k < N).
+
+    params.yaml already has every k below select.n_samples (config.check_consistent), so
+    fewer samples than that reached the clustering: too few tokens passed select.max_loss
+    (the select stage warns and takes them all), or some gradients were bad. Raising
+    select.n_samples would not help; letting more tokens qualify would.
+    """
     big = [k for k in ks if k >= n]
     if big:
         raise QuantaError(
             f"cluster.n_clusters {big} needs more samples than the {n} usable ones (k must be < N); "
-            "lower cluster.n_clusters or raise select.n_samples"
+            "lower cluster.n_clusters, or let more tokens qualify: raise select.max_loss or use a stronger select.model"
         )
 
 

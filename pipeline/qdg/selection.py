@@ -102,7 +102,8 @@ def select_samples(losses: pd.DataFrame, tokens: TokenTable, cfg: SelectConfig) 
     if n < cfg.n_samples:
         warnings.warn(
             f"only {n} tokens qualify (loss < {cfg.max_loss} nats{', filters ' + '+'.join(cfg.filters) if cfg.filters else ''}) "
-            f"of the {cfg.n_samples} asked for (select.n_samples); taking all of them",
+            f"of the {cfg.n_samples} asked for (select.n_samples); taking all of them "
+            "(for more: raise select.max_loss or use a stronger select.model)",
             SelectWarning,
             stacklevel=2,
         )
