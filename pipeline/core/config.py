@@ -765,6 +765,12 @@ def is_local_source(source: str) -> bool:
     )
 
 
+def model_source(suite: "SuiteConfig", name: str) -> Optional[str]:
+    """Where suite model `name` comes from: ``suite.sources[name]``, else the hub id of a Pythia
+    name (``pythia-70m``); None when it has neither."""
+    return suite.sources.get(name) or PYTHIA_MODELS.get(name)
+
+
 def missing_source(name: str, source: str) -> str:
     """The one-line error for suite model `name` whose local `source` does not exist."""
     return (f"suite.sources['{name}'] = '{source}': no such file or folder; fix suite.sources.{name} "
@@ -849,7 +855,7 @@ def _check_sources(suite: SuiteConfig, planted: PlantedConfig, planted_root: Pat
     planted ones where that stage saves them, at revisions it can save."""
     trained = []
     for name in suite.models:
-        source = suite.sources.get(name) or PYTHIA_MODELS.get(name)
+        source = model_source(suite, name)
         if source is None:
             raise ConfigError(f"suite.models names '{name}', which has no source; "
                               f"add suite.sources.{name}: <hub id | local folder | file.gguf>")

@@ -41,12 +41,13 @@ import torch
 
 from pipeline.core.config import (
     PLANTED_ROOT,
-    PYTHIA_MODELS,
+    PYTHIA_MODELS,  # noqa: F401 (re-exported: the suite name -> hub id table lives in config)
     ConfigError,
     SuiteConfig,
     inside,
     is_local_source,
     missing_source,
+    model_source,
 )
 from pipeline.core.errors import QuantaError
 
@@ -113,7 +114,7 @@ def spec_from_suite(suite: SuiteConfig, name: str, revision: Optional[str] = Non
     if name not in suite.models and name not in suite.sources:
         valid = ", ".join(suite.models) or "(none: suite.models is empty)"
         raise ConfigError(f"unknown model '{name}'; suite.models: {valid}")
-    source = suite.sources.get(name) or PYTHIA_MODELS.get(name)
+    source = model_source(suite, name)
     if source is None:
         raise ConfigError(
             f"model '{name}' has no source; add suite.sources.{name}: <hub id | local directory | file.gguf>"

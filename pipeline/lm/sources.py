@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipeline.core import files
-from pipeline.core.config import CorpusConfig, SuiteConfig, is_local_source
+from pipeline.core.config import CorpusConfig, SuiteConfig, is_local_source, model_source
 from pipeline.core.errors import QuantaError
 
 #: what the planted stage writes: DVC tracks it as that stage's output
@@ -84,18 +84,18 @@ def describe(source: str, hashes: HashCache, *, local: bool, what: str) -> dict:
 
 def manifest(suite: SuiteConfig, corpus: CorpusConfig, hashes: HashCache) -> dict:
     """{"corpus": ..., "models": {name: ...}} of the suite (see the module docstring)."""
-    from pipeline.lm import corpus as corpus_lib
-    from pipeline.lm import models
+    from pipeline.lm import corpus as corpus_lib  # torch-free, as this whole stage is
 
     out = {"corpus": describe(corpus.source, hashes, local=corpus_lib.is_local(corpus.source), what="corpus.source")}
     out["models"] = {}
     for name in suite.models:
-        spec = models.spec_from_suite(suite, name)
-        local = Path(spec.source).expanduser().exists() or is_local_source(spec.source)
-        entry = describe(spec.source, hashes, local=local,
-                         what=f"suite.sources.{name}")
-        if spec.gguf_file:
-            entry["gguf_file"] = spec.gguf_file
+        source = model_source(suite, name)
+        if source is None:
+            raise QuantaError(f"suite.models names '{name}', which has no source; add suite.sources.{name}")
+        local = Path(source).expanduser().exists() or is_local_source(source)
+        entry = describe(source, hashes, local=local, what=f"suite.sources.{name}")
+        if suite.gguf_files.get(name):
+            entry["gguf_file"] = suite.gguf_files[name]
         out["models"][name] = entry
     return out
 
