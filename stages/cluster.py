@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = config.load("cluster", args.params)
     aff, ids, sim_meta = sim.read(args.similarity, mmap=False)
     samples = read_samples(args.samples)
-    table, metrics = clustering.run_clustering(aff, ids, len(samples), cfg)
+    table, metrics = clustering.run_clustering(aff, ids, len(samples), cfg, progress=True)
     frame = table.to_pandas()
     tokens = corpus.read_tokens(args.tokens)
     token_str = corpus.read_token_strings(args.tokens)
@@ -84,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     metrics["similarity_mode"] = sim_meta["mode"]
     files.write_meta(metrics, args.metrics)
     stab = metrics["stability"]
-    print(f"cluster: k={metrics['k']}, subsample ARI {stab['subsample_ari']}, projection ARI {stab['projection_ari']}, "
+    unassigned = f", {metrics['n_unassigned']} unassigned" if "n_unassigned" in metrics else ""
+    print(f"cluster: k={metrics['k']}{unassigned}, subsample ARI {stab['subsample_ari']}, projection ARI {stab['projection_ari']}, "
           f"above null {metrics.get('above_null')}, explained by an n-gram {metrics['explained_by_ngram']} -> {args.out}")
 
 

@@ -10,7 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from pipeline.core.config import ClusterConfig, ConfigError, build
 from pipeline.core.errors import QuantaError
-from pipeline.qdg import clustering
+from pipeline.qdg import clustering, graph_linkage
 from pipeline.qdg import similarity as sim
 
 
@@ -102,7 +102,7 @@ def test_validate_scores_every_method_and_the_baselines():
     context = np.stack([np.full_like(truth, 7), truth + 50], axis=1)  # the previous token names the block
     out = clustering.validate(aff, ids, samples, truth, context, clusters=None, cfg=CFG)
     assert out["k_present"] == 5 and out["qdg"]["ari"] == 1.0 and out["qdg_from"] == "clustered here"
-    assert set(out["methods"]) == {"leiden", "spectral", "agglomerative"}
+    assert set(out["methods"]) == {"knn_average", "knn_average_at_k_present", "leiden", "spectral", "agglomerative"}
     assert out["methods"]["spectral"]["ari"] == 1.0 and out["methods"]["agglomerative"]["ari"] == 1.0
     assert out["baseline_answer"]["ari"] < 0.5
     assert out["baseline_context"]["ari"] == 1.0 and out["baseline_oracle_cue_pair"]["ari"] == 1.0
@@ -295,7 +295,7 @@ def test_min_size_cut_counts_are_those_of_every_plain_cut():
 
     x = np.random.default_rng(3).normal(size=(60, 5))
     tree = linkage(pdist(x), method="average")
-    big = clustering._n_big_by_cut(tree, 4)
+    big = graph_linkage.n_big_by_cut(tree, 4)
     for m in (1, 2, 7, 20, 59, 60):
         assert big[m] == (np.bincount(fcluster(tree, t=m, criterion="maxclust")) >= 4).sum()
 
@@ -342,11 +342,11 @@ def test_fewer_clusters_than_asked_are_counted_and_warned():
     # 5 samples, k = 4 with clusters of at least 3: the cut can hold one cluster only
     x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
     aff = sim.dense_affinity(x)
-    cfg = ClusterConfig(n_clusters=(4, 2), min_cluster_size=3)
+    cfg = ClusterConfig(n_clusters=(4, 2), min_cluster_size=3, method="agglomerative")
     with pytest.warns(UserWarning, match=r"fewer clusters than asked \(k = 4 made 1, k = 2 made 1\)"):
         table, metrics = clustering.run_clustering(aff, np.arange(5), 5, cfg)
     assert metrics["clusters_made"] == {"4": 1, "2": 1}
     assert len(np.unique(table.column("k4").to_numpy())) == 1
-    plain = ClusterConfig(n_clusters=(4, 2), min_cluster_size=1)
+    plain = ClusterConfig(n_clusters=(4, 2), min_cluster_size=1, method="agglomerative")
     _, metrics = clustering.run_clustering(aff, np.arange(5), 5, plain)
     assert metrics["clusters_made"] == {"4": 4, "2": 2}

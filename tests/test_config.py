@@ -142,9 +142,9 @@ def _refused(tmp_path, text: str) -> str:
      "select.revision 'step9' is not in suite.revisions (step1, step2); set select.revision to one of them"),
     ("gradients:\n  model: c\n", "gradients.model 'c' is not in suite.models (a, b); set gradients.model"),
     ("gradients:\n  revision: main\n", "gradients.revision 'main' is not in suite.revisions (step1, step2)"),
-    ("cluster:\n  n_clusters: [4, 5]\nreport:\n  k: 7\n",
+    ("cluster:\n  n_clusters: [4, 5]\n  cut: k\nreport:\n  k: 7\n",
      "report.k 7 is not in cluster.n_clusters (4, 5); set report.k to one of them, or null"),
-    ("cluster:\n  n_clusters: [4, 5]\npowerlaw:\n  k: 7\n", "powerlaw.k 7 is not in cluster.n_clusters (4, 5)"),
+    ("cluster:\n  n_clusters: [4, 5]\n  cut: k\npowerlaw:\n  k: 7\n", "powerlaw.k 7 is not in cluster.n_clusters (4, 5)"),
     ("dynamics:\n  model: c\n", "dynamics.model 'c' is not in suite.models (a, b)"),
     ("scaling:\n  alpha_s_model: c\n", "scaling.alpha_s_model 'c' is not in suite.models (a, b)"),
     ("scaling:\n  revision: step9\n",
@@ -178,6 +178,9 @@ def test_references_that_are_right_pass(tmp_path):
     config.load_params(p)
     # leiden's main k is the data's: a k outside the sweep may be it, so it is not refused
     p.write_text(SUITE + "cluster:\n  n_clusters: [4, 5]\n  method: leiden\nreport:\n  k: 7\n")
+    config.load_params(p)
+    # so is knn_average's with the data-chosen cut (the default)
+    p.write_text(SUITE + "cluster:\n  n_clusters: [4, 5]\n  method: knn_average\n  cut: data\nreport:\n  k: 7\n")
     config.load_params(p)
     # a reference the file leaves out (a partial file run by hand) keeps its default unchecked;
     # DVC refuses to run a stage whose listed params are missing, so its runs always write it

@@ -94,7 +94,7 @@ def test_assess_sweep_labels_stability_and_the_global_numbers():
     clusters = pd.DataFrame({"sample": np.arange(len(labels)), "cluster": labels, "k5": labels,
                              "k2": (labels >= 2).astype(int)})
     answer, prev, strings = _assess_inputs(labels)
-    cfg = ClusterConfig(n_clusters=(5, 2), null_draws=100, min_cluster_size=1, stability_draws=3)
+    cfg = ClusterConfig(n_clusters=(5, 2), null_draws=100, min_cluster_size=1, stability_draws=3, method="agglomerative")
     table, m = quality.assess(aff, "angular", clusters, np.arange(len(labels)), cfg, answer=answer, prev=prev,
                               token_str=strings, projections=[aff])
     assert sorted(set(table["k"])) == [2, 5] and len(table) == 5 + 2

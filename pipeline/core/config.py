@@ -374,6 +374,11 @@ class SimilarityConfig:
             raise ConfigError("similarity.dense_max must be >= 2, n_neighbors >= 1 and memory_gb > 0")
 
 
+def data_chooses_k(cluster: "ClusterConfig") -> bool:
+    """Whether the main clustering's number of clusters is an output (leiden; knn_average, cut: data)."""
+    return cluster.method == "leiden" or (cluster.method == "knn_average" and cluster.cut == "data")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     """Clustering of the affinity (pipeline/qdg/clustering.py)."""
@@ -381,17 +386,29 @@ class ClusterConfig:
     # One k, or a sweep (the paper: 10 ... 1500). The first is the main k: it gets the
     # `cluster` column, the summary's order and the stability score.
     n_clusters: Union[int, tuple[int, ...]] = (400,)
-    # agglomerative (the default): average linkage on the distance 1 - affinity, one tree
-    # cut at every k, counting only clusters of min_cluster_size (dense affinities only);
-    # leiden: Leiden communities of the kNN graph (its own number of clusters is the main
-    # one; each k of the sweep merges communities by average linkage); spectral (the
-    # paper's: SpectralClustering on the affinity). README "Which clustering" compares them.
-    method: Literal["agglomerative", "leiden", "spectral"] = "agglomerative"
-    # agglomerative: a cut counts only clusters of at least this many samples; smaller ones
-    # join the cluster they are most similar to (1: the plain cut).
+    # knn_average (the default): average linkage on the kNN graph (pipeline/qdg/graph_linkage.py;
+    # any N, no dense matrix), its main clustering cut where the data say (cut: data);
+    # agglomerative: average linkage on the dense distance 1 - affinity, one tree cut at every
+    # k, counting only clusters of min_cluster_size (dense affinities only); leiden: Leiden
+    # communities of the kNN graph (its own number of clusters is the main one; each k of the
+    # sweep merges communities by average linkage); spectral (the paper's: SpectralClustering
+    # on the affinity). README "Which clustering" compares them.
+    method: Literal["knn_average", "agglomerative", "leiden", "spectral"] = "knn_average"
+    # knn_average: data: the main clustering is the excess-of-mass cut of the tree, its number
+    # of clusters an output, samples in no cluster of min_cluster_size unassigned (-1);
+    # k: the main clustering is the tree cut at n_clusters[0]. The other k of n_clusters are
+    # fixed-k cuts either way.
+    cut: Literal["data", "k"] = "data"
+    # knn_average, cut: data: a sample whose GLOSH outlier score (1 - the similarity at which it
+    # joined its cluster / the cluster's highest) exceeds this is unassigned too; 1: HDBSCAN's labels
+    max_outlier_score: float = 0.7
+    # agglomerative, knn_average: a cut counts only clusters of at least this many samples;
+    # agglomerative: smaller ones join the cluster they are most similar to (1: the plain
+    # cut); knn_average: they are unassigned (-1).
     min_cluster_size: int = 3
-    # leiden: neighbours per sample of the graph built from a dense affinity (a sparse kNN
-    # affinity is used as it is), and the modularity resolution γ of the main clustering.
+    # leiden, knn_average: neighbours per sample of the graph built from a dense affinity (a
+    # sparse kNN affinity is used as it is); leiden: the modularity resolution γ of the main
+    # clustering.
     n_neighbors: int = 30
     resolution: float = 1.0
     n_init: int = 10  # k-means restarts in the spectral embedding (the paper: 30)
@@ -419,6 +436,11 @@ class ClusterConfig:
             raise ConfigError("cluster.n_init must be >= 1")
         if self.min_cluster_size < 1:
             raise ConfigError(f"cluster.min_cluster_size must be >= 1, got {self.min_cluster_size}")
+        if not 0 < self.max_outlier_score <= 1:
+            raise ConfigError(f"cluster.max_outlier_score must be in (0, 1], got {self.max_outlier_score}")
+        if self.method == "knn_average" and self.cut == "data" and self.min_cluster_size < 2:
+            raise ConfigError("cluster.min_cluster_size must be >= 2 with cluster.cut: data (a cluster of one is no "
+                              f"cluster), got {self.min_cluster_size}")
         if self.n_neighbors < 1 or not self.resolution > 0:
             raise ConfigError("cluster.n_neighbors must be >= 1 and cluster.resolution > 0")
         if self.seed == self.stability_seed:
@@ -826,9 +848,9 @@ def check_consistent(cfgs: dict, written: Optional[dict] = None, planted_root: s
     if grads.revision is not None:
         check_member("gradients.revision", grads.revision, revisions, "suite.revisions",
                      "set gradients.revision to one of them, or null (select.revision)")
-    # With leiden the main clustering's k is the data's (Leiden's own partition), known only
-    # once it has run; the cluster stage's table then holds that k beside the listed ones.
-    if cluster.method != "leiden":
+    # With leiden, or knn_average cut by the data, the main clustering's k is the data's, known
+    # only once it has run; the cluster stage's table then holds that k beside the listed ones.
+    if not data_chooses_k(cluster):
         for sec in ("report", "powerlaw"):
             k = cfgs[sec].k
             if k is not None:

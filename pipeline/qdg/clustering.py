@@ -1,7 +1,9 @@
 """Clustering of the gradient affinity: each cluster is a candidate quantum.
 
-The default (``method: agglomerative``) is average linkage with a minimum cluster size;
-``spectral`` is the paper's, ``leiden`` the kNN-graph one (README "Which clustering").
+The default (``method: knn_average``) is average linkage on the kNN graph, cut where the
+data say, with unassigned samples labelled -1 (pipeline/qdg/graph_linkage.py);
+``agglomerative`` is average linkage on the dense affinity with a minimum cluster size;
+``spectral`` is the paper's, ``leiden`` the kNN-graph communities (README "Which clustering").
 
 Why this module exists: the paper ran sklearn's SpectralClustering on the dense
 angular affinity, once per k of a sweep (10 ... 1500), unseeded. Here:
@@ -46,8 +48,10 @@ import scipy.sparse as sp
 
 from pipeline.core.config import ClusterConfig
 from pipeline.core.errors import QuantaError
+from pipeline.qdg import graph_linkage
+from pipeline.qdg.graph_linkage import n_big_by_cut
 
-METHODS = ("agglomerative", "leiden", "spectral")  # cluster.method; the first is the default
+METHODS = ("knn_average", "agglomerative", "leiden", "spectral")  # cluster.method; the first is the default
 
 
 def check_k(ks: Sequence[int], n: int) -> None:
@@ -187,17 +191,27 @@ def assign(maps: np.ndarray, k: int, how: str, n_init: int, seed: int) -> np.nda
 
 
 def canonical(labels: np.ndarray) -> np.ndarray:
-    """Rename clusters 0, 1, ... by decreasing size (ties: first appearance), int32.
+    """Rename clusters 0, 1, ... by decreasing size (ties: first appearance), int32; -1
+    (unassigned) stays -1.
 
     Cluster ids are arbitrary; naming them by size makes outputs stable across runs that
     agree up to renaming, and cluster 0 the largest.
     """
     labels = np.asarray(labels)
-    uniq, first, counts = np.unique(labels, return_index=True, return_counts=True)
+    out = np.full(labels.shape, -1, dtype=np.int32)
+    assigned = labels >= 0
+    uniq, first, counts = np.unique(labels[assigned], return_index=True, return_counts=True)
     order = np.lexsort((first, -counts))
     rename = np.empty(len(uniq), dtype=np.int32)
     rename[order] = np.arange(len(uniq), dtype=np.int32)
-    return rename[np.searchsorted(uniq, labels)]
+    out[assigned] = rename[np.searchsorted(uniq, labels[assigned])]
+    return out
+
+
+def cluster_sizes(labels: np.ndarray) -> np.ndarray:
+    """Sizes (k,) of clusters 0..k-1 of a labelling; unassigned samples (-1) are no cluster."""
+    labels = np.asarray(labels)
+    return np.bincount(labels[labels >= 0])
 
 
 def spectral(
@@ -246,28 +260,12 @@ def agglomerative(affinity, ks: Sequence[int], min_size: int = 1) -> dict[int, n
     np.clip(dist, 0.0, None, out=dist)  # rounding can leave -1e-16 where C = 1
     tree = linkage(squareform(dist, checks=False), method="average")
     del dist
-    big = _n_big_by_cut(tree, min_size) if min_size > 1 else None
+    big = n_big_by_cut(tree, min_size) if min_size > 1 else None
     return {k: _cut(tree, a, k, big) for k in ks}
 
 
-def _n_big_by_cut(tree: np.ndarray, min_size: int) -> np.ndarray:
-    """big[m] = the number of clusters of >= min_size samples when the tree is cut into m clusters.
-
-    Undoing the merges from the last one down splits one cluster into two at every step,
-    so the count is updated in O(1) per cut instead of relabelling all N samples.
-    """
-    n = len(tree) + 1
-    size = np.concatenate([np.ones(n), tree[:, 3]])
-    big = np.zeros(n + 1, dtype=np.int64)
-    big[1] = int(n >= min_size)
-    for m in range(2, n + 1):
-        row = tree[n - m]  # the merge undone to go from m - 1 to m clusters
-        big[m] = big[m - 1] - (size[n + n - m] >= min_size) + (size[int(row[0])] >= min_size) + (size[int(row[1])] >= min_size)
-    return big
-
-
 def _cut(tree: np.ndarray, affinity: np.ndarray, k: int, big: Optional[np.ndarray]) -> np.ndarray:
-    """Labels (N,) of the tree cut into k clusters; with `big` (:func:`_n_big_by_cut`), k of
+    """Labels (N,) of the tree cut into k clusters; with `big` (:func:`pipeline.qdg.graph_linkage.n_big_by_cut`), k of
     at least its min_size (see :func:`agglomerative`)."""
     from scipy.cluster.hierarchy import fcluster
 
@@ -432,8 +430,46 @@ def leiden(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[int] 
     return out
 
 
+def knn_average_tree(affinity, n_neighbors: int, progress: bool = False) -> np.ndarray:
+    """The average-linkage tree (scipy's linkage format) of the kNN affinity: a sparse one
+    as it is, a dense one reduced to the kNN graph that similarity.mode: knn would build."""
+    from pipeline.qdg.similarity import knn_from_dense
+
+    graph = affinity if sp.issparse(affinity) else knn_from_dense(affinity, min(n_neighbors, affinity.shape[0] - 1))
+    return graph_linkage.average_linkage_tree(graph, progress=progress)
+
+
+def data_cut(tree: np.ndarray, min_size: int, max_outlier_score: float = 1.0) -> np.ndarray:
+    """Labels (N,) int32 of the excess-of-mass cut of a tree (-1: unassigned), named by size."""
+    labels = canonical(graph_linkage.excess_of_mass(tree, min_size, max_outlier_score))
+    if labels.max() < 0:
+        raise QuantaError(f"the data-chosen cut found no cluster of cluster.min_cluster_size = {min_size} samples; "
+                          "lower cluster.min_cluster_size or set cluster.cut: k")
+    return labels
+
+
+def knn_average(affinity, ks: Sequence[int], cfg: ClusterConfig, main_from_data: bool = False,
+                tree: Optional[np.ndarray] = None) -> dict[int, np.ndarray]:
+    """{k: labels (N,) int32, -1 unassigned}: average linkage on the kNN graph, one tree cut at every k.
+
+    A cut at k keeps k clusters of at least cfg.min_cluster_size (:func:`graph_linkage.cut_at_k`);
+    with `main_from_data` the first k of `ks` holds the data-chosen cut instead (:func:`data_cut`),
+    which is how the stability reruns ask for the main clustering of a ``cut: data`` run.
+    """
+    check_k(ks, affinity.shape[0])
+    if tree is None:
+        tree = knn_average_tree(affinity, cfg.n_neighbors)
+    out = {k: canonical(graph_linkage.cut_at_k(tree, k, cfg.min_cluster_size)) for k in ks}
+    if main_from_data:
+        out[ks[0]] = data_cut(tree, cfg.min_cluster_size, cfg.max_outlier_score)
+    return out
+
+
 def cluster_at(affinity, ks: Sequence[int], cfg: ClusterConfig, seed: Optional[int] = None) -> dict[int, np.ndarray]:
-    """{k: labels} by cfg.method: :func:`leiden`, :func:`spectral` or :func:`agglomerative`."""
+    """{k: labels} by cfg.method: :func:`knn_average`, :func:`leiden`, :func:`spectral` or
+    :func:`agglomerative`. knn_average with ``cut: data`` puts the data's cut at the first k."""
+    if cfg.method == "knn_average":
+        return knn_average(affinity, ks, cfg, main_from_data=cfg.cut == "data")
     if cfg.method == "agglomerative":
         return agglomerative(affinity, ks, cfg.min_cluster_size)
     if cfg.method == "leiden":
@@ -477,7 +513,8 @@ def read_summary(path: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig) -> tuple[pa.Table, dict]:
+def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig,
+                   progress: bool = False) -> tuple[pa.Table, dict]:
     """Cluster the samples `ids` (rows of `affinity`) of `n_samples`; (clusters table, metrics).
 
     The table has one row per sample: ``sample``, ``cluster`` (the main k, the first of
@@ -490,7 +527,23 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
     ks = list(cfg.n_clusters)
     main = ks[0]
     check_k(ks, affinity.shape[0])
-    if cfg.method == "leiden":
+    unassigned_from = None
+    if cfg.method == "knn_average":
+        tree = knn_average_tree(affinity, cfg.n_neighbors, progress=progress)
+        if cfg.cut == "data":
+            natural = data_cut(tree, cfg.min_cluster_size, cfg.max_outlier_score)
+            main = int(natural.max()) + 1  # the data's number of clusters
+            labels = knn_average(affinity, [k for k in ks if k != main], cfg, tree=tree) if len(ks) > 1 or ks[0] != main else {}
+            labels[main] = natural
+            ks = [main] + [k for k in ks if k != main]
+            unassigned_from = ("in no cluster of cluster.min_cluster_size of the excess-of-mass cut, or an outlier of "
+                               "its cluster (GLOSH score above cluster.max_outlier_score)")
+        else:
+            labels = knn_average(affinity, ks, cfg, tree=tree)
+            unassigned_from = "outside the k largest clusters of cluster.min_cluster_size"
+        t1 = time.perf_counter()
+        stability, how = None, "subsample"  # deterministic: subsamples (pipeline/qdg/stability.py)
+    elif cfg.method == "leiden":
         natural = leiden_natural(affinity, cfg)
         main = int(natural.max()) + 1  # the main clustering is Leiden's own; its k is the data's
         labels = leiden(affinity, [k for k in ks if k != main], cfg)
@@ -519,12 +572,15 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         full = np.full(n_samples, -1, dtype=np.int32)
         full[ids] = labels[k]
         cols["cluster" if "cluster" not in cols else sweep_column(k)] = pa.array(full)
-    sizes = np.bincount(labels[main])
+    sizes = cluster_sizes(labels[main])
+    k_from = {"leiden": "Leiden's own partition at cluster.resolution"}.get(cfg.method, "cluster.n_clusters[0]")
+    if cfg.method == "knn_average" and cfg.cut == "data":
+        k_from = "the excess-of-mass cut of the kNN average-linkage tree (cluster.cut: data)"
     metrics = {
         "n_samples": int(n_samples),
         "n_clustered": int(len(ids)),
         "k": int(main),
-        "k_from": "Leiden's own partition at cluster.resolution" if cfg.method == "leiden" else "cluster.n_clusters[0]",
+        "k_from": k_from,
         "sweep": ks,
         "method": cfg.method,
         "largest_cluster": int(sizes.max()),
@@ -532,8 +588,12 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         "singletons": int((sizes == 1).sum()),
         "seconds": round(t1 - t0, 2),
     }
+    if unassigned_from is not None:
+        n_un = int((labels[main] < 0).sum())
+        metrics.update(n_unassigned=n_un, unassigned_fraction=round(n_un / max(len(ids), 1), 4),
+                       unassigned_are=unassigned_from)
     # a min_cluster_size cut can make fewer clusters than asked: say how many each k made
-    made = {k: int(len(np.unique(labels[k]))) for k in ks}
+    made = {k: int(len(cluster_sizes(labels[k]))) for k in ks}
     metrics["clusters_made"] = {str(k): m for k, m in made.items()}
     short = [f"k = {k} made {m}" for k, m in made.items() if m < k]
     if short:
@@ -635,6 +695,21 @@ def scores(truth: np.ndarray, pred: np.ndarray) -> dict:
     }
 
 
+def scored(truth: np.ndarray, labels: np.ndarray) -> dict:
+    """A clustering against the truth: :func:`scores` with the unassigned samples (-1) as one
+    more class, the number of clusters, the largest one's share and, where samples are left
+    unassigned, their fraction and the scores over the assigned samples alone."""
+    labels = np.asarray(labels)
+    sizes = cluster_sizes(labels)
+    out = {**scores(truth, labels), "k": int(len(sizes)),
+           "largest_cluster_share": round(float(sizes.max() / len(labels)), 4) if len(sizes) else 0.0}
+    assigned = labels >= 0
+    if not assigned.all():
+        out["unassigned_fraction"] = round(float(1 - assigned.mean()), 4)
+        out["assigned"] = scores(np.asarray(truth)[assigned], labels[assigned]) if assigned.sum() > 1 else None
+    return out
+
+
 # The targets on the default planted suite (README "The embedded planted-quanta suite"):
 # QDG's main clustering recovers the quanta; the answer token alone does not.
 TARGET_QDG_ARI = 0.9
@@ -701,12 +776,13 @@ def validate(
 
     quanta (N,): the planted quantum of each sample (-1: none, scored as one more class);
     context (N, 2): the two tokens before each target. ``qdg`` scores the cluster stage's
-    main clustering (cfg.method at its main k). ``methods`` scores every method of
-    :data:`METHODS` on the same affinity: Leiden's own partition, and spectral and average
-    linkage at k = the number of classes present (average linkage on a dense affinity
-    only). Baselines: the answer token; (previous token, answer); and, for information,
-    the oracle (the two tokens before the answer, answer), which names the cue pair of a
-    planted instance. ``cluster_stage`` scores every k of the stage's sweep.
+    main clustering (cfg.method at its main k; unassigned samples as one more class, and
+    apart: :func:`scored`). ``methods`` scores every method of :data:`METHODS` on the same
+    affinity: the kNN average linkage's data-chosen cut (and its cut at the k present),
+    Leiden's own partition, and spectral and dense average linkage at k = the number of
+    classes present (dense average linkage on a dense affinity only). Baselines: the answer
+    token; (previous token, answer); and, for information, the oracle (the two tokens
+    before the answer, answer), which names the cue pair of a planted instance. ``cluster_stage`` scores every k of the stage's sweep.
     """
     truth = np.asarray(quanta)[ids]
     k_true = int(len(np.unique(truth)))
@@ -722,15 +798,18 @@ def validate(
         c = dataclasses.replace(cfg, method=method)
         if method == "leiden":
             labels = leiden_natural(affinity, c)
+        elif method == "knn_average":
+            tree = knn_average_tree(affinity, c.n_neighbors)
+            methods["knn_average_at_k_present"] = scored(truth, knn_average(affinity, [k_true], c, tree=tree)[k_true])
+            labels = data_cut(tree, c.min_cluster_size, c.max_outlier_score)
         else:
             labels = cluster_at(affinity, [k_true], c)[k_true]
-        methods[method] = {**scores(truth, labels), "k": int(labels.max()) + 1,
-                           "largest_cluster_share": round(float(np.bincount(labels).max() / len(labels)), 4)}
+        methods[method] = scored(truth, labels)
     out["methods"] = methods
     out["method"] = cfg.method
     if clusters is not None and "cluster" in clusters.columns:
-        main = clusters["cluster"].to_numpy()[ids]
-        out["qdg"] = {**scores(truth, main), "k": int(len(np.unique(main)))}
+        out["qdg"] = {k: v for k, v in scored(truth, clusters["cluster"].to_numpy()[ids]).items()
+                      if k != "largest_cluster_share"}
         out["qdg_from"] = "cluster stage (main clustering)"
     else:
         out["qdg"] = {k: v for k, v in methods[cfg.method].items() if k != "largest_cluster_share"}

@@ -208,16 +208,41 @@ def knn_affinity(
         keep = np.argsort(-exact, axis=1, kind="stable")[:, : n_neighbors + 1]
         nbrs = np.take_along_axis(cand, keep, axis=1)
         sims = np.take_along_axis(exact, keep, axis=1)
+    return _graph(nbrs, to_affinity(sims.astype(np.float32), kind))
+
+
+def _graph(nbrs: np.ndarray, aff: np.ndarray) -> sp.csr_matrix:
+    """The kNN affinity from each row's neighbours (N, c) and their affinities (N, c): edges
+    weigh max(0, 2A - 1) (orthogonal -> 0, module docstring), (W + W^T)/2, diagonal 1."""
+    n = len(nbrs)
     rows = np.repeat(np.arange(n), nbrs.shape[1])
     cols = nbrs.reshape(-1)
-    vals = to_affinity(sims.reshape(-1).astype(np.float32), kind)
-    vals = np.maximum(np.float32(0), np.float32(2) * vals - np.float32(1))  # orthogonal -> 0 (module docstring)
+    vals = np.maximum(np.float32(0), np.float32(2) * aff.reshape(-1).astype(np.float32) - np.float32(1))
     ok = (cols >= 0) & (cols != rows) & (vals > 0)  # faiss pads missing neighbours with -1; self-matches go
     a = sp.csr_matrix((vals[ok], (rows[ok], cols[ok])), shape=(n, n), dtype=np.float32)
     a = ((a + a.T) * np.float32(0.5)).tocsr()
     a.setdiag(1.0)
     a.sort_indices()
     return a
+
+
+def knn_from_dense(aff: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
+    """The kNN affinity that :func:`knn_affinity` builds, from a dense affinity (N, N) instead of
+    the gradients: each row's `n_neighbors` largest off-diagonal entries (the affinity is
+    monotone in the cosine, so they are the nearest neighbours), weighted and symmetrised alike."""
+    a = np.asarray(aff)
+    n = a.shape[0]
+    if n_neighbors >= n:
+        raise QuantaError(f"n_neighbors ({n_neighbors}) must be < the number of samples ({n})")
+    nbrs = np.empty((n, n_neighbors), dtype=np.int64)
+    vals = np.empty((n, n_neighbors), dtype=np.float32)
+    for s in range(0, n, 2048):  # blocks of rows: argpartition copies the block
+        blk = np.array(a[s : s + 2048], dtype=np.float32)
+        blk[np.arange(len(blk)), np.arange(s, s + len(blk))] = -np.inf  # no self-match
+        idx = np.argpartition(-blk, n_neighbors - 1, axis=1)[:, :n_neighbors]
+        nbrs[s : s + len(blk)] = idx
+        vals[s : s + len(blk)] = np.take_along_axis(blk, idx, axis=1)
+    return _graph(nbrs, vals)
 
 
 def compute(
