@@ -344,3 +344,31 @@ def test_skipped_analyses_are_listed_with_their_reason(tmp_path):
     page = report.render(data, metrics, {})
     assert "Skipped in this run (2)" in page and "&lt;needs&gt; 3" in page
     assert "Skipped in this run" not in report.render(data, {"qdg": {"k": 4}}, {})
+
+
+def test_unassigned_samples_are_one_more_row_in_chromium(tmp_path):
+    chromium = _browser_or_fail()
+    tokens, samples, clusters, summary, quanta = make_inputs(tmp_path, n_docs=60, n_samples=200)
+    clusters = clusters.copy()
+    assigned = clusters["sample"].to_numpy()[clusters["cluster"].to_numpy() >= 0]
+    left = assigned[:7]  # the cut left these in no cluster; the fixture's other -1 were never clustered
+    clusters.loc[clusters["sample"].isin(left), "cluster"] = -1
+    data = report.collect(clusters, samples, summary, tmp_path / "tokens.parquet", ReportConfig(n_examples=50), 4,
+                          quanta, clustered=assigned)
+    assert data.n_unassigned == 7 and data.n_samples == len(assigned) - 7
+    unassigned = [c for c in data.clusters if c["id"] == -1]
+    assert len(unassigned) == 1 and unassigned[0]["size"] == 7 and len(unassigned[0]["examples"]) == 7
+    path = tmp_path / "index.html"
+    path.write_text(report.render(data, {}, {}), encoding="utf-8")
+    with chromium.browser() as b:
+        page = b.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(path.as_uri())
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        assert page.locator("#clusters tbody tr").count() == len(data.clusters)
+        n = len(data.clusters) - 1  # the unassigned row is no cluster
+        assert page.inner_text("#count").startswith(f"{n} of {n} clusters")
+        page.click("#clusters tbody tr[data-id='-1']")
+        assert page.inner_text("#detail h3") == "Unassigned samples (in no cluster)"
+        assert page.locator("#detail .example").count() == 7
+        assert f"7 ({7 / len(assigned):.1%})" in page.inner_text("#summary")
+        assert page.locator("#clusters tbody tr[data-id='-1'] td").first.inner_text() == "unassigned"

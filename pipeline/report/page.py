@@ -80,7 +80,8 @@ class ReportData:
     n_samples: int
     planted: bool
     strings: list[str]  # token texts used by the contexts; contexts index into this list
-    clusters: list[dict]  # one per cluster: id, size, mean_loss, purity, quantum, top, examples
+    clusters: list[dict]  # one per cluster: id, size, mean_loss, purity, quantum, top, examples (id -1: unassigned)
+    n_unassigned: int = 0  # samples the clustering saw and left in no cluster
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,6 +152,7 @@ def collect(
     main_k: int,
     quanta: Optional[np.ndarray] = None,
     across: Optional[tuple[pd.DataFrame, pd.DataFrame, dict]] = None,
+    clustered: Optional[np.ndarray] = None,
 ) -> ReportData:
     """Gather the browser's data for one clustering.
 
@@ -161,7 +163,9 @@ def collect(
     Examples per cluster are a seeded random choice of cfg.n_examples samples, shown with up
     to cfg.context_tokens tokens before the target. across: (cluster_emergence, cluster_curves,
     metrics/cluster_curves.json) of the main clustering; each browsed cluster of the main k then
-    carries its N*, S*, abruptness and its curves over sizes and checkpoints.
+    carries its N*, S*, abruptness and its curves over sizes and checkpoints. clustered: the
+    sample ids the clustering saw (the similarity's rows); those it left at -1 are the
+    unassigned, one more browsed row with id -1 (None: none are shown).
     """
     from pipeline.lm.corpus import read_token_texts, read_tokens
 
@@ -171,10 +175,14 @@ def collect(
         raise QuantaError("clusters and samples disagree (a sample id without a row); rerun dvc repro cluster")
     if quanta is not None:
         df = df.merge(pd.DataFrame({"sample": samples["sample"].to_numpy(), "q": np.asarray(quanta)}), on="sample")
-    # -1: a bad sample, never clustered. Sorted by sample, so that the seeded choice of
-    # examples does not depend on the order of the input rows.
-    df = df[df["c"] >= 0].sort_values("sample", kind="stable")
-    if df.empty:
+    # -1: a bad sample, never clustered, or one the cut left unassigned (clustered=True);
+    # the unassigned are browsed as one more row, id -1. Sorted by sample, so that the
+    # seeded choice of examples does not depend on the order of the input rows.
+    keep = df["c"] >= 0
+    if clustered is not None:
+        keep |= df["sample"].isin(np.asarray(clustered))
+    df = df[keep].sort_values("sample", kind="stable")
+    if not (df["c"] >= 0).any():
         raise QuantaError("no clustered samples to report")
 
     rng = np.random.default_rng(cfg.seed)
@@ -232,7 +240,9 @@ def collect(
                 **scale.get(int(c), dict.fromkeys(SCALE)),
             }
         )
-    return ReportData(k=k, n_samples=int(len(df)), planted=has_q, strings=strings, clusters=out)
+    n_assigned = int((df["c"] >= 0).sum())
+    return ReportData(k=k, n_samples=n_assigned, planted=has_q, strings=strings, clusters=out,
+                      n_unassigned=int(len(df) - n_assigned))
 
 
 # ------------------------------------------------------------------------------ HTML
@@ -315,7 +325,11 @@ def _theory_table(theory: Optional[dict]) -> str:
 
 def _cards(data: ReportData, metrics: dict[str, dict]) -> str:
     e = html.escape
-    items = [(f"{data.n_samples:,}", "clustered samples"), (str(len(data.clusters)), f"clusters (k = {data.k})")]
+    n_clusters = sum(1 for c in data.clusters if c["id"] >= 0)
+    items = [(f"{data.n_samples:,}", "clustered samples"), (str(n_clusters), f"clusters (k = {data.k})")]
+    if data.n_unassigned:
+        share = data.n_unassigned / (data.n_samples + data.n_unassigned)
+        items.append((f"{data.n_unassigned:,} ({share:.1%})", "unassigned: in no cluster (row 'unassigned')"))
     qdg = metrics.get("qdg") or {}
     stab = qdg.get("stability") or {}
     if stab.get("subsample_ari") is not None:
@@ -493,10 +507,11 @@ def build(clusters_path: str | Path, summary_path: str | Path, samples_path: str
     if curves_path and emergence_path and Path(curves_path).exists() and Path(emergence_path).exists():
         across = (cluster_curves.read_emergence(emergence_path), cluster_curves.read_curves(curves_path),
                   metrics.get("cluster_curves") or {})
-    data = collect(clusters, samples, clustering.read_summary(summary_path), tokens_path, cfg, main_k, quanta, across)
+    aff, ids, _ = sim.read(similarity_dir, mmap=True)
+    data = collect(clusters, samples, clustering.read_summary(summary_path), tokens_path, cfg, main_k, quanta, across,
+                   clustered=ids)
 
     # The similarity matrix of the clustered rows, sorted by the browsed clustering.
-    aff, ids, _ = sim.read(similarity_dir, mmap=True)
     col, _ = cluster_column(clusters, cfg.k, main_k)
     label_of = clusters.set_index("sample")[col]
     plots.similarity_matrix(

@@ -97,6 +97,8 @@
   var byId = {};
   // Ranked by quality by default (clusters without one, of a single member, last).
   var sortKey = "quality", sortDir = -1, selected = null;
+  // id -1 holds the samples the cut left in no cluster (cluster.cut: data)
+  function name(c) { return c.id < 0 ? "unassigned" : "#" + c.id; }
   function belowNull(c) { return c.null_z !== null && c.null_z !== undefined && c.null_z < data.null_z_min; }
   function ngramExplained(c) { return c.ngram_f1 !== null && c.ngram_f1 !== undefined && c.ngram_f1 >= data.ngram_f1_min; }
 
@@ -104,7 +106,7 @@
     byId[c.id] = c;
     var tr = el("tr", belowNull(c) ? "below-null" : null);
     tr.dataset.id = c.id;
-    tr.appendChild(el("td", "num", "#" + c.id));
+    tr.appendChild(el("td", "num", name(c)));
     tr.appendChild(el("td", "num", String(c.size)));
     var lab = el("td", "label", c.label === null || c.label === undefined ? "\u2013" : c.label);
     if (c.label_kind) lab.title = c.label_kind + " rule; held-out precision " + fixed(c.label_precision, 2) + ", recall " + fixed(c.label_recall, 2);
@@ -130,7 +132,7 @@
   // What a search matches: the cluster id, its top tokens and the text of its examples.
   function haystack(c) {
     if (c.hay === undefined) {
-      var parts = ["#" + c.id, c.label || ""];
+      var parts = [name(c), c.label || ""];
       c.top.forEach(function (t) { parts.push(t[0]); });
       c.examples.forEach(function (ex) { parts.push(ex.ctx.map(function (i) { return S[i]; }).join("")); });
       c.hay = parts.join("\n").toLowerCase();
@@ -152,11 +154,11 @@
       var ok = (!q || String(c.id) === q.replace(/^#/, "") || haystack(c).indexOf(q) >= 0) &&
         !(hideNgram.checked && ngramExplained(c));
       c.tr.hidden = !ok;
-      if (ok) shown++;
+      if (ok && c.id >= 0) shown++;
       frag.appendChild(c.tr);
     });
     tbody.appendChild(frag);
-    count.textContent = shown + " of " + data.clusters.length + " clusters" + (q ? " match \u201c" + search.value.trim() + "\u201d" : "") +
+    count.textContent = shown + " of " + data.clusters.filter(function (c) { return c.id >= 0; }).length + " clusters" + (q ? " match \u201c" + search.value.trim() + "\u201d" : "") +
       (hideNgram.checked ? " (n-gram-explained hidden)" : "");
   }
 
@@ -201,7 +203,7 @@
     selected = c;
     c.tr.classList.add("selected");
     detail.textContent = "";
-    detail.appendChild(el("h3", null, "Cluster #" + c.id));
+    detail.appendChild(el("h3", null, c.id < 0 ? "Unassigned samples (in no cluster)" : "Cluster #" + c.id));
     var m = c.size + " samples \u00b7 mean loss " + loss(c.mean_loss) + " nats";
     if (data.planted) m += " \u00b7 purity " + fixed(c.purity, 2) + (c.quantum === null ? "" : " (majority planted quantum " + c.quantum + ")");
     detail.appendChild(el("div", "meta", m));
