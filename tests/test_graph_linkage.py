@@ -32,13 +32,14 @@ def zipf_blocks(rng, sizes, dim=64, spread=0.15, noise=0):
     return x.astype(np.float32), truth
 
 
+@pytest.mark.parametrize("switch", [0.0, 1.0])  # rounds of reciprocal pairs only; one round, then the heap
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_on_a_complete_graph_it_is_scipys_average_linkage(seed):
+def test_on_a_complete_graph_it_is_scipys_average_linkage(seed, switch):
     rng = np.random.default_rng(seed)
     x = unit_rows(60, 5, rng)
     w = np.clip((x @ x.T + 1) / 2, 1e-6, 1.0)
     np.fill_diagonal(w, 0.0)
-    z = gl.average_linkage_tree(sp.csr_matrix(w))
+    z = gl.average_linkage_tree(sp.csr_matrix(w), switch_fraction=switch)
     d = 1.0 - w
     np.fill_diagonal(d, 0.0)
     ref = linkage(squareform(d, checks=False), method="average")
@@ -60,13 +61,14 @@ def merge_sets(z):
     return out
 
 
+@pytest.mark.parametrize("switch", [0.0, 1.0])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_on_a_sparse_graph_it_is_the_one_pair_at_a_time_definition(seed):
+def test_on_a_sparse_graph_it_is_the_one_pair_at_a_time_definition(seed, switch):
     rng = np.random.default_rng(seed)
     x = unit_rows(40, 4, rng)
     graph = sim.knn_from_dense(sim.to_affinity((x @ x.T).astype(np.float32), "angular"), 5).toarray()
     np.fill_diagonal(graph, 0.0)
-    z = gl.average_linkage_tree(sp.csr_matrix(graph))
+    z = gl.average_linkage_tree(sp.csr_matrix(graph), switch_fraction=switch)
     assert is_valid_linkage(z) and is_monotonic(z)
     ref = {frozenset([a, b]): h for a, b, h in gl.slow_reference_tree(graph)}
     got = merge_sets(z)
@@ -76,12 +78,13 @@ def test_on_a_sparse_graph_it_is_the_one_pair_at_a_time_definition(seed):
         assert edge_merges[pair] == pytest.approx(h, abs=1e-9)
 
 
-def test_components_with_no_edge_between_them_join_last():
+@pytest.mark.parametrize("switch", [0.0, 1.0])
+def test_components_with_no_edge_between_them_join_last(switch):
     g = np.zeros((6, 6))
     g[0, 1] = g[1, 0] = 0.9
     g[1, 2] = g[2, 1] = 0.8
     g[3, 4] = g[4, 3] = 0.7
-    z = gl.average_linkage_tree(sp.csr_matrix(g))
+    z = gl.average_linkage_tree(sp.csr_matrix(g), switch_fraction=switch)
     assert is_valid_linkage(z) and is_monotonic(z)
     assert list(z[:, 2]) == pytest.approx([0.1, 0.2, 0.3, 1.0, 1.0])
     assert z[-1, 3] == 6 and z[-2, 3] == 5  # the largest components first, the lone sample 5 last
@@ -216,3 +219,13 @@ def test_cut_by_merges_is_scipys_cut_where_heights_do_not_tie():
     for m in (1, 2, 7, 20, 50):
         assert adjusted_rand_score(cut_tree(z, n_clusters=[m])[:, 0], gl.cut_by_merges(z, m)) == 1.0
         assert len(np.unique(gl.cut_by_merges(z, m))) == m
+
+
+def test_the_rounds_and_the_heap_build_the_same_tree_on_a_larger_graph():
+    rng = np.random.default_rng(7)
+    x, _ = zipf_blocks(rng, [200, 100, 66, 50, 40], dim=32, spread=1.0, noise=40)
+    graph = sim.knn_affinity(x, n_neighbors=10)
+    trees = [gl.average_linkage_tree(graph, switch_fraction=f) for f in (0.0, 0.01, 1.0)]
+    for z in trees[1:]:
+        assert merge_sets(z).keys() == merge_sets(trees[0]).keys()
+        np.testing.assert_allclose(np.sort(z[:, 2]), np.sort(trees[0][:, 2]), atol=1e-12)

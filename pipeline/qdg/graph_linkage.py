@@ -53,16 +53,17 @@ NO_EDGE_HEIGHT = 1.0  # the distance 1 - weight at which components with no edge
 def _best_neighbour(rows: np.ndarray, cols: np.ndarray, sim: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """(best (m,), its similarity (m,)): each node's most similar neighbour, -1 where it has none.
 
-    Ties go to the smallest neighbour index, so the tree does not depend on edge order.
+    rows ascending, cols ascending within a row (as :func:`_consolidate` leaves them); ties
+    go to the smallest neighbour index, so the tree does not depend on edge order.
     """
-    order = np.lexsort((cols, -sim, rows))
-    r = rows[order]
-    first = np.ones(len(r), dtype=bool)
-    first[1:] = r[1:] != r[:-1]
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    top = np.maximum.reduceat(sim, starts)
+    hit = np.flatnonzero(sim == np.repeat(top, np.diff(np.r_[starts, len(rows)])))
+    first = hit[np.r_[True, rows[hit[1:]] != rows[hit[:-1]]]]
     best = np.full(m, -1, dtype=np.int64)
     best_sim = np.full(m, -np.inf)
-    best[r[first]] = cols[order][first]
-    best_sim[r[first]] = sim[order][first]
+    best[rows[first]] = cols[first]
+    best_sim[rows[first]] = sim[first]
     return best, best_sim
 
 
@@ -76,7 +77,7 @@ def _consolidate(rows: np.ndarray, cols: np.ndarray, wsum: np.ndarray, count: np
             np.bincount(inv, weights=count, minlength=len(uniq)))
 
 
-def average_linkage_tree(graph: sp.spmatrix, progress: bool = False) -> np.ndarray:
+def average_linkage_tree(graph: sp.spmatrix, progress: bool = False, switch_fraction: float = 0.01) -> np.ndarray:
     """The average-linkage tree of a weighted graph (N, N), in scipy's linkage format (N-1, 4).
 
     graph: symmetric, weights in (0, 1] (the kNN affinity of pipeline/qdg/similarity.py, or
@@ -86,6 +87,13 @@ def average_linkage_tree(graph: sp.spmatrix, progress: bool = False) -> np.ndarr
     edges between them, into Z[i, 3] samples. Rows are in non-decreasing distance.
     Components with no edge between them are joined last, at distance
     :data:`NO_EDGE_HEIGHT`, the largest first.
+
+    Rounds of reciprocal pairs run while a round merges at least `switch_fraction` of the
+    clusters left; then a heap merges the best pair at a time (:func:`_one_pair_at_a_time`).
+    Why both: a round costs a pass over every edge, and late in the tree, where one large
+    cluster absorbs its neighbours one by one, rounds merge a handful of pairs each (at
+    N = 20,000, 700 rounds); a heap pays per merge only for the smaller cluster's edges.
+    Both build the same tree (module docstring); ties may be broken differently.
     """
     w = sp.coo_matrix(graph)
     n = w.shape[0]
@@ -103,7 +111,7 @@ def average_linkage_tree(graph: sp.spmatrix, progress: bool = False) -> np.ndarr
     merges: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # per round: (a, b, height, size)
     m, next_id = n, n
     bar = _bar(progress, n - 1)
-    while len(rows):
+    while len(rows) and m > 1:
         best, best_sim = _best_neighbour(rows, cols, wsum / count, m)
         a = np.flatnonzero((best >= 0) & (best[np.maximum(best, 0)] == np.arange(m)))
         a = a[a < best[a]]  # each reciprocal pair once, its smaller index first
@@ -128,6 +136,13 @@ def average_linkage_tree(graph: sp.spmatrix, progress: bool = False) -> np.ndarr
         rows, cols, wsum, count = _consolidate(relabel[rows], relabel[cols], wsum, count, m)
         if bar is not None:
             bar.update(len(a))
+        if len(a) < switch_fraction * m:  # few reciprocal pairs left: one pair at a time is cheaper
+            break
+    if len(rows):
+        next_id = _one_pair_at_a_time(rows, cols, wsum, count, node, size, height, next_id, merges, bar)
+        keep = size > 0
+        node, size = node[keep], size[keep]
+        m = len(node)
     if m > 1:  # components with no edge between them: joined at NO_EDGE_HEIGHT, largest first
         order = np.lexsort((node, -size))
         acc_node, acc_size = node[order[0]], size[order[0]]
@@ -145,6 +160,70 @@ def average_linkage_tree(graph: sp.spmatrix, progress: bool = False) -> np.ndarr
     if bar is not None:
         bar.close()
     return _as_linkage(merges, n)
+
+
+def _one_pair_at_a_time(rows, cols, wsum, count, node, size, height, next_id: int, merges: list, bar) -> int:
+    """Merge the most similar pair of clusters until no edge is left; returns the next tree id.
+
+    Updates node, size (a merged-away cluster gets size 0) and height in place and appends
+    the merges to `merges`. Each edge's [weight sum, edge count] is one list shared by both
+    ends, so an update is made once; a merge moves the edges of the cluster with fewer
+    neighbours into the other (small into large: an edge moves O(log N) times), and heap
+    entries made stale by a merge are skipped when they come up.
+    """
+    import heapq
+
+    m = len(node)
+    nbr: list = [dict() for _ in range(m)]
+    heap = []
+    up = rows < cols
+    for i, j, w, c in zip(rows[up].tolist(), cols[up].tolist(), wsum[up].tolist(), count[up].tolist()):
+        rec = [w, c]
+        nbr[i][j] = rec
+        nbr[j][i] = rec
+        heap.append((-w / c, i, j))
+    heapq.heapify(heap)
+    out_a, out_b, out_h, out_s = [], [], [], []
+    while heap:
+        neg, i, j = heapq.heappop(heap)
+        links = nbr[i]
+        if links is None or nbr[j] is None:
+            continue
+        rec = links.get(j)
+        if rec is None or -rec[0] / rec[1] != neg:
+            continue
+        keep, gone = (i, j) if len(links) >= len(nbr[j]) else (j, i)
+        h = max(1.0 + neg, height[node[keep]], height[node[gone]])
+        out_a.append(node[i])
+        out_b.append(node[j])
+        out_h.append(h)
+        out_s.append(size[i] + size[j])
+        height[next_id] = h
+        kept = nbr[keep]
+        del kept[gone]
+        for other, r in nbr[gone].items():
+            if other == keep:
+                continue
+            del nbr[other][gone]
+            t = kept.get(other)
+            if t is None:
+                kept[other] = r
+                nbr[other][keep] = r
+            else:
+                t[0] += r[0]
+                t[1] += r[1]
+                r = t
+            heapq.heappush(heap, (-r[0] / r[1], min(keep, other), max(keep, other)))
+        nbr[gone] = None
+        node[keep] = next_id
+        size[keep] += size[gone]
+        size[gone] = 0
+        next_id += 1
+        if bar is not None:
+            bar.update(1)
+    if out_a:
+        merges.append((np.array(out_a), np.array(out_b), np.array(out_h), np.array(out_s)))
+    return next_id
 
 
 def _bar(progress: bool, total: int):
