@@ -127,3 +127,20 @@ def test_large_n_search_in_svd_dimensions_keeps_exact_weights():
     assert np.all(np.isclose(got, w, atol=1e-5) | np.isclose(got, w / 2, atol=1e-5))
     # the neighbours found in 12 dimensions are nearly as similar as the exact ones
     assert approx.sum() > 0.97 * exact.sum()
+
+
+def test_dense_beyond_dense_max_is_refused_naming_the_params():
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    with pytest.raises(QuantaError, match=r"similarity.mode: dense with 30 samples > similarity.dense_max \(20\).*"
+                                          r"similarity.mode: knn .*cluster.method: knn_average"):
+        sim.compute(x, None, SimilarityConfig(mode="dense", dense_max=20))
+    aff, _, meta = sim.compute(x, None, SimilarityConfig(mode="auto", dense_max=20, n_neighbors=5))
+    assert meta["mode"] == "knn" and sp.issparse(aff)
+
+
+def test_knn_from_dense_is_the_graph_knn_mode_builds():
+    x = np.random.default_rng(1).normal(size=(80, 16)).astype(np.float32)
+    from_x = sim.knn_affinity(x, n_neighbors=7)
+    from_dense = sim.knn_from_dense(sim.dense_affinity(x), 7)
+    assert (from_x != 0).toarray().tolist() == (from_dense != 0).toarray().tolist()
+    np.testing.assert_allclose(from_x.toarray(), from_dense.toarray(), atol=2e-3)

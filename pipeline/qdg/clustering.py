@@ -251,7 +251,7 @@ def agglomerative(affinity, ks: Sequence[int], min_size: int = 1) -> dict[int, n
     if sp.issparse(affinity):
         raise QuantaError(
             "cluster.method 'agglomerative' needs a dense affinity; set similarity.mode: dense "
-            "(N <= similarity.dense_max) or use cluster.method: leiden or spectral for the sparse kNN graph"
+            "(N <= similarity.dense_max) or use cluster.method: knn_average (average linkage on the sparse kNN graph)"
         )
     a = np.asarray(affinity)
     check_k(ks, a.shape[0])

@@ -257,6 +257,12 @@ def compute(
         raise QuantaError(f"{len(ids)} usable gradients of {n_all}; similarity needs at least 2")
     x = np.asarray(grads[ids], dtype=np.float32).view(np.ndarray)  # our own copy (fancy indexing)
     mode = cfg.mode if cfg.mode != "auto" else ("dense" if len(ids) <= cfg.dense_max else "knn")
+    if mode == "dense" and len(ids) > cfg.dense_max:
+        raise QuantaError(
+            f"similarity.mode: dense with {len(ids):,} samples > similarity.dense_max ({cfg.dense_max:,}): the matrix "
+            f"takes {4 * len(ids) ** 2 / 2**30:.1f} GiB; set similarity.mode: knn (or auto) with cluster.method: "
+            "knn_average, or raise similarity.dense_max if this machine has the memory"
+        )
     if mode == "dense":
         aff = dense_affinity(x, cfg.affinity, cfg.memory_gb, progress)
         nnz = aff.size
