@@ -265,6 +265,12 @@ def test_tensorsketch_equals_its_dense_sketch_and_is_deterministic(model):
     dense = proj.project({name: torch.from_numpy(exact.grads[:, sl].copy())
                           for name, sl in gradients.build_projector(params, EXACT).slices.items()})
     np.testing.assert_allclose(a.grads, dense.numpy(), rtol=1e-4, atol=1e-5 * float(np.abs(dense.numpy()).max()))
+    # stability seeds stack further sketches after the main one, which stays bit for bit the same
+    stacked = compute_gradients(model, samples, docs, dataclasses.replace(cfg, stability_seeds=(1,)))
+    assert stacked.grads.shape == (16, 1024)
+    np.testing.assert_array_equal(stacked.grads[:, :512], a.grads)
+    with pytest.raises(ConfigError, match="k must be >= 2"):
+        GradientsConfig(projection="tensorsketch", k=1)
 
 
 def test_batch_composition_and_determinism(model):
