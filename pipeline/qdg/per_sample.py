@@ -29,7 +29,8 @@ How it stays exact (DESIGN.md §5: never a slice of a summed-loss backward pass)
 3. *Per-target parameter gradients from the layer's own factors.* A linear layer
    y = x W^T + b gives the target's exact gradient ``dW = G_b^T X_b`` (out, in),
    ``db = sum_t G_b[t]`` from its input X_b (recorded by a forward hook) and G_b:
-   one batched matmul per layer. GPT-2's Conv1D (W stored transposed) and LayerNorm
+   one batched matmul per layer; a factored projector (``tensorsketch``) takes X_b and
+   G_b themselves and never forms dW. GPT-2's Conv1D (W stored transposed) and LayerNorm
    (``dw = sum_t G ⊙ x_hat``) have rules too. Any other selected parameter (embeddings,
    RMSNorm, tied weights, custom modules) takes the generic route: rows of one document
    window at a time, ``autograd.grad`` of one target's loss with respect to the
