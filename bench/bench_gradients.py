@@ -35,6 +35,8 @@ samples, contexts and parameter set, in one run:
   rows normalised by their projected norms, so C holds the estimated cosines.
 - ``ours-logra`` (optional, ``--methods ...,ours-logra``): the same with the per-layer
   factored projection (``projection: logra``, at most k dimensions).
+- ``ours-tensorsketch`` (optional): the same with ``projection: tensorsketch`` (weights
+  sketched from layer inputs and output gradients, never formed; k dimensions).
 
 Every method runs in its own child process (``--method``), which builds the model,
 warms up on a few samples (excluded from the time), then times only the computation:
@@ -102,7 +104,7 @@ SHAPES = {
     "pythia-160m": dict(hidden=768, layers=12, heads=12, intermediate=3072, vocab=50304, max_pos=2048, context=1024),
 }
 METHODS = ("reference", "ours-exact", "ours-sjlt")  # the default run
-PROJECTED = {"ours-sjlt": "sjlt", "ours-logra": "logra"}  # method -> gradients.projection
+PROJECTED = {"ours-sjlt": "sjlt", "ours-logra": "logra", "ours-tensorsketch": "tensorsketch"}  # method -> gradients.projection
 
 
 # --------------------------------------------------------------------------- inputs
@@ -443,7 +445,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=8192, help="sjlt projection dimension (the stage default)")
     ap.add_argument("--ref-input", default="context", choices=["context", "document"],
                     help="reference forward on the context up to the target (default) or the whole document (the script)")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)} (and optional ours-logra)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, of {', '.join(METHODS)} (and optional ours-logra, ours-tensorsketch)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per method (0: torch's default)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for fp32 work, TFLOP/s")

@@ -127,6 +127,11 @@ def main() -> None:
     ap.add_argument("--per-doc", type=float, default=3.0,
                     help="gradient targets per document within a round (selection takes several per document)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--projections", default="sjlt",
+                    help="comma-separated gradients.projection values for ours (sjlt, tensorsketch); the first "
+                         "one is 'ours', the others 'ours-<projection>', all timed in the same rounds")
+    ap.add_argument("--skip-losses", action="store_true", help="gradients only")
+    ap.add_argument("--skip-reference", action="store_true", help="no per-sample gradient reference")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -143,7 +148,16 @@ def main() -> None:
     res: dict = {"machine": machine(), "matmul_tflops_fp32": peak_tf, "docs": len(docs),
                  "lengths": [int(lengths.min()), int(np.median(lengths)), int(lengths.max())]}
 
-    # ---- losses, interleaved rounds, after one untimed document each (first-call costs)
+    if not args.skip_losses:
+        run_losses(model, docs, lengths, args, res)
+    run_gradients(model, docs, args, res, peak_tf)
+    res["machine_after"] = machine()
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+def run_losses(model, docs, lengths, args, res) -> None:
+    """Losses, interleaved rounds, after one untimed document each (first-call costs)."""
     paper_losses(model, docs[:1], "cpu", no_grad=False)
     losses.score_windows(model, docs[:1], [1])
     times = {"paper": 0.0, "ours": 0.0}
@@ -168,67 +182,82 @@ def main() -> None:
     res["losses"]["max_abs_diff"] = diff
     print(json.dumps(res["losses"]), flush=True)
 
-    # ---- gradients: N targets, --per-doc per document in each round, at random positions
+
+def run_gradients(model, docs, args, res, peak_tf) -> None:
+    """Gradients: N targets, --per-doc per document in each round, at random positions;
+    the reference and ours with each of --projections, in rotating order per round."""
+    import dataclasses
     rng = np.random.default_rng(1)
     n_grad_docs = max(1, min(len(docs), round(args.n / args.rounds / args.per_doc)))
     doc_ids = rng.choice(rng.choice(len(docs), size=n_grad_docs, replace=False), size=args.n)
     positions = np.array([rng.integers(1, len(docs[d])) for d in doc_ids])
     cfg = GradientsConfig(max_len=512, verify=False, progress=False)
     params = gradients.select_params(model, cfg.include, cfg.exclude)
-    projector = gradients.build_projector(params, cfg)
+    kinds = [k for k in args.projections.split(",") if k]
+    ours = {("ours" if i == 0 else f"ours-{kind}"): dataclasses.replace(cfg, projection=kind)
+            for i, kind in enumerate(kinds)}
+    projectors = {m: gradients.build_projector(params, c) for m, c in ours.items()}
+    projector = projectors["ours"]
     for _, p in params:
         p.requires_grad_(True)
-    times = {"per-sample": 0.0, "ours": 0.0}
-    peaks = {"per-sample": 0, "ours": 0}
+    methods = ([] if args.skip_reference else ["per-sample"]) + list(ours)
+    times = dict.fromkeys(methods, 0.0)
+    peaks = dict.fromkeys(methods, 0)
     fb, cos = 0.0, 1.0
     tokens_by_doc = dict(enumerate(docs))
-    # untimed: one target each, which also fills the shared projector's table cache
-    per_sample_reference(model, docs, doc_ids[:1], positions[:1], projector, params)
-    t0 = time.perf_counter()
+    if not args.skip_reference:
+        # untimed: one target, which also fills the shared projector's table cache
+        per_sample_reference(model, docs, doc_ids[:1], positions[:1], projector, params)
     longest = [int(positions.argmax())]  # calibrated at the longest context, good for every shorter one
     calibrations: dict = {}  # the memory planner measures once, here, and the timed calls reuse it
-    gradients.compute_gradients(model, {"doc_id": doc_ids[longest], "pos": positions[longest]}, tokens_by_doc, cfg,
-                                projector, params=params, calibrations=calibrations)
-    warm = time.perf_counter() - t0
+    warm = {}
+    for m in ours:  # untimed: the first one also calibrates, each fills its own tables
+        t0 = time.perf_counter()
+        gradients.compute_gradients(model, {"doc_id": doc_ids[longest], "pos": positions[longest]}, tokens_by_doc,
+                                    ours[m], projectors[m], params=params, calibrations=calibrations)
+        warm[m] = time.perf_counter() - t0
     for r in range(args.rounds):
         idx = np.arange(r, args.n, args.rounds)
-        order = ["per-sample", "ours"] if r % 2 == 0 else ["ours", "per-sample"]
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
         got = {}
         for m in order:
             resident_bytes()
             with Peak() as pk:
                 t0 = time.perf_counter()
-                if m == "ours":
+                if m in ours:
                     got[m] = gradients.compute_gradients(
-                        model, {"doc_id": doc_ids[idx], "pos": positions[idx]}, tokens_by_doc, cfg, projector, params=params,
-                        calibrations=calibrations,
+                        model, {"doc_id": doc_ids[idx], "pos": positions[idx]}, tokens_by_doc, ours[m], projectors[m],
+                        params=params, calibrations=calibrations,
                     ).grads
                 else:
                     got[m], s = per_sample_reference(model, docs, doc_ids[idx], positions[idx], projector, params)
                     fb += s
                 times[m] += time.perf_counter() - t0
             peaks[m] = max(peaks[m], pk.bytes)
-        a, b = got["ours"], got["per-sample"]
-        cos = min(cos, float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()))
+        if "per-sample" in got:
+            a, b = got["ours"], got["per-sample"]
+            cos = min(cos, float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min()))
     flops = useful_flops(model, positions, 0)
     nb = 10_000 / 250
     blocked = fb / args.n * (1 + (nb + 1) / 2)
     res["gradients"] = {m: {"seconds": times[m], "samples_per_s": args.n / times[m], "peak_gib": peaks[m] / 2**30,
                             "useful_tflops": flops / times[m] / 1e12, "fraction_of_matmul": flops / times[m] / 1e12 / peak_tf}
                         for m in times}
-    res["gradients"]["blocks_of_250_at_10k_s_per_sample"] = blocked
-    res["gradients"]["speedup_vs_per_sample"] = times["per-sample"] / times["ours"]
-    res["gradients"]["speedup_vs_blocks_of_250"] = blocked / (times["ours"] / args.n)
-    res["gradients"]["per_sample_forward_backward_s"] = fb
-    res["gradients"]["min_cosine_ours_vs_reference"] = cos
-    res["gradients"]["warmup_with_calibration_s"] = warm
+    if not args.skip_reference:
+        res["gradients"]["blocks_of_250_at_10k_s_per_sample"] = blocked
+        res["gradients"]["speedup_vs_per_sample"] = times["per-sample"] / times["ours"]
+        res["gradients"]["speedup_vs_blocks_of_250"] = blocked / (times["ours"] / args.n)
+        res["gradients"]["per_sample_forward_backward_s"] = fb
+        res["gradients"]["min_cosine_ours_vs_reference"] = cos
+    for m in ours:
+        if m != "ours":
+            res["gradients"][f"speedup_{m}_vs_ours"] = times["ours"] / times[m]
+    res["gradients"]["warmup_with_calibration_s"] = warm["ours"]
+    res["gradients"]["projections"] = kinds
     res["gradients"]["targets"] = args.n
     res["gradients"]["documents"] = n_grad_docs
     res["gradients"]["mean_context"] = float(positions.mean())
     print(json.dumps(res["gradients"]), flush=True)
-    res["machine_after"] = machine()
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

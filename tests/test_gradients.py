@@ -233,6 +233,46 @@ def test_logra_projection_of_exact_gradients(model):
     assert np.corrcoef(cosines(proj.grads).ravel(), cosines(exact.grads).ravel())[0, 1] >= 0.9
 
 
+def test_tensorsketch_cosines_meet_the_bars_at_default_k(model):
+    """TensorSketch of the weights (never formed) on the same exact gradients and bars as
+    the sjlt test above; the non-matrix blocks (biases) go through sjlt. Its norms are
+    the exact ones for biases plus the sketch's estimate for weights: within a few % here."""
+    docs = random_docs(60, 10, 120, seed=4)
+    samples = random_samples(docs, 300, seed=4)
+    exact = compute_gradients(model, samples, docs, EXACT)
+    proj = compute_gradients(model, samples, docs, GradientsConfig(projection="tensorsketch"))
+    assert proj.projection["projection"] == "tensorsketch" and proj.grads.shape == (300, 8192)
+    assert np.abs(proj.norms / exact.norms - 1).max() <= 0.1
+    diff = np.abs(cosines(proj.grads) - cosines(exact.grads))
+    mae, p999 = float(diff.mean()), float(np.quantile(diff, 0.999))
+    print(f"tensorsketch cosines: MAE {mae:.4f}, p99.9 {p999:.4f}, max {diff.max():.4f} over {diff.size} pairs")
+    assert mae <= 0.01
+    assert p999 <= 0.05
+
+
+def test_tensorsketch_equals_its_dense_sketch_and_is_deterministic(model):
+    """The factored path (weights never formed) gives what the same projector gives from
+    the formed exact gradients, and the same numbers on every call."""
+    docs = random_docs(8, 10, 60, seed=5)
+    samples = random_samples(docs, 16, seed=5)
+    cfg = GradientsConfig(projection="tensorsketch", k=512)
+    a = compute_gradients(model, samples, docs, cfg)
+    b = compute_gradients(model, samples, docs, cfg)
+    np.testing.assert_array_equal(a.grads, b.grads)
+    params = select_params(model)
+    proj = gradients.build_projector(params, cfg)
+    exact = compute_gradients(model, samples, docs, EXACT)
+    dense = proj.project({name: torch.from_numpy(exact.grads[:, sl].copy())
+                          for name, sl in gradients.build_projector(params, EXACT).slices.items()})
+    np.testing.assert_allclose(a.grads, dense.numpy(), rtol=1e-4, atol=1e-5 * float(np.abs(dense.numpy()).max()))
+    # stability seeds stack further sketches after the main one, which stays bit for bit the same
+    stacked = compute_gradients(model, samples, docs, dataclasses.replace(cfg, stability_seeds=(1,)))
+    assert stacked.grads.shape == (16, 1024)
+    np.testing.assert_array_equal(stacked.grads[:, :512], a.grads)
+    with pytest.raises(ConfigError, match="k must be >= 2"):
+        GradientsConfig(projection="tensorsketch", k=1)
+
+
 def test_batch_composition_and_determinism(model):
     docs = random_docs(10, 10, 80, seed=6)
     samples = random_samples(docs, 20, seed=6)

@@ -245,7 +245,7 @@ class LossesConfig:
 
 # Parameter groups that gradients.include / exclude may name besides regular expressions.
 GRADIENT_GROUPS = ("@embeddings", "@norms")
-PROJECTIONS = ("none", "sjlt", "logra")
+PROJECTIONS = ("none", "sjlt", "logra", "tensorsketch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,9 +298,11 @@ class GradientsConfig:
     # Several targets of one document window in one row: auto = when it saves work
     # (see plan_rows), always, never. Never changes results beyond fp32 rounding.
     share_context: Literal["auto", "always", "never"] = "auto"
-    projection: Literal["none", "sjlt", "logra"] = "sjlt"
+    # tensorsketch: weight blocks sketched from their factors, never formed; the norms
+    # column then holds their sketch's norm (an estimate) rather than the exact one
+    projection: Literal["none", "sjlt", "logra", "tensorsketch"] = "sjlt"
     k: int = 8192  # projection dimension (logra: at most k, a square r x r per weight)
-    nnz: int = 1  # sjlt: outputs per gradient coordinate (Kane-Nelson s)
+    nnz: int = 1  # sjlt (and tensorsketch's non-matrix blocks): outputs per gradient coordinate (Kane-Nelson s)
     seed: int = 0  # of the projection
     # More projection seeds of the same exact gradients, computed in the same pass: the
     # cluster stage clusters each copy and reports its ARI against the main clustering.
@@ -336,7 +338,8 @@ class GradientsConfig:
         if self.batch_tokens < 1 or self.batch_rows < 1 or self.shard_samples < 1 or self.n_workers < 1:
             raise ConfigError("gradients.batch_tokens, batch_rows, shard_samples and n_workers must be >= 1")
         if self.stability_seeds and self.projection == "none":
-            raise ConfigError("gradients.stability_seeds needs a random projection (projection: sjlt or logra); "
+            raise ConfigError("gradients.stability_seeds needs a random projection (projection: sjlt, logra or "
+                              "tensorsketch); "
                               "use stability_seeds: [] with projection: none")
         if self.seed in self.stability_seeds or len(set(self.stability_seeds)) != len(self.stability_seeds):
             raise ConfigError(f"gradients.stability_seeds must be distinct and differ from gradients.seed ({self.seed}), "
@@ -345,8 +348,10 @@ class GradientsConfig:
             raise ConfigError(f"gradients.memory_gb must be > 0 or null, got {self.memory_gb}")
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"gradients.projection must be one of {list(PROJECTIONS)}, got {self.projection!r}")
-        if self.projection == "sjlt" and (self.k < 1 or self.nnz < 1 or self.k % self.nnz):
+        if self.projection in ("sjlt", "tensorsketch") and (self.k < 1 or self.nnz < 1 or self.k % self.nnz):
             raise ConfigError(f"gradients.k ({self.k}) must be a positive multiple of gradients.nnz ({self.nnz})")
+        if self.projection == "tensorsketch" and self.k < 2:
+            raise ConfigError(f"gradients.k must be >= 2 for tensorsketch, got {self.k}")
         if self.projection == "logra" and self.k < 1:
             raise ConfigError(f"gradients.k must be >= 1 for logra, got {self.k}")
 

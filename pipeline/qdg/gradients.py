@@ -59,7 +59,9 @@ class GradientResult:
     """Per-sample projected gradients, in the order of the samples given.
 
     grads (N, dim): float32 or float16, zero rows for bad samples; norms (N,) float32:
-    L2 norms of the exact (unprojected) gradients (NaN where not finite); bad (N,) bool;
+    L2 norms of the exact (unprojected) gradients (NaN where not finite; with
+    ``projection: tensorsketch`` the weight blocks' share is their sketch's squared norm, an
+    estimate, since their gradients are never formed); bad (N,) bool;
     reasons: sample index -> why it is bad; projection: the projector's settings;
     windowed: samples whose context was cut to max_len - 1 tokens.
     """

@@ -29,7 +29,8 @@ How it stays exact (DESIGN.md §5: never a slice of a summed-loss backward pass)
 3. *Per-target parameter gradients from the layer's own factors.* A linear layer
    y = x W^T + b gives the target's exact gradient ``dW = G_b^T X_b`` (out, in),
    ``db = sum_t G_b[t]`` from its input X_b (recorded by a forward hook) and G_b:
-   one batched matmul per layer. GPT-2's Conv1D (W stored transposed) and LayerNorm
+   one batched matmul per layer; a factored projector (``tensorsketch``) takes X_b and
+   G_b themselves and never forms dW. GPT-2's Conv1D (W stored transposed) and LayerNorm
    (``dw = sum_t G ⊙ x_hat``) have rules too. Any other selected parameter (embeddings,
    RMSNorm, tied weights, custom modules) takes the generic route: rows of one document
    window at a time, ``autograd.grad`` of one target's loss with respect to the
@@ -66,7 +67,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -246,13 +247,16 @@ def grad_mode(model: torch.nn.Module, params: Sequence[tuple[str, torch.nn.Param
 
 
 def _site_grads(
-    site: _Site, grads: Sequence[Optional[torch.Tensor]], rows: torch.Tensor, width: int, batch: int
+    site: _Site, grads: Sequence[Optional[torch.Tensor]], rows: torch.Tensor, width: int, batch: int,
+    factors: Optional[list] = None,
 ) -> dict[str, torch.Tensor]:
     """Per-target gradients of a site's selected parameters, fp32.
 
     grads[c] (batch, pos, out) is d(slot loss)/d(output) of call c (None: unused);
     rows (n,) are the batch rows of the slot's targets; positions past `width` carry
     zero gradient (they come after every target of the slot) and are skipped.
+    With a `factors` list, a Linear weight's gradient is not formed: each call appends
+    (recorded input, xs (n, pos, in), weight name, gs (n, pos, out)) to it instead.
     """
     out: dict[str, torch.Tensor] = {}
     for (x, _), g in zip(site.calls, grads):
@@ -265,6 +269,7 @@ def _site_grads(
                 f"of shape {tuple(x.shape)} whose first dimension is not the batch ({batch} rows); its per-target "
                 "gradients cannot be read from its input: exclude it (gradients.exclude)"
             )
+        recorded = x
         feat_in, feat_out = x.shape[-1], g.shape[-1]
         # any middle dims (heads, ...) fold into pos: the weight sees them all alike
         if x.dim() == 3:  # (batch, pos, feat): the usual case, cut at the slot's last target
@@ -272,7 +277,9 @@ def _site_grads(
         xs = x[rows].reshape(len(rows), -1, feat_in).float()  # (n, pos, in)
         gs = g[rows].reshape(len(rows), -1, feat_out).float()  # (n, pos, out)
         parts: dict[str, torch.Tensor] = {}
-        if site.kind == "linear" and site.weight:
+        if site.kind == "linear" and site.weight and factors is not None:
+            factors.append((recorded, xs, site.weight, gs))  # G = gs^T xs, left to the projector
+        elif site.kind == "linear" and site.weight:
             parts[site.weight] = torch.bmm(gs.transpose(1, 2), xs)  # (n, out, in), as Linear.weight
         elif site.kind == "conv1d" and site.weight:
             parts[site.weight] = torch.bmm(xs.transpose(1, 2), gs)  # (n, in, out), as Conv1D.weight
@@ -285,6 +292,12 @@ def _site_grads(
             out[name] = out[name] + t if name in out else t
     return out
 
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two recorded inputs are views of the same data (the hook's detach() makes a
+    new tensor object for every call, so identity of the objects says nothing)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.device == b.device
 
 
 # --------------------------------------------------------------------------- the engine
@@ -374,6 +387,15 @@ class Engine:
                 )
                 part = torch.zeros(len(idx), self.projector.dim, dtype=torch.float32, device=dev)
                 for name, g in self._blocks(grads, rows_t[idx], widths[j], len(batch)):
+                    if name is None:  # g = (xs, [(weight name, gs)]): weights the projector sketches unformed
+                        xs, outer = g
+                        sq[idx] += self.projector.add_outer_(part, xs, outer)
+                        if check:  # the self-check still needs them formed, on its one batch
+                            for wname, gs in outer:
+                                full = torch.bmm(gs.transpose(1, 2), xs).sum(0).reshape(-1)
+                                sums[wname] = sums[wname] + full if wname in sums else full
+                        del xs, outer, g
+                        continue
                     flat = g.reshape(len(idx), -1)  # (n_j, numel): one parameter's exact gradients
                     sq[idx] += flat.pow(2).sum(dim=1)
                     self.projector.add_(part, name, flat)
@@ -424,14 +446,36 @@ class Engine:
         kept.clear()
         return int(sum(seen.values()))
 
-    def _blocks(self, grads, rows: torch.Tensor, width: int, batch: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def _blocks(self, grads, rows: torch.Tensor, width: int, batch: int) -> Iterator[tuple[Optional[str], Any]]:
         """Per-target gradient blocks, one site at a time: a generator, so that at most
-        one layer's (n, out, in) gradients exist at once."""
+        one layer's (n, out, in) gradients exist at once.
+
+        With a factored projector, Linear weights come unformed instead, as
+        (None, (xs (n, pos, in), [(name, gs (n, pos, out)), ...])): consecutive sites that
+        read the same recorded input (q, k, v; gate, up) in one group, so that the
+        projector transforms that input once."""
         i = 0
+        factored = self.projector.factored
+        pending: list = []  # [(recorded input, xs, name, gs)] of one input
+
+        def flush():
+            group = [(name, gs) for _, _, name, gs in pending]
+            xs = pending[0][1]
+            pending.clear()
+            return None, (xs, group)
+
         for site in self.sites:
             calls = len(site.calls)
-            yield from _site_grads(site, grads[i : i + calls], rows, width, batch).items()
+            factors: Optional[list] = [] if factored else None
+            dense = _site_grads(site, grads[i : i + calls], rows, width, batch, factors)
             i += calls
+            for f in factors or ():
+                if pending and not _same_tensor(pending[0][0], f[0]):
+                    yield flush()
+                pending.append(f)
+            yield from dense.items()
+        if pending:
+            yield flush()
         for (name, p), g in zip(self.generic, grads[i:]):
             # generic route: one row per batch (gradients._iter_batches), so this is one target
             if len(rows) != 1:

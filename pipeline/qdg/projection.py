@@ -41,6 +41,22 @@ it), so ``sjlt`` stays the default. Here it is applied to the exact per-target g
 every projection in this module is; LoGra's own speed-up (projecting inputs and output
 gradients before their outer product) is not taken.
 
+``tensorsketch`` sketches a weight block's per-target gradient G = sum_t g_t x_t^T (rows r,
+columns c) without forming it: a count sketch whose bucket adds across the two indices,
+``h(r, c) = h_r(r) + h_c(c) mod k`` with sign ``s_r(r) s_c(c)``, turns each outer product into
+the circular convolution of the count sketches of g_t and x_t, so the sketch of G is
+``irfft(sum_t rfft(CS_r(g_t)) * rfft(CS_c(x_t)))`` (TensorSketch, Pham & Pagh, KDD 2013):
+O(T (rows + cols + k log k)) per block instead of O(T rows cols), one inverse FFT per sample
+and block group. The per-layer engine (pipeline/qdg/per_sample.py) hands it the factors
+(:meth:`TensorSketchProjector.add_outer_`); a block given densely (:meth:`Projector.add_`) gets
+the same numbers from the explicit hash. Each side's buckets are a keyed random injection
+into [0, k) per chunk of k indices, so one side never collides with itself within a chunk, and
+the signs are independent per side, so inner products stay unbiased (sum over blocks into one
+k-vector, as sjlt does). The column side's tables depend on (seed, number of columns) only:
+blocks that read the same input (q, k, v; gate, up) then share its FFT, and blocks stay
+unbiased against each other through their independent row signs. Blocks that are not
+matrices (biases, norms) take the sjlt path with the same seed.
+
 ``none`` keeps the exact gradient (P columns, in :func:`pipeline.qdg.gradients.select_params`
 order): for tiny models and for tests.
 """
@@ -56,7 +72,7 @@ import torch
 from pipeline.core.config import PROJECTIONS  # noqa: F401  (the list lives in the config)
 from pipeline.core.errors import QuantaError
 
-ProjectionKind = Literal["none", "sjlt", "logra"]
+ProjectionKind = Literal["none", "sjlt", "logra", "tensorsketch"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -116,6 +132,8 @@ class Projector:
     dim: int
     #: parameter name -> number of elements, for every block this projector accepts
     sizes: dict[str, int]
+    #: True when :meth:`add_outer_` takes a weight's gradient as its factors, unformed
+    factored: bool = False
 
     def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
         """out (n, dim) += projection of block `name`; grad (n, *shape), any float dtype."""
@@ -138,6 +156,14 @@ class Projector:
         if out is None:
             raise ProjectionError("project() got no gradient blocks")
         return out
+
+    def add_outer_(self, out: torch.Tensor, x: torch.Tensor,
+                   blocks: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """out (n, dim) += projection of the weight blocks ``G_name = sum_t g[:, t] x[:, t]^T``
+        (rows, cols) for each (name, g) in `blocks`, which share the column factor
+        x (n, T, cols); g (n, T, rows). Returns the (n,) squared norm of what was added,
+        or raises where the projector needs the formed gradient (``factored`` is False)."""
+        raise NotImplementedError(f"{type(self).__name__} takes formed gradients only")
 
     def limit_cache(self, nbytes: int) -> None:
         """Keep at most `nbytes` of tables between calls (a memory bound's share); the
@@ -352,6 +378,150 @@ class LoGraProjector(Projector):
         return {"projection": "logra", "dim": self.dim, "rank": self.rank, "seed": self.seed, "hash": "fmix32x2-sha256"}
 
 
+class TensorSketchProjector(Projector):
+    """TensorSketch of matrix blocks, sjlt of the rest, to `k` dims (module docstring).
+
+    `shapes`: [(name, shape)]. A block of two or more dims is a matrix (rows = shape[0],
+    columns = the rest folded); its sketch is ``sum_{r, c} s_r(r) s_c(c) G[r, c]`` into bucket
+    ``(h_r(r) + h_c(c)) mod k``, unbiased for inner products (scale 1). Other blocks go to a
+    :class:`SparseJLProjector` with the same k, seed and nnz. `chunk_elements` bounds the
+    (samples, T, k) buffers of :meth:`add_outer_` (float32 elements, each held ~4 times).
+    """
+
+    factored = True
+
+    def __init__(self, shapes: Sequence[tuple[str, Sequence[int]]], k: int = 8192, seed: int = 0, nnz: int = 1,
+                 cache_bytes: int = 1 << 30, chunk_elements: int = 1 << 24):
+        if k < 2:
+            raise ProjectionError(f"tensorsketch needs k >= 2; got k={k}")
+        self.shapes = {name: LoGraProjector._matrix_shape(shape) for name, shape in shapes}
+        self.sizes = {name: a * b for name, (a, b) in self.shapes.items()}
+        self.matrices = {name for name, shape in shapes if len(tuple(shape)) >= 2}
+        self.rest = SparseJLProjector([(n, d) for n, d in self.sizes.items() if n not in self.matrices],
+                                      k=k, seed=seed, nnz=nnz, cache_bytes=cache_bytes)
+        self.dim = k
+        self.k = k
+        self.seed = seed
+        self.nnz = nnz
+        self.chunk_elements = chunk_elements
+        self._sides: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._flat: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def limit_cache(self, nbytes: int) -> None:
+        self.rest.limit_cache(nbytes)
+
+    def cache_room(self) -> int:
+        return self.rest.cache_room()
+
+    def side(self, name: str, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bucket int64 (d,), sign float32 (d,)) of side 0 (rows) or 1 (columns) of block `name`.
+
+        Indices [c k, (c + 1) k) go to the first d - c k slots of a keyed random permutation
+        of the k buckets (their own per chunk c): injective within a chunk. The rows' key
+        is (seed, name); the columns' is (seed, number of columns), shared by every block
+        of that width so that blocks reading one input share its FFT (unbiased all the
+        same: the row signs of two blocks are independent)."""
+        rows, cols = self.shapes[name]
+        d = (rows, cols)[side]
+        key_name = name if side == 0 else f"columns:{cols}"
+        key = (key_name, side, str(device))
+        hit = self._sides.get(key)
+        if hit is not None:
+            return hit
+        k = self.k
+        slots = torch.arange(k, dtype=torch.int64, device=device)
+        buckets = []
+        for chunk in range(-(-d // k)):
+            perm = hash_index(slots, block_key(self.seed, f"tensorsketch|{key_name}", chunk, 3 + side)).argsort()
+            buckets.append(perm[: min(k, d - chunk * k)])
+        bucket = torch.cat(buckets)
+        bits = hash_index(torch.arange(d, dtype=torch.int64, device=device),
+                          block_key(self.seed, f"tensorsketch|{key_name}", 0, 5 + side)) & 1
+        tables = (bucket, (1 - 2 * bits).to(torch.float32))
+        self._sides[key] = tables
+        return tables
+
+    def count_sketch(self, v: torch.Tensor, name: str, side: int) -> torch.Tensor:
+        """(..., k): the count sketch of v (..., d) under one side's tables, in v's dtype.
+        Each chunk's buckets are distinct, so every index_add_ writes a bucket once: the
+        same sums, in the same order, on every device."""
+        bucket, sign = self.side(name, side, v.device)
+        out = torch.zeros(*v.shape[:-1], self.k, dtype=v.dtype, device=v.device)
+        signed = v * sign.to(v.dtype)
+        for a in range(0, v.shape[-1], self.k):
+            out.index_add_(-1, bucket[a : a + self.k], signed[..., a : a + self.k])
+        return out
+
+    def sketch_outer(self, x: torch.Tensor, blocks: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """(n, k) in x's dtype: the sketch of sum over `blocks` of G = sum_t g[:, t] x[:, t]^T.
+
+        x (n, T, cols), each g (n, T, rows). Summing the row sides' spectra before the
+        product is exact (the product is linear in them); the sum over t is in the
+        frequency domain, so there is one inverse FFT per sample."""
+        n, T, _ = x.shape
+        out = torch.empty(n, self.k, dtype=x.dtype, device=x.device)
+        step = max(1, self.chunk_elements // max(1, T * self.k))
+        col_name = blocks[0][0]
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            spec = torch.fft.rfft(self.count_sketch(x[a:b], col_name, 1), dim=-1)  # (c, T, k // 2 + 1)
+            rows = None
+            for name, g in blocks:
+                cs = self.count_sketch(g[a:b].to(x.dtype), name, 0)  # (c, T, k)
+                rows = cs if rows is None else rows.add_(cs)
+            spec.mul_(torch.fft.rfft(rows, dim=-1))
+            del rows
+            out[a:b] = torch.fft.irfft(spec.sum(dim=1), n=self.k, dim=-1)  # (c, k)
+        return out
+
+    def add_outer_(self, out: torch.Tensor, x: torch.Tensor,
+                   blocks: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        for name, g in blocks:
+            if name not in self.matrices:
+                raise ProjectionError(f"parameter '{name}' is not a matrix block of this projector")
+            if tuple(g.shape[-1:] + x.shape[-1:]) != self.shapes[name]:
+                raise ProjectionError(f"parameter '{name}': factors of {g.shape[-1]} x {x.shape[-1]}, "
+                                      f"expected {self.shapes[name]}")
+        part = self.sketch_outer(x, blocks).to(out.dtype)
+        out += part
+        return part.pow(2).sum(dim=1)
+
+    def flat_tables(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order, sign, ends) of matrix block `name`: its flat coordinates sorted by bucket,
+        their signs in that order, and each bucket's end in it, (k + 1,) from 0."""
+        key = (name, str(device))
+        hit = self._flat.get(key)
+        if hit is not None:
+            return hit
+        (hr, sr), (hc, sc) = self.side(name, 0, device), self.side(name, 1, device)
+        bucket = ((hr[:, None] + hc[None, :]) % self.k).reshape(-1)  # (rows * cols,)
+        order = bucket.argsort(stable=True)
+        sign = (sr[:, None] * sc[None, :]).reshape(-1)[order].to(torch.int8)
+        order = order.to(torch.int32 if order.numel() < 2**31 else torch.int64)
+        counts = torch.bincount(bucket, minlength=self.k)
+        ends = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        tables = (order, sign, ends)
+        self._flat[key] = tables
+        return tables
+
+    def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
+        if name not in self.matrices:
+            self.rest.add_(out, name, grad)
+            return
+        self._size(name, grad)
+        n = grad.shape[0]
+        order, sign, ends = self.flat_tables(name, grad.device)
+        # a bucket's sum as a difference of float64 prefix sums: no scatter, so the same
+        # order of additions on every device
+        vals = grad.reshape(n, -1).index_select(1, order).to(torch.float64) * sign.to(torch.float64)
+        prefix = torch.cat([vals.new_zeros(n, 1), vals.cumsum(dim=1)], dim=1)  # (n, rows * cols + 1)
+        out += (prefix[:, ends[1:]] - prefix[:, ends[:-1]]).to(out.dtype)
+
+    def describe(self) -> dict:
+        return {"projection": "tensorsketch", "dim": self.k, "seed": self.seed, "nnz": self.nnz,
+                "hash": "fmix32x2-sha256", "norms": "weight blocks' share estimated from their sketch"}
+
+
 class StackedProjector(Projector):
     """Several projections of the same gradient side by side: columns [0, d_0) are the
     first projector's, [d_0, d_0 + d_1) the second's, and so on.
@@ -369,10 +539,17 @@ class StackedProjector(Projector):
         self.sizes = dict(self.parts[0].sizes)
         self.offsets = [0, *itertools.accumulate(p.dim for p in self.parts)]
         self.dim = self.offsets[-1]
+        self.factored = all(p.factored for p in self.parts)
 
     def add_(self, out: torch.Tensor, name: str, grad: torch.Tensor) -> None:
         for p, a, b in zip(self.parts, self.offsets[:-1], self.offsets[1:]):
             p.add_(out[:, a:b], name, grad)
+
+    def add_outer_(self, out: torch.Tensor, x: torch.Tensor,
+                   blocks: Sequence[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """Each part's projection of the factored blocks; the first part's squared norm."""
+        norms = [p.add_outer_(out[:, a:b], x, blocks) for p, a, b in zip(self.parts, self.offsets[:-1], self.offsets[1:])]
+        return norms[0]
 
     def limit_cache(self, nbytes: int) -> None:
         for p in self.parts:
@@ -396,12 +573,16 @@ def make_projector(
     nnz: int = 1,
     shapes: Optional[Sequence[tuple[str, Sequence[int]]]] = None,
 ) -> Projector:
-    """The projector `kind` ("none", "sjlt" or "logra") for parameter blocks `sizes` =
-    [(name, numel)]; logra also needs their `shapes` = [(name, shape)]."""
+    """The projector `kind` ("none", "sjlt", "logra" or "tensorsketch") for parameter blocks
+    `sizes` = [(name, numel)]; logra and tensorsketch also need their `shapes` = [(name, shape)]."""
     if kind == "logra":
         if shapes is None:
             raise ProjectionError("logra needs the parameters' shapes (make_projector(..., shapes=...))")
         return LoGraProjector(shapes, k=k, seed=seed)
+    if kind == "tensorsketch":
+        if shapes is None:
+            raise ProjectionError("tensorsketch needs the parameters' shapes (make_projector(..., shapes=...))")
+        return TensorSketchProjector(shapes, k=k, seed=seed, nnz=nnz)
     if kind == "none":
         return NoProjection(sizes)
     if kind == "sjlt":
