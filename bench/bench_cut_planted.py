@@ -80,8 +80,8 @@ def main() -> None:
     overrides = {k: v for k, v in (("min_cluster_size", args.min_cluster_size),
                                    ("max_outlier_score", args.max_outlier_score)) if v is not None}
     rows = [evaluate(run, overrides, args.n_neighbors) for run in args.runs]
-    print("| α | seed | N | kNN | graph components | quanta present | clusters chosen | unassigned | ARI (unassigned a class) | ARI (assigned) "
-          "| ARI at k = quanta present | ARI at k = 50 | tree + cut s |")
+    print("| α | seed | N | kNN | graph components | quanta present | clusters chosen | unassigned "
+          "| ARI (unassigned a class) | ARI (assigned) | ARI at k = quanta present | ARI at k = 50 | tree + cut s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         c = r["cut"]

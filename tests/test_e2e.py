@@ -59,6 +59,7 @@ gradients:
   shard_samples: 64
 cluster:
   n_clusters: [4, 3]
+  cut: k
   n_init: 2
 scaling:
   n_boot: 20
@@ -169,7 +170,8 @@ def test_dvc_repro_tiny_suite(scratch):
     summary = duckdb.sql(
         f"select k, sum(size) from read_parquet('{scratch}/cache/qdg/cluster_summary.parquet') group by k order by k"
     ).fetchall()
-    assert summary == [(3, len(samples)), (4, len(samples))]
+    assigned = {k: int((clusters[f"k{k}"].to_numpy() >= 0).sum()) for k in (3, 4)}  # knn_average leaves some at -1
+    assert summary == [(3, assigned[3]), (4, assigned[4])] and assigned[4] > len(samples) // 2
     qdg = json.loads((scratch / "metrics/qdg.json").read_text())
     k4 = clusters["k4"].to_numpy()
     assert qdg["k"] == 4 and qdg["n_samples"] == len(samples)
@@ -218,7 +220,7 @@ def test_dvc_repro_tiny_suite(scratch):
     dynamics_m = json.loads((scratch / "metrics/dynamics.json").read_text())
     assert dynamics_m["n_abrupt"] == n_abrupt and "emergence" in dynamics_m
     powerlaw_m = json.loads((scratch / "metrics/powerlaw.json").read_text())
-    assert powerlaw_m["k"] == 4 and powerlaw_m["n_samples"] == len(samples)
+    assert powerlaw_m["k"] == 4 and powerlaw_m["n_samples"] == assigned[4]
     theory_m = json.loads((scratch / "metrics/theory.json").read_text())
     assert theory_m["planted"] is True
     assert set(theory_m["routes"]) == {"alpha_N", "alpha_S", "zipf", "zipf_csn", "zipf_planted_partition"}
@@ -231,8 +233,10 @@ def test_dvc_repro_tiny_suite(scratch):
     data = json.loads(block)
     assert data["k"] == 4 and data["planted"] is True
     main_k = clusters["cluster"].to_numpy()
-    assert [c["size"] for c in data["clusters"]] == np.bincount(main_k[main_k >= 0]).tolist()
-    assert all(len(c["curve_size"]) == 3 and len(c["curve_step"]) == 2 for c in data["clusters"])
+    browsed = [c for c in data["clusters"] if c["id"] >= 0]  # id -1: the unassigned, browsed apart
+    assert [c["size"] for c in browsed] == np.bincount(main_k[main_k >= 0]).tolist()
+    assert data["n_unassigned"] == int((main_k < 0).sum())
+    assert all(len(c["curve_size"]) == 3 and len(c["curve_step"]) == 2 for c in browsed)
     assert page.count("data:image/png;base64,") == 6 and "http://" not in page and "https://" not in page
     shown = _run([sys.executable, "-m", "dvc", "metrics", "show"], scratch).stdout
     assert "metrics/theory.json" in shown and "metrics/scaling.json" in shown

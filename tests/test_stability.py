@@ -29,24 +29,24 @@ def test_best_jaccard_by_hand():
 def test_subsample_stability_high_on_blobs_low_on_noise():
     x, truth = _blobs((60, 30, 15, 8), seed=6)
     aff = sim.dense_affinity(x)
-    cfg = ClusterConfig(n_clusters=(4, 2), stability_draws=4, min_cluster_size=1)
+    cfg = ClusterConfig(n_clusters=(4, 2), stability_draws=4, min_cluster_size=1, method="agglomerative")
     table, m = stability.subsample_stability(aff, {4: truth, 2: clustering.agglomerative(aff, [2])[2]}, cfg)
     assert m["subsample_ari"] == 1.0 and m["subsample_draws"] == 4
     assert (table["stability"] == 1.0).all() and len(table) == 4 + 2
     noise = np.random.default_rng(7).standard_normal((200, 32)).astype(np.float32)
     aff = sim.dense_affinity(noise)
     labels = clustering.agglomerative(aff, [10])[10]
-    table, m = stability.subsample_stability(aff, {10: labels}, ClusterConfig(n_clusters=(10,), min_cluster_size=1))
+    table, m = stability.subsample_stability(aff, {10: labels}, ClusterConfig(n_clusters=(10,), min_cluster_size=1, method="agglomerative"))
     assert m["subsample_ari"] < 0.9
     assert table["stability"].mean() < 0.75  # below Hennig's "stable" on average
     # seeded: the same numbers again
-    again, m2 = stability.subsample_stability(aff, {10: labels}, ClusterConfig(n_clusters=(10,), min_cluster_size=1))
+    again, m2 = stability.subsample_stability(aff, {10: labels}, ClusterConfig(n_clusters=(10,), min_cluster_size=1, method="agglomerative"))
     assert m2 == m and again.equals(table)
 
 
 def test_projection_stability_falls_with_the_projection_noise():
     x, truth = _blobs((50, 30, 20), seed=2, spread=0.3)
-    cfg = ClusterConfig(n_clusters=(3, 2), min_cluster_size=1)
+    cfg = ClusterConfig(n_clusters=(3, 2), min_cluster_size=1, method="agglomerative")
     main = clustering.agglomerative(sim.dense_affinity(x), [3, 2])
     rng = np.random.default_rng(0)
     near = sim.dense_affinity(x + 0.01 * rng.normal(size=x.shape).astype(np.float32))
@@ -65,3 +65,20 @@ def test_too_few_samples_for_a_subsample_gives_null_stability_not_an_error():
     table, m = stability.subsample_stability(aff, {4: np.array([0, 0, 1, 2, 3])}, ClusterConfig(n_clusters=(4,)))
     assert m["subsample_ari"] is None and "k = 4" in m["subsample_note"]
     assert len(table) == 4 and table["stability"].isna().all()
+
+
+def test_a_data_cut_main_clustering_is_compared_with_each_subsamples_own_cut():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(4, 32))
+    truth = np.repeat(np.arange(4), [60, 30, 20, 10])
+    x = (centres[truth] + 0.1 * rng.normal(size=(len(truth), 32))).astype(np.float32)
+    aff = sim.knn_affinity(x, n_neighbors=8)
+    cfg = ClusterConfig(n_clusters=(3,), method="knn_average", min_cluster_size=4, stability_draws=3)
+    table, _ = clustering.run_clustering(aff, np.arange(len(x)), len(x), cfg)
+    main = table.column("cluster").to_numpy()
+    assert len(clustering.cluster_sizes(main)) == 4  # the data's k, not n_clusters[0]
+    sweep = {4: main, 3: table.column("k3").to_numpy()}
+    scores, m = stability.subsample_stability(aff, sweep, cfg)
+    # every subsample's own cut finds the same four blocks: each cluster comes back whole
+    assert m["subsample_ari"] == 1.0
+    assert scores[scores["k"] == 4]["stability"].min() == 1.0

@@ -366,7 +366,7 @@ class SimilarityConfig:
     # auto: dense up to dense_max samples, knn above.
     mode: Literal["auto", "dense", "knn"] = "auto"
     dense_max: int = 20_000
-    n_neighbors: int = 30  # knn: neighbours per sample (excluding itself)
+    n_neighbors: int = 60  # knn: neighbours per sample (excluding itself)
     knn_backend: Literal["auto", "faiss", "sklearn"] = "auto"  # auto: faiss when installed
     # kNN search is exact up to knn_exact_max samples; above, neighbours are searched among
     # candidates found in knn_dim SVD dimensions, and their exact cosines weigh the edges.
@@ -414,7 +414,7 @@ class ClusterConfig:
     # leiden, knn_average: neighbours per sample of the graph built from a dense affinity (a
     # sparse kNN affinity is used as it is); leiden: the modularity resolution γ of the main
     # clustering.
-    n_neighbors: int = 30
+    n_neighbors: int = 60
     resolution: float = 1.0
     n_init: int = 10  # k-means restarts in the spectral embedding (the paper: 30)
     eigen_solver: Literal["arpack", "lobpcg", "amg"] = "arpack"
