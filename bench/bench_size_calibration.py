@@ -188,22 +188,31 @@ def setting_order(s: str) -> tuple:
 METHOD_ORDER = ["perfect", "knn_average", "agglomerative", "leiden", "spectral"]
 
 
-def table(agg: list[dict], by_alpha: bool) -> str:
-    def fmt(x):
-        return "–" if x is None else f"{x:+.3f}"
+def table(agg: list[dict], columns: tuple[str, ...]) -> str:
+    """A wide markdown table: one line per (method, k or cut, estimator), one column per value
+    of `columns` (e.g. ("n_samples",) or ("alpha", "n_samples")), cells "mean ± sd (n)"."""
+    cols = sorted({tuple(r[c] for c in columns) for r in agg})
+    lines = sorted({(r["method"], r["setting"], r["estimator"]) for r in agg},
+                   key=lambda m: (METHOD_ORDER.index(m[0]), setting_order(m[1]), ESTIMATORS.index(m[2])))
+    cell = {(r["method"], r["setting"], r["estimator"], tuple(r[c] for c in columns)): r for r in agg}
 
-    def key(r):
-        return ((r["alpha"],) if by_alpha else ()) + (r["n_samples"], METHOD_ORDER.index(r["method"]),
-                                                      setting_order(r["setting"]), ESTIMATORS.index(r["estimator"]))
+    def name(c):
+        return ", ".join(f"α = {v}" if k == "alpha" else f"N = {v:,}" for k, v in zip(columns, c))
 
-    head = (["α"] if by_alpha else []) + ["N", "method", "k or cut", "estimator", "mean bias in α", "sd", "n", "failed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in sorted(agg, key=key):
-        cells = ([str(r["alpha"])] if by_alpha else []) + [
-            f"{r['n_samples']:,}", r["method"], r["setting"], r["estimator"], fmt(r["bias"]),
-            "–" if r["sd"] is None else f"{r['sd']:.3f}", str(r["n"]), str(r["n_failed"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    def fmt(r):
+        if r is None:
+            return ""
+        if r["bias"] is None:
+            return f"– ({r['n_failed']} failed)"
+        sd = "" if r["sd"] is None else f" ± {r['sd']:.3f}"
+        failed = f", {r['n_failed']} failed" if r["n_failed"] else ""
+        return f"{r['bias']:+.3f}{sd} ({r['n']}{failed})"
+
+    out = ["| method | k or cut | estimator | " + " | ".join(name(c) for c in cols) + " |",
+           "|" + " --- |" * (3 + len(cols))]
+    for m in lines:
+        out.append(f"| {m[0]} | {m[1]} | {m[2]} | " + " | ".join(fmt(cell.get((*m, c))) for c in cols) + " |")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -227,8 +236,9 @@ def main() -> None:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
     by_alpha = aggregate(rows, ("alpha", "n_samples", "method", "setting", "estimator"))
     pooled = aggregate(rows, ("n_samples", "method", "setting", "estimator"))
-    text = ("## Bias in α per planted α (mean over seeds)\n\n" + table(by_alpha, True)
-            + "\n\n## Bias in α pooled over α and seeds\n\n" + table(pooled, False) + "\n")
+    text = ("## Bias in α pooled over planted α and seeds: mean ± sd (runs)\n\n" + table(pooled, ("n_samples",))
+            + "\n\n## Bias in α per planted α: mean ± sd over seeds (runs)\n\n" + table(by_alpha, ("alpha", "n_samples"))
+            + "\n")
     print(text)
     if args.table:
         args.table.write_text(text)
