@@ -27,9 +27,11 @@ sum, estimate - truth in α, for every (α, seed, N, method, k or cut, estimator
         [--sizes 1000 2000 4000] [--ks 25 50 100] [--spectral] [--table out.md] \
         [--calibration pipeline/laws/size_calibration.json]
 
-It prints a markdown table of the bias in α aggregated over seeds (mean, sd, n) per
-(α, N, method, setting, estimator), and with --calibration writes the same pooled over α,
-the file pipeline/laws/size_calibration.py reads. Seconds per run on 2 shared cores.
+It prints two markdown tables of the bias in α (mean ± sd (runs)) per (method, setting,
+estimator): pooled over α and seeds, by N; and per planted α (over seeds), by α and N. With
+--calibration it writes the pooled one, with each α's mean beside it, as the file
+pipeline/laws/size_calibration.py reads. --rows adds rows of earlier runs (their --json).
+It reports the seconds each part took per run and N.
 """
 
 from __future__ import annotations
