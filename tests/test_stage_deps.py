@@ -17,7 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 # Files a module reads at run time without importing them.
-DATA_DEPS = {"pipeline/report/page.py": ["pipeline/report/assets"]}
+DATA_DEPS = {"pipeline/report/page.py": ["pipeline/report/assets"],
+             "pipeline/laws/size_calibration.py": ["pipeline/laws/size_calibration.json"]}
 
 
 def _module_file(dotted: str) -> Path | None:
