@@ -40,7 +40,8 @@ def test_subsample_stability_high_on_blobs_low_on_noise():
     assert m["subsample_ari"] < 0.9
     assert table["stability"].mean() < 0.75  # below Hennig's "stable" on average
     # seeded: the same numbers again
-    again, m2 = stability.subsample_stability(aff, {10: labels}, ClusterConfig(n_clusters=(10,), min_cluster_size=1, method="agglomerative"))
+    again, m2 = stability.subsample_stability(
+        aff, {10: labels}, ClusterConfig(n_clusters=(10,), min_cluster_size=1, method="agglomerative"))
     assert m2 == m and again.equals(table)
 
 
