@@ -101,11 +101,15 @@ def result_rows(base: dict, method: str, setting, fits: dict, extra: dict | None
     return rows
 
 
-def evaluate_run(run: Path, sizes: list[int], ks: list[int], with_spectral: bool) -> list[dict]:
+def evaluate_run(run: Path, sizes: list[int], ks: list[int], with_spectral: bool,
+                 n_neighbors: int | None = None) -> list[dict]:
     params = run / "params.yaml"
     planted = config.load("planted", params)
     sim_cfg = config.load("similarity", params)
     cl_cfg = config.load("cluster", params)
+    if n_neighbors is not None:  # the kNN graphs of similarity and of the cluster stage alike
+        sim_cfg = dataclasses.replace(sim_cfg, n_neighbors=n_neighbors)
+        cl_cfg = dataclasses.replace(cl_cfg, n_neighbors=n_neighbors)
     grads = np.asarray(gradient_files.read_gradients(run / "cache/qdg/gradients.npy"))
     bad = gradient_files.read_bad(run / "cache/qdg/gradients.parquet")
     truth_all = suite.sample_quanta(run / "cache/planted", read_samples(run / "cache/qdg/samples.parquet"))
@@ -223,6 +227,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 4000])
     ap.add_argument("--ks", type=int, nargs="+", default=[25, 50, 100])
     ap.add_argument("--spectral", action="store_true", help="also spectral at k = 50 (dense; slower)")
+    ap.add_argument("--n-neighbors", type=int, default=None, help="similarity and cluster n_neighbors (default: the run's)")
     ap.add_argument("--json", type=Path, default=None, help="every row")
     ap.add_argument("--rows", type=Path, nargs="*", default=[], help="rows from earlier runs to aggregate with")
     ap.add_argument("--table", type=Path, default=None, help="the markdown tables")
@@ -233,7 +238,7 @@ def main() -> None:
         if not (run / "cache/qdg/similarity").exists():
             print(f"{run}: no cache/qdg/similarity (not a finished run), skipped", file=sys.stderr)
             continue
-        rows += evaluate_run(run, args.sizes, args.ks, args.spectral)
+        rows += evaluate_run(run, args.sizes, args.ks, args.spectral, args.n_neighbors)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
     by_alpha = aggregate(rows, ("alpha", "n_samples", "method", "setting", "estimator"))
