@@ -21,10 +21,12 @@ A merged cluster's similarity to any other is a weighted mean of its parts' simi
 never above the larger of them (the linkage is *reducible*), so merging reciprocal pairs
 in any order builds the same tree as merging the single best pair at a time (Murtagh,
 "Multidimensional clustering algorithms", 1985; the nearest-neighbour-chain argument).
-Each round is a few sorts of the edge list in numpy; the graph shrinks as it merges.
+Each round is one sort of the edge list in numpy, and the graph shrinks as it merges; once
+rounds merge few pairs, a heap merges the rest one pair at a time (:func:`average_linkage_tree`).
 Written here because neither scipy nor sklearn has it: sklearn's AgglomerativeClustering
-with a connectivity matrix approximates the merged similarity by whichever part has an
-edge, and completes a disconnected graph from the features (dense).
+with a connectivity matrix weighs the merged parts' similarities by their sizes (not their
+edge counts), takes one part's value where only it has an edge, and completes a
+disconnected graph from the features (dense).
 
 The cut (:func:`excess_of_mass`). On the tree, a cluster lives from the similarity at
 which it separates from the rest to the one at which it splits into two clusters of at
@@ -35,7 +37,7 @@ This is HDBSCAN's excess-of-mass selection (Campello, Moulavi & Sander, 2013), r
 similarity scale (lambda = the edge weight, 1 for identical gradients, 0 for orthogonal)
 rather than HDBSCAN's 1/distance: 1/distance grows without bound as gradients coincide,
 so a tight core inside a quantum outweighs the quantum and the cut splits it
-(docs/cluster-quality.md has the comparison on the planted suite).
+(docs/clustering-at-scale.md has the comparison on the planted suite).
 """
 
 from __future__ import annotations
