@@ -121,7 +121,8 @@ def test_quality_table_columns_ranges_and_labels(real_run):
 
     work, _ = real_run
     s = read_summary(work / "cache/qdg/cluster_summary.parquet")
-    assert set(s["k"]) == {12, 8, 20}
+    main_k = json.loads((work / "metrics/qdg.json").read_text())["k"]  # the data-chosen cut's
+    assert set(s["k"]) == {12, 8, 20, main_k}
     multi = s[s["size"] >= 2]
     for col in ("coherence", "separation", "null_z", "quality", "stability", "label_f1", "ngram_f1"):
         assert multi[col].notna().all(), col
@@ -157,6 +158,8 @@ def test_real_report_renders_in_chromium(real_run):
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.goto((work / "cache/report/index.html").as_uri())
         page.wait_for_selector("body[data-ready='1']", timeout=10_000)
-        assert page.locator("#clusters tbody tr").count() == 12
+        m = json.loads((work / "metrics/qdg.json").read_text())
+        rows = m["k"] + (1 if m.get("n_unassigned") else 0)  # the data cut's clusters, and the unassigned row
+        assert page.locator("#clusters tbody tr").count() == rows
         assert "label:" in page.inner_text("#detail")  # the best-quality cluster, labelled
     assert problems == []
