@@ -297,17 +297,11 @@ def knn_graph(affinity, n_neighbors: int) -> sp.csr_matrix:
     if sp.issparse(affinity):
         w = sp.csr_matrix(affinity, dtype=np.float64)
     else:
-        a = np.asarray(affinity)
-        n = a.shape[0]
+        from pipeline.qdg.similarity import dense_top_k
+
+        n = affinity.shape[0]
         k = min(n_neighbors, n - 1)
-        rows = np.empty((n, k), dtype=np.int64)
-        vals = np.empty((n, k), dtype=np.float64)
-        for i in range(0, n, 2048):  # blocks of rows: argpartition copies the block
-            blk = np.array(a[i : i + 2048], dtype=np.float64)
-            blk[np.arange(len(blk)), np.arange(i, i + len(blk))] = -np.inf  # no self-loops
-            idx = np.argpartition(-blk, k - 1, axis=1)[:, :k]
-            rows[i : i + len(blk)] = idx
-            vals[i : i + len(blk)] = np.take_along_axis(blk, idx, axis=1)
+        rows, vals = dense_top_k(affinity, k, dtype=np.float64)
         w = sp.csr_matrix((vals.ravel(), rows.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
     w = w.maximum(w.T).tocsr()
     w.setdiag(0)

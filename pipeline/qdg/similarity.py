@@ -230,19 +230,26 @@ def knn_from_dense(aff: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
     """The kNN affinity that :func:`knn_affinity` builds, from a dense affinity (N, N) instead of
     the gradients: each row's `n_neighbors` largest off-diagonal entries (the affinity is
     monotone in the cosine, so they are the nearest neighbours), weighted and symmetrised alike."""
-    a = np.asarray(aff)
-    n = a.shape[0]
+    n = aff.shape[0]
     if n_neighbors >= n:
         raise QuantaError(f"n_neighbors ({n_neighbors}) must be < the number of samples ({n})")
-    nbrs = np.empty((n, n_neighbors), dtype=np.int64)
-    vals = np.empty((n, n_neighbors), dtype=np.float32)
+    return _graph(*dense_top_k(aff, n_neighbors))
+
+
+def dense_top_k(aff: np.ndarray, k: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(neighbours (N, k) int64, their values (N, k) `dtype`): each row's k largest off-diagonal
+    entries of a dense (N, N) matrix, in no order, a block of rows at a time."""
+    a = np.asarray(aff)
+    n = a.shape[0]
+    nbrs = np.empty((n, k), dtype=np.int64)
+    vals = np.empty((n, k), dtype=dtype)
     for s in range(0, n, 2048):  # blocks of rows: argpartition copies the block
-        blk = np.array(a[s : s + 2048], dtype=np.float32)
+        blk = np.array(a[s : s + 2048], dtype=dtype)
         blk[np.arange(len(blk)), np.arange(s, s + len(blk))] = -np.inf  # no self-match
-        idx = np.argpartition(-blk, n_neighbors - 1, axis=1)[:, :n_neighbors]
+        idx = np.argpartition(-blk, k - 1, axis=1)[:, :k]
         nbrs[s : s + len(blk)] = idx
         vals[s : s + len(blk)] = np.take_along_axis(blk, idx, axis=1)
-    return _graph(nbrs, vals)
+    return nbrs, vals
 
 
 def compute(
