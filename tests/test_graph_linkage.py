@@ -193,6 +193,9 @@ def test_run_clustering_data_cut_metrics_and_dense_equals_knn():
     cfg = ClusterConfig(n_clusters=(3, 5), method="knn_average", min_cluster_size=4, n_neighbors=10)
     table, metrics = clustering.run_clustering(sim.knn_affinity(x, n_neighbors=10), np.arange(n), n, cfg)
     assert metrics["k"] == 5 and metrics["sweep"] == [5, 3] and "excess-of-mass" in metrics["k_from"]
+    from scipy.sparse.csgraph import connected_components
+
+    assert metrics["graph_components"] == connected_components(sim.knn_affinity(x, n_neighbors=10))[0]
     main = table.column("cluster").to_numpy()
     assert metrics["n_unassigned"] == int((main < 0).sum()) and 0 < metrics["n_unassigned"] <= 5
     assert table.column_names == ["sample", "cluster", "k5", "k3"]

@@ -521,7 +521,7 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
     ks = list(cfg.n_clusters)
     main = ks[0]
     check_k(ks, affinity.shape[0])
-    unassigned_from = None
+    unassigned_from = graph_components = None
     if cfg.method == "knn_average":
         tree = knn_average_tree(affinity, cfg.n_neighbors, progress=progress)
         if cfg.cut == "data":
@@ -537,6 +537,9 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
             unassigned_from = "outside the k largest clusters of cluster.min_cluster_size"
         t1 = time.perf_counter()
         stability, how = None, "subsample"  # deterministic: subsamples (pipeline/qdg/stability.py)
+        # components of the kNN graph: each joined to the rest only at "no edge" (the method's limit:
+        # a group of > n_neighbors mutual nearest neighbours is a component of its own)
+        graph_components = 1 + int((tree[:, 2] >= graph_linkage.NO_EDGE_HEIGHT).sum())
     elif cfg.method == "leiden":
         natural = leiden_natural(affinity, cfg)
         main = int(natural.max()) + 1  # the main clustering is Leiden's own; its k is the data's
@@ -582,6 +585,8 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         "singletons": int((sizes == 1).sum()),
         "seconds": round(t1 - t0, 2),
     }
+    if graph_components is not None:
+        metrics["graph_components"] = graph_components
     if unassigned_from is not None:
         n_un = int((labels[main] < 0).sum())
         metrics.update(n_unassigned=n_un, unassigned_fraction=round(n_un / max(len(ids), 1), 4),
