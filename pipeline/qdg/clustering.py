@@ -527,7 +527,7 @@ def run_clustering(affinity, ids: np.ndarray, n_samples: int, cfg: ClusterConfig
         if cfg.cut == "data":
             natural = data_cut(tree, cfg.min_cluster_size, cfg.max_outlier_score)
             main = int(natural.max()) + 1  # the data's number of clusters
-            labels = knn_average(affinity, [k for k in ks if k != main], cfg, tree=tree) if len(ks) > 1 or ks[0] != main else {}
+            labels = knn_average(affinity, [k for k in ks if k != main], cfg, tree=tree)
             labels[main] = natural
             ks = [main] + [k for k in ks if k != main]
             unassigned_from = ("in no cluster of cluster.min_cluster_size of the excess-of-mass cut, or an outlier of "
